@@ -1,0 +1,62 @@
+"""Export a trained CifarNet as one self-describing TorchScript file.
+
+The file holds weights, code and a ``metadata.json`` extra file (class names, input spec, pooling,
+every layer with its kind and output shape, training recipe, validation accuracy, dataset checksum),
+so the server needs ``torch.jit.load`` alone. Export is this one function, so another format
+(``torch.export``) can be added beside it without touching the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.data import CLASSES
+from model.network import POOL_STRIDE, CifarNet, count_flops, describe_layers
+
+METADATA_FILE = "metadata.json"  # name of the extra file inside the TorchScript archive
+FORMAT_VERSION = 1  # bump when the metadata's meaning changes
+
+
+def build_metadata(net: CifarNet, name: str, version: str, **extra: Any) -> dict:
+    cfg = net.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "class_names": list(CLASSES[: cfg.num_classes]),
+        "input": {
+            "dtype": "uint8",
+            "shape": [-1, cfg.in_channels, cfg.in_size, cfg.in_size],
+            "layout": "NCHW",
+            "color": "RGB",
+            "range": [0, 255],
+            "normalization": "inside the model",
+        },
+        "output": {"kind": "softmax", "shape": [-1, cfg.num_classes]},
+        "pooling": {"kind": cfg.pool, "window": cfg.pool_size, "stride": POOL_STRIDE, "padding": 0},
+        "architecture": cfg.to_dict(),
+        "layers": describe_layers(net),
+        "flops_per_image": count_flops(net),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "torch_version": torch.__version__,
+        **extra,
+    }
+
+
+def export_torchscript(net: CifarNet, path: str | Path, metadata: dict) -> Path:
+    """Scripts ``net`` (eval mode, on the CPU) and saves it with ``metadata`` embedded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = net.to("cpu", memory_format=torch.contiguous_format).eval()
+    with warnings.catch_warnings():
+        # PyTorch 2.14 marks TorchScript deprecated; it is still what the service is built on.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(net)
+        scripted.save(str(path), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    return path

@@ -1,0 +1,217 @@
+"""The CIFAR-10 CNN: stages of convolution, pooling, normalisation and activation, then one fully
+connected layer.
+
+Each stage is ``conv1 -> pool -> bn1 -> act1 -> conv2 -> bn2 -> act2``. Pooling comes straight after
+the first convolution (as in airbench) so the rest of the stage runs at a quarter of the pixels; max
+pooling commutes with the monotonic GELU that follows, so the order costs nothing in what max pooling
+keeps. The head pools each channel to one value, flattens the volume and a fully connected layer maps
+it to the ten classes; ``forward`` returns their softmax.
+
+The network takes uint8 images N x 3 x 32 x 32 and normalises them itself, so no caller carries the
+dataset's mean and std. It is written to be compiled by ``torch.jit.script``.
+"""
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+POOL_KINDS = ("max", "avg", "conv")  # "conv": a learned stride-2 convolution in place of pooling
+POOL_STRIDE = 2  # every downsampling layer halves (about) width and height
+
+# Per-channel statistics of the CIFAR-10 training split, on the 0..255 scale.
+CIFAR10_MEAN = (125.307, 122.950, 113.865)
+CIFAR10_STD = (62.993, 62.089, 66.705)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    pool: str = "max"  # "max", "avg" or "conv"
+    pool_size: int = 2  # 2: non-overlapping windows; 3: overlapping windows (stride stays 2)
+    widths: Tuple[int, ...] = (64, 128, 256)  # output channels of each stage
+    num_classes: int = 10
+    in_size: int = 32  # input height and width
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOL_KINDS:
+            raise ValueError(f"unknown pool kind {self.pool!r}; expected one of {POOL_KINDS}")
+        if self.pool_size not in (2, 3):
+            raise ValueError(f"pool_size must be 2 or 3, got {self.pool_size!r}")
+        if not self.widths or any(int(w) != w or w < 1 for w in self.widths):
+            raise ValueError(f"widths must be positive integers, got {self.widths!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes!r}")
+        size = self.in_size
+        for _ in self.widths:
+            size = pooled_size(size, self.pool_size)
+            if size < 1:
+                raise ValueError(
+                    f"{len(self.widths)} stages with pool_size {self.pool_size} shrink a "
+                    f"{self.in_size}x{self.in_size} input to nothing"
+                )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+
+def pooled_size(size: int, window: int, stride: int = POOL_STRIDE) -> int:
+    """Output width of a pooling layer without padding: (W - F) / S + 1, rounded down."""
+    return (size - window) // stride + 1
+
+
+class Normalize(nn.Module):
+    """uint8 (or float on the 0..255 scale) in, zero-mean unit-variance float out."""
+
+    def __init__(self, mean: Tuple[float, ...], std: Tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.float() - self.mean) * self.inv_std
+
+
+def make_downsample(kind: str, window: int, channels: int) -> nn.Module:
+    if kind == "max":
+        return nn.MaxPool2d(window, stride=POOL_STRIDE)
+    if kind == "avg":
+        return nn.AvgPool2d(window, stride=POOL_STRIDE)
+    if kind == "conv":
+        return nn.Conv2d(channels, channels, window, stride=POOL_STRIDE, bias=False)
+    raise ValueError(f"unknown pool kind {kind!r}; expected one of {POOL_KINDS}")
+
+
+def stage(c_in: int, c_out: int, pool: str, window: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            pool=make_downsample(pool, window, c_out),
+            bn1=nn.BatchNorm2d(c_out),
+            act1=nn.GELU(),
+            conv2=nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            bn2=nn.BatchNorm2d(c_out),
+            act2=nn.GELU(),
+        )
+    )
+
+
+class CifarNet(nn.Module):
+    """Configurable CIFAR-10 CNN. ``layer_names`` lists every layer whose output can be returned."""
+
+    layer_names: List[str]
+
+    def __init__(self, config: NetConfig = NetConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        c_in = config.in_channels
+        stages = []
+        for i, width in enumerate(config.widths):
+            stages.append((f"stage{i + 1}", stage(c_in, width, config.pool, config.pool_size)))
+            c_in = width
+        self.stages = nn.Sequential(OrderedDict(stages))
+        head_pool = nn.AdaptiveMaxPool2d(1) if config.pool == "max" else nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(OrderedDict(pool=head_pool, flatten=nn.Flatten()))
+        self.classifier = nn.Sequential(OrderedDict(fc=nn.Linear(c_in, config.num_classes)))
+        self.layer_names = [name for name, _ in self.named_layers()]
+
+    @torch.jit.unused
+    def named_layers(self) -> List[Tuple[str, nn.Module]]:
+        """(name, module) for every layer in order; names drop the ``stages.`` container prefix."""
+        groups = [*self.stages.named_children(), ("head", self.head), ("classifier", self.classifier)]
+        return [(f"{group}.{name}", module) for group, block in groups for name, module in block.named_children()]
+
+    def logits(self, x: Tensor) -> Tensor:
+        x = self.normalize(x)
+        x = self.stages(x)
+        x = self.head(x)
+        return self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Softmax class scores, N x num_classes."""
+        return F.softmax(self.logits(x), dim=1)
+
+    @torch.jit.export
+    def forward_with_features(self, x: Tensor, layers: List[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Softmax scores and, in the same pass, the outputs of the layers named in ``layers``."""
+        for name in layers:
+            if name not in self.layer_names:
+                raise ValueError("unknown layer: " + name)
+        features: Dict[str, Tensor] = {}
+        x = self.normalize(x)
+        i = 0
+        for block in self.stages:
+            for layer in block:
+                x = layer(x)
+                if self.layer_names[i] in layers:
+                    features[self.layer_names[i]] = x
+                i += 1
+        for layer in self.head:
+            x = layer(x)
+            if self.layer_names[i] in layers:
+                features[self.layer_names[i]] = x
+            i += 1
+        for layer in self.classifier:
+            x = layer(x)
+            if self.layer_names[i] in layers:
+                features[self.layer_names[i]] = x
+            i += 1
+        return F.softmax(x, dim=1), features
+
+
+def describe_layers(net: CifarNet) -> List[dict]:
+    """Each layer in order with its kind, output shape (C, H, W) and multiply-add FLOPs (x2) per image."""
+    cfg = net.config
+    shape = (cfg.in_channels, cfg.in_size, cfg.in_size)
+    rows = []
+    for name, module in net.named_layers():
+        c, h, w = shape
+        flops = 0
+        row: dict = {"name": name}
+        if isinstance(module, nn.Conv2d):
+            k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
+            h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            c_in, c = c, module.out_channels
+            flops = 2 * c_in * c * k * k * h * w
+            kind = "conv" if s == 1 else "conv_downsample"
+            row.update(kernel=k, stride=s, padding=p)
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            k, s = int(module.kernel_size), int(module.stride)
+            h, w = pooled_size(h, k, s), pooled_size(w, k, s)
+            kind = "maxpool" if isinstance(module, nn.MaxPool2d) else "avgpool"
+            row.update(kernel=k, stride=s, padding=0)
+        elif isinstance(module, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
+            h = w = 1
+            kind = "global_maxpool" if isinstance(module, nn.AdaptiveMaxPool2d) else "global_avgpool"
+        elif isinstance(module, nn.BatchNorm2d):
+            kind = "batchnorm"
+        elif isinstance(module, nn.GELU):
+            kind = "gelu"
+        elif isinstance(module, nn.Flatten):
+            kind = "flatten"
+        elif isinstance(module, nn.Linear):
+            flops = 2 * module.in_features * module.out_features
+            kind = "fc"
+        else:
+            raise TypeError(f"layer {name} has no description: {type(module).__name__}")
+        if kind == "flatten":
+            shape_out: Tuple[int, ...] = (c * h * w,)
+        elif kind == "fc":
+            shape_out = (module.out_features,)
+        else:
+            shape_out = (c, h, w)
+        row.update(kind=kind, output_shape=list(shape_out), flops=flops)
+        rows.append(row)
+        shape = shape_out if len(shape_out) == 3 else (shape_out[0], 1, 1)
+    return rows
+
+
+def count_flops(net: CifarNet) -> int:
+    """Multiply-adds x 2 per image in the convolutions and the fully connected layer."""
+    return sum(row["flops"] for row in describe_layers(net))

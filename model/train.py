@@ -1,0 +1,230 @@
+"""Train a CifarNet on CIFAR-10 and export it as a self-describing TorchScript file.
+
+    python -m model.train --pool max --out model/artifacts/small-max.pt
+
+Reads the JPEG archive (``--data path/train.tar.gz``) or the standard Python format (``--data DIR``,
+add ``--download`` to fetch it). Holds out a fixed, seeded validation split of 500 images per class
+for model selection (``--full`` trains on all 50,000 instead and reports no validation figure).
+Uses the GPU with bf16 autocast when there is one, the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from model.data import Dataset, load_training_set, validation_split
+from model.export import export_torchscript, build_metadata
+from model.network import CifarNet, NetConfig
+
+log = logging.getLogger("model.train")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.tar.gz"
+ARCHS = {  # named width plans; "base" is the <=150 MFLOP default, "small" the CPU-trainable one
+    "small": (32, 64, 128),  # 35 MFLOP per image
+    "base": (64, 128, 256),  # 136 MFLOP per image
+    "large": (128, 256, 512),  # 540 MFLOP per image, for GPU serving
+}
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 18
+    batch_size: int = 512
+    lr: float = 0.4  # peak SGD learning rate, reached after warmup_epochs
+    warmup_epochs: float = 2.0  # linear ramp from lr/10, then linear decay to 0 (one-cycle)
+    momentum: float = 0.9  # nesterov
+    weight_decay: float = 5e-4  # on conv and fc weights only; BN and biases are not decayed
+    label_smoothing: float = 0.2  # airbench's value: the net is small, the labels are hard
+    translate_px: int = 2  # random shifts up to this many pixels, reflect-padded
+    flip: bool = True  # random horizontal flips
+    val_per_class: int = 500  # 5,000 validation images in all
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- augmentation
+def augment(padded: Tensor, idx: Tensor, recipe: Recipe, gen: torch.Generator) -> Tensor:
+    """Random translate (crop from the reflect-padded images) and flip, on uint8, vectorised."""
+    pad = recipe.translate_px
+    n, size = len(idx), padded.shape[-1] - 2 * pad
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
+    ar = torch.arange(size)
+    rows, cols = (dy + ar)[:, None, :, None], (dx + ar)[:, None, None, :]
+    out = padded[idx[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    if recipe.flip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def reflect_pad(images: Tensor, pad: int) -> Tensor:
+    return F.pad(images.float(), (pad,) * 4, mode="reflect").to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def evaluate(net: CifarNet, images: Tensor, labels: Tensor, device: torch.device, batch: int = 1000) -> dict:
+    """Top-1 accuracy of the plain forward (what the service computes) and with flip test-time augmentation."""
+    net.eval()
+    correct = correct_tta = 0
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch].to(device).contiguous(memory_format=torch.channels_last)
+        y = labels[start : start + batch].to(device)
+        with autocast(device):
+            p = net(x).float()
+            p_tta = p + net(x.flip(3)).float()
+        correct += (p.argmax(1) == y).sum().item()
+        correct_tta += (p_tta.argmax(1) == y).sum().item()
+    return {"accuracy": correct / len(images), "accuracy_flip_tta": correct_tta / len(images)}
+
+
+def autocast(device: torch.device):
+    # bf16 on the GPU roughly doubles throughput; the CPU here has no fast bf16, so it stays fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- training
+def make_optimizer(net: CifarNet, recipe: Recipe) -> torch.optim.Optimizer:
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (0.1 + 0.9 * step / max(1, warmup))
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, full: bool, progress: bool) -> dict:
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    train_idx, val_idx = validation_split(data.labels, recipe.val_per_class, recipe.seed)
+    if full:
+        train_idx = torch.arange(len(data.labels))
+    padded = reflect_pad(data.images, recipe.translate_px)
+    labels = data.labels
+    net.to(device, memory_format=torch.channels_last)
+    opt = make_optimizer(net, recipe)
+    steps_per_epoch = (len(train_idx) + recipe.batch_size - 1) // recipe.batch_size
+    total, warmup = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
+    history, step, t_train = [], 0, 0.0
+    for epoch in range(1, recipe.epochs + 1):
+        net.train()
+        t0 = time.perf_counter()
+        perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        batches = perm.split(recipe.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"epoch {epoch}/{recipe.epochs}", leave=False, file=sys.stderr)
+        loss_sum = torch.zeros((), device=device)
+        for idx in batches:
+            x = augment(padded, idx, recipe, gen).to(device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[idx].to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, recipe.lr)
+            with autocast(device):
+                loss = F.cross_entropy(net.logits(x), y, label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)
+            step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        t_train += seconds
+        row = {"epoch": epoch, "loss": loss_sum.item() / len(train_idx), "seconds": seconds,
+               "images_per_second": len(train_idx) / seconds}
+        if not full:
+            row.update(evaluate(net, data.images[val_idx], labels[val_idx], device))
+        history.append(row)
+        val = f" val {100 * row['accuracy']:.2f}% (flip-TTA {100 * row['accuracy_flip_tta']:.2f}%)" if not full else ""
+        log.info("epoch %d/%d loss %.4f%s %.0f img/s %.1fs", epoch, recipe.epochs, row["loss"], val,
+                 row["images_per_second"], seconds)
+    return {"history": history, "train_seconds": t_train, "train_images": len(train_idx),
+            "validation_images": 0 if full else len(val_idx)}
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="JPEG .tar.gz archive or CIFAR-10 Python-format folder")
+    p.add_argument("--download", action="store_true", help="download the Python format into --data if missing")
+    p.add_argument("--cache-dir", default=None, help="cache decoded JPEGs here (a .pt file)")
+    p.add_argument("--pool", default="max", help="max, avg or conv (stride-2 convolution)")
+    p.add_argument("--pool-size", type=int, default=2, help="2 (non-overlapping) or 3 (overlapping)")
+    p.add_argument("--arch", default="base", choices=sorted(ARCHS), help="width plan")
+    p.add_argument("--widths", default=None, help="comma-separated widths; overrides --arch")
+    p.add_argument("--epochs", type=int, default=Recipe.epochs)
+    p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    p.add_argument("--lr", type=float, default=Recipe.lr)
+    p.add_argument("--seed", type=int, default=Recipe.seed)
+    p.add_argument("--full", action="store_true", help="train on all 50,000 images (no validation figure)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--name", default=None, help="model name in the metadata (default: the output file's stem)")
+    p.add_argument("--version", default="1")
+    p.add_argument("--out", required=True, help="TorchScript file to write")
+    p.add_argument("--metrics-json", default=None, help="training metrics JSON (default: OUT with .json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else ARCHS[args.arch]
+    config = NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths)
+    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
+    log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, config)
+    net = CifarNet(config)
+    result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress)
+    final = result["history"][-1]
+    out = Path(args.out)
+    name = args.name or out.stem
+    command = "python -m model.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    metadata = build_metadata(
+        net, name, args.version,
+        dataset={"source": data.source, "sha256": data.sha256, "note": "CIFAR-10 (JPEG) where source is the archive"},
+        training={"recipe": asdict(recipe), "full": args.full, "train_images": result["train_images"],
+                  "seconds": round(result["train_seconds"], 1), "hardware": hardware(device), "command": command},
+        validation={"images": result["validation_images"], "accuracy": final.get("accuracy"),
+                    "accuracy_flip_tta": final.get("accuracy_flip_tta"), "split_seed": recipe.seed},
+    )
+    export_torchscript(net, out, metadata)
+    metrics_path = Path(args.metrics_json) if args.metrics_json else out.with_suffix(".json")
+    metrics_path.write_text(json.dumps({"metadata": metadata, **result}, indent=1))
+    log.info("wrote %s (%.1f MB) and %s", out, os.path.getsize(out) / 1e6, metrics_path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
