@@ -1,0 +1,82 @@
+"""The server's configuration: one frozen dataclass, filled from flags and environment variables.
+
+Every flag ``--some-name`` has a matching variable ``CIFAR10_SOME_NAME``; a flag wins over the
+variable, the variable over the default. Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+ENV_PREFIX = "CIFAR10_"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "model" / "artifacts"
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # 0.0.0.0 in the container
+    port: int = 50051  # gRPC; 0 picks a free port
+    metrics_port: int = 9090  # Prometheus /metrics over HTTP; 0 picks a free port, -1 turns it off
+    metrics_host: str = ""  # "" binds metrics on the same host as gRPC
+    models_dir: str = str(DEFAULT_MODELS_DIR)
+    default_model: str = "small-max"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_batch_size: int = 64  # images per request and per forward pass
+    max_queue_delay_us: int = 500  # how long a forming batch may wait for company under load
+    max_queue_images: int = 1024  # images waiting per model before RESOURCE_EXHAUSTED
+    torch_threads: int = 0  # intra-op threads for the forward pass; 0: one less than the cores, at least 1
+    max_receive_message_bytes: int = 64 * MiB  # a full batch of large encoded images fits
+    max_send_message_bytes: int = 256 * MiB  # all float32 feature maps of a full batch of the base model fit
+    max_image_pixels: int = 4096 * 4096  # encoded images declaring more are refused from their header
+    grace_period_seconds: float = 10.0  # in-flight calls may finish this long after SIGTERM
+    warmup_batches: int = 2  # forward passes per model before the server reports SERVING
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_queue_images < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_images ({self.max_queue_images}) must hold one full batch ({self.max_batch_size})"
+            )
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.grace_period_seconds < 0:
+            raise ValueError(f"grace_period_seconds must be >= 0, got {self.grace_period_seconds}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Builds the config from ``argv`` (flags) over ``environ`` (CIFAR10_* variables) over defaults."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="cifar10-server",
+        description="Serve CIFAR-10 TorchScript models over gRPC. Each flag can also be set as the "
+        f"environment variable {ENV_PREFIX}<FLAG_NAME>, e.g. {ENV_PREFIX}PORT=50051.",
+    )
+    for f in fields(ServerConfig):
+        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        default = environ.get(_env(f.name), f.default)
+        parser.add_argument(_flag(f.name), type=kind, default=kind(default),
+                            help=f"(env {_env(f.name)}, default {f.default})")
+    args = parser.parse_args(argv)
+    return ServerConfig(**vars(args))

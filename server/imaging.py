@@ -1,0 +1,124 @@
+"""Decode and validate request images into uint8 C x H x W arrays, the model's input.
+
+Every failure raises ``ImageError`` with a message that names the image's index and says what to
+send instead; the service answers it as INVALID_ARGUMENT. Encoded images are refused from their
+header when they declare too many pixels, before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from protos.cifar10.v1 import classifier_pb2 as pb
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+# Modes that convert to RGB without loss; others (grey, alpha, 16-bit, CMYK) are refused, since a
+# silent conversion would classify a different image than the caller holds.
+LOSSLESS_TO_RGB = ("RGB", "P")
+RAW_DTYPES = {pb.DTYPE_UNSPECIFIED: np.uint8, pb.DTYPE_UINT8: np.uint8, pb.DTYPE_FLOAT32: np.dtype("<f4")}
+
+
+class ImageError(ValueError):
+    """A request image that cannot be classified; the message is meant for the caller."""
+
+
+def decode_into(image: pb.Image, index: int, out: np.ndarray, resize: int, max_pixels: int) -> None:
+    """Writes ``image`` into ``out`` (uint8, 3 x H x W, the model's input size)."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        rgb = _decode_encoded(image.encoded, index, out.shape[1:], resize, max_pixels)
+    elif kind == "raw":
+        rgb = _decode_raw(image.raw, index, out.shape[1:], resize, max_pixels)
+    else:
+        raise ImageError(f"image {index}: empty; set Image.encoded (PNG/JPEG bytes) or Image.raw")
+    out[...] = rgb.transpose(2, 0, 1)
+
+
+def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> np.ndarray:
+    if not data:
+        raise ImageError(f"image {index}: encoded bytes are empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # reads the header only
+    except UnidentifiedImageError:
+        raise ImageError(f"image {index}: not a PNG or JPEG file ({len(data)} bytes); send PNG or JPEG") from None
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ImageError(f"image {index}: not a decodable PNG or JPEG ({_reason(exc)})") from None
+    w, h = img.size
+    if w < 1 or h < 1 or w * h > max_pixels:
+        raise ImageError(f"image {index}: {img.format} declares {w}x{h} pixels, over the limit of {max_pixels}")
+    if img.mode not in LOSSLESS_TO_RGB:
+        raise ImageError(
+            f"image {index}: {img.format} has mode {img.mode!r}; expected 8-bit RGB (3 channels, no alpha)"
+        )
+    _check_size(index, img.format, (h, w), size, resize)
+    if img.format == "JPEG" and (h, w) != tuple(size):
+        img.draft("RGB", (size[1], size[0]))  # let libjpeg decode at a reduced scale: far less work
+    try:
+        img = img.convert("RGB")  # decodes
+    except Exception as exc:
+        raise ImageError(f"image {index}: {img.format} is truncated or corrupt ({_reason(exc)})") from None
+    return _fit(np.asarray(img), size)
+
+
+def _decode_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> np.ndarray:
+    dtype = RAW_DTYPES.get(raw.dtype)
+    if dtype is None:
+        raise ImageError(f"image {index}: raw dtype {pb.DType.Name(raw.dtype)} not accepted; use UINT8 or FLOAT32")
+    shape = tuple(raw.shape)
+    channel_axis = 2 if raw.layout == pb.LAYOUT_HWC else 0
+    layout = pb.Layout.Name(raw.layout)
+    if len(shape) != 3 or shape[channel_axis] != 3:
+        expected = "[H, W, 3]" if channel_axis == 2 else "[3, H, W]"
+        raise ImageError(f"image {index}: raw shape {list(shape)} with {layout}; expected {expected}")
+    h, w = (shape[0], shape[1]) if channel_axis == 2 else (shape[1], shape[2])
+    if h < 1 or w < 1 or h * w > max_pixels:
+        raise ImageError(f"image {index}: raw image is {w}x{h} pixels; allowed 1 to {max_pixels}")
+    expected_bytes = 3 * h * w * np.dtype(dtype).itemsize
+    if len(raw.data) != expected_bytes:
+        raise ImageError(
+            f"image {index}: raw data is {len(raw.data)} bytes; shape {list(shape)} of "
+            f"{np.dtype(dtype).name} needs {expected_bytes}"
+        )
+    _check_size(index, "raw image", (h, w), size, resize)
+    array = np.frombuffer(raw.data, dtype=dtype).reshape(shape)
+    if channel_axis == 0:
+        array = array.transpose(1, 2, 0)
+    if array.dtype != np.uint8:
+        if not np.isfinite(array).all():
+            raise ImageError(f"image {index}: raw FLOAT32 data holds NaN or Inf")
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise ImageError(f"image {index}: raw FLOAT32 values must lie in [0, 1]")
+        array = np.rint(array * 255.0).astype(np.uint8)
+    return _fit(np.ascontiguousarray(array), size)
+
+
+def _check_size(index: int, what: str, hw: tuple[int, int], size: tuple[int, int], resize: int) -> None:
+    if tuple(hw) != tuple(size) and resize == pb.RESIZE_REJECT:
+        raise ImageError(
+            f"image {index}: {what} is {hw[1]}x{hw[0]}, expected {size[1]}x{size[0]} "
+            "(or send resize=RESIZE_CENTER_CROP)"
+        )
+
+
+def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Scales the shorter side to the model's size and crops the centre (H x W x 3 uint8)."""
+    h, w = rgb.shape[:2]
+    th, tw = size
+    if (h, w) == (th, tw):
+        return rgb
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    img = Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return np.asarray(img.crop((left, top, left + tw, top + th)))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -1,0 +1,154 @@
+"""Start the CIFAR-10 gRPC server: ``python -m server`` (or ``cifar10-server``); ``--help`` lists the settings.
+
+``create_server(config)`` loads every model in the models directory, starts gRPC (with the standard
+health and reflection services) and the Prometheus endpoint, warms the models up, and only then
+reports SERVING. ``App.stop(grace)`` drains: health goes NOT_SERVING, new calls get UNAVAILABLE,
+calls in flight finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+from protos.cifar10.v1 import classifier_pb2 as pb
+from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from server.batching import Batcher
+from server.config import ServerConfig, parse_config
+from server.metrics import GpuMemoryCollector, Metrics, serve_metrics
+from server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
+from server.service import ClassifierService
+
+log = logging.getLogger("server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "cifar10.v1.Classifier"
+
+
+@dataclass
+class App:
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    models: dict[str, LoadedModel]
+    batchers: dict[str, Batcher]
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    _metrics_http: object | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains and stops: NOT_SERVING first, then in-flight calls get up to ``grace`` seconds."""
+        grace = self.config.grace_period_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for batcher in self.batchers.values():
+            await batcher.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+def default_registry() -> CollectorRegistry:
+    """A registry with the client library's process, platform and GC collectors."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def set_threads(config: ServerConfig) -> int:
+    # Leave a core for the event loop and gRPC's threads: OpenMP threads fighting the loop wreck p99.
+    threads = config.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> App:
+    device = resolve_device(config.device)
+    threads = set_threads(config)
+    models = load_models_dir(config.models_dir, device)
+    if config.default_model not in models:
+        raise ModelLoadError(f"default model {config.default_model!r} is not among the loaded: {sorted(models)}")
+    registry = registry if registry is not None else default_registry()
+    metrics = Metrics(registry, config.max_batch_size)
+    if device.type == "cuda":
+        registry.register(GpuMemoryCollector([device.index or 0]))
+    batchers = {name: Batcher(model, metrics, config.max_batch_size, config.max_queue_delay_us,
+                              config.max_queue_images) for name, model in models.items()}
+    for model in models.values():
+        pooling = model.metadata.get("pooling", {})
+        metrics.model_info.labels(model.name).info({
+            "version": model.version, "pooling": str(pooling.get("kind", "")),
+            "pool_window": str(pooling.get("window", "")), "device": str(device)})
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", config.max_send_message_bytes),
+        ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
+    ])
+    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(config, models, batchers, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {config.address}")
+
+    metrics_http, metrics_port = None, None
+    if config.metrics_port >= 0:
+        metrics_http, metrics_port = serve_metrics(registry, config.metrics_host or config.host, config.metrics_port)
+    await server.start()
+
+    # Warm-up runs before SERVING: the first passes pay for allocation and kernel selection.
+    loop = asyncio.get_running_loop()
+    for batcher in batchers.values():
+        await loop.run_in_executor(None, batcher.warm_up, config.warmup_batches)
+        batcher.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d (metrics on %s, device %s, %d torch threads, default model %s)",
+             ", ".join(sorted(models)), config.host, port, metrics_port if metrics_port is not None else "off",
+             device, threads, config.default_model)
+    return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http)
+
+
+async def serve(config: ServerConfig) -> None:
+    app = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining for up to %.1fs", config.grace_period_seconds)
+    await app.stop()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        asyncio.run(serve(config))
+    except (ModelLoadError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The server's Prometheus metrics, all in one place and on one registry.
+
+Names follow Prometheus conventions: the ``cifar10_`` namespace, base units (``_seconds``), ``_total``
+on counters, and only labels with bounded values (method, model name, gRPC status code, outcome).
+Latencies are histograms so they can be aggregated across replicas with ``histogram_quantile``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+NAMESPACE = "cifar10"
+# From 100 us (a lone image on an idle CPU server) to 10 s (a full batch of large JPEGs under load).
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UNKNOWN_MODEL = "unknown"  # label for requests naming a model that is not loaded: keeps the set bounded
+
+
+def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the max batch size, so each bucket is one doubling of batch fill."""
+    buckets, b = [], 1
+    while b < max_batch_size:
+        buckets.append(float(b))
+        b *= 2
+    return (*buckets, float(max_batch_size))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, max_batch_size: int = 64) -> None:
+        self.registry = registry
+        ns = NAMESPACE
+        self.request_seconds = Histogram(
+            "request_duration_seconds", "Time from receiving an RPC to answering it, by method, model and gRPC code.",
+            ["method", "model", "code"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests = Counter(
+            "requests", "RPCs answered, by method, model and gRPC code.",
+            ["method", "model", "code"], namespace=ns, registry=registry)
+        self.images = Counter(
+            "images", "Images received in Classify requests, by model and outcome (ok or the gRPC code).",
+            ["model", "outcome"], namespace=ns, registry=registry)
+        self.preprocess_seconds = Histogram(
+            "preprocess_duration_seconds", "Decoding and validating one request's images.",
+            ["model"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_seconds = Histogram(
+            "queue_wait_seconds", "Time a request waited in the batching queue before its forward pass started.",
+            ["model"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry)
+        self.compute_seconds = Histogram(
+            "compute_duration_seconds", "One forward pass: host-to-device copy, model, and copy back.",
+            ["model"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "batch_size_images", "Images in each forward pass.",
+            ["model"], namespace=ns, buckets=batch_buckets(max_batch_size), registry=registry)
+        self.batch_failures = Counter(
+            "batch_failures", "Forward passes that raised, by model and reason (out_of_memory or error).",
+            ["model", "reason"], namespace=ns, registry=registry)
+        self.dropped = Counter(
+            "dropped_requests", "Requests dropped before compute, by model and reason (cancelled or deadline).",
+            ["model", "reason"], namespace=ns, registry=registry)
+        self.in_flight = Gauge(
+            "requests_in_flight", "RPCs being handled now, by method.", ["method"], namespace=ns, registry=registry)
+        self.queue_images = Gauge(
+            "queue_images", "Images waiting in the batching queue, by model.", ["model"], namespace=ns,
+            registry=registry)
+        self.model_info = Info(
+            "model", "One series per loaded model: version, pooling and device.", ["model"], namespace=ns,
+            registry=registry)
+
+
+class GpuMemoryCollector:
+    """``cifar10_gpu_memory_allocated_bytes`` per CUDA device, read at scrape time."""
+
+    def __init__(self, devices: list[int]) -> None:
+        self.devices = devices
+
+    def collect(self):
+        import torch
+
+        family = GaugeMetricFamily(f"{NAMESPACE}_gpu_memory_allocated_bytes",
+                                   "Bytes of GPU memory held by tensors, per CUDA device.", labels=["device"])
+        for index in self.devices:
+            family.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
+        yield family
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int):
+    """Starts the /metrics HTTP endpoint in a daemon thread; returns (server, bound port)."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return server, server.server_port

@@ -1,0 +1,97 @@
+"""Loading model artifacts: self-describing TorchScript files, each with a ``metadata.json`` inside.
+
+Loading is this module's one function, ``load_artifact``, so another format could be added beside
+it. TorchScript files carry code: load only files you trust (the server reads its models directory
+and nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+ARTIFACT_SUFFIX = ".pt"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    path: Path
+    module: torch.jit.ScriptModule
+    metadata: dict[str, Any]
+    device: torch.device
+    class_names: list[str] = field(init=False)
+    layer_names: list[str] = field(init=False)
+    input_shape: tuple[int, int, int] = field(init=False)  # (C, H, W)
+
+    def __post_init__(self) -> None:
+        self.class_names = list(self.metadata["class_names"])
+        self.layer_names = [row["name"] for row in self.metadata["layers"]]
+        self.input_shape = tuple(self.metadata["input"]["shape"][1:])
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {row["name"]: tuple(row["output_shape"]) for row in self.metadata["layers"]}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {spec!r} asked for, but CUDA is not available")
+    return device
+
+
+def load_artifact(path: str | Path, device: torch.device) -> LoadedModel:
+    """Loads one TorchScript file onto ``device`` in eval mode, with its embedded metadata."""
+    path = Path(path)
+    extra = {METADATA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            # PyTorch 2.14 marks torch.jit.load deprecated; TorchScript is still this service's format.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError or its own types for a bad archive
+        raise ModelLoadError(f"{path}: not a loadable TorchScript file: {exc}") from exc
+    if not extra[METADATA_FILE]:
+        raise ModelLoadError(f"{path}: no {METADATA_FILE} inside; export it with model.export")
+    try:
+        metadata = json.loads(extra[METADATA_FILE])
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: {METADATA_FILE} is not JSON: {exc}") from exc
+    for key in ("name", "class_names", "input", "layers"):
+        if key not in metadata:
+            raise ModelLoadError(f"{path}: {METADATA_FILE} lacks {key!r}")
+    module.eval()
+    return LoadedModel(metadata["name"], str(metadata.get("version", "")), path, module, metadata, device)
+
+
+def load_models_dir(models_dir: str | Path, device: torch.device) -> dict[str, LoadedModel]:
+    """Every ``*.pt`` artifact in ``models_dir`` (not its subfolders), by model name."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise ModelLoadError(f"models directory {models_dir} does not exist")
+    models: dict[str, LoadedModel] = {}
+    for path in sorted(models_dir.glob("*" + ARTIFACT_SUFFIX)):
+        model = load_artifact(path, device)
+        if model.name in models:
+            raise ModelLoadError(f"{path}: model name {model.name!r} also used by {models[model.name].path}")
+        models[model.name] = model
+    if not models:
+        raise ModelLoadError(f"no *{ARTIFACT_SUFFIX} model artifacts in {models_dir}")
+    return models

@@ -1,0 +1,249 @@
+"""The Classifier gRPC service: validate, decode, queue, batch, infer, postprocess, respond.
+
+Every bad input maps to one status code with a message a caller can act on; a bad request fails
+alone and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from protos.cifar10.v1 import classifier_pb2 as pb
+from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from server.batching import Batcher, BatchResult, DeadlineExpired, ModelFailure, QueueFull
+from server.config import ServerConfig
+from server.imaging import ImageError, decode_into
+from server.metrics import UNKNOWN_MODEL, Metrics
+from server.models import LoadedModel
+from server.modelinfo import model_info
+
+log = logging.getLogger(__name__)
+
+ALL_LAYERS = "*"
+DEFAULT_TOP_K = 5
+STREAM_WINDOW = 64  # stream requests in progress at once; bounds a stream's memory, keeps answers in order
+FEATURE_DTYPES = {pb.DTYPE_UNSPECIFIED: ("<f4", pb.DTYPE_FLOAT32), pb.DTYPE_FLOAT32: ("<f4", pb.DTYPE_FLOAT32),
+                  pb.DTYPE_FLOAT16: ("<f2", pb.DTYPE_FLOAT16)}
+
+
+class Rejection(Exception):
+    """A request the service refuses, with the status code and message the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: which model, which options."""
+
+    model: LoadedModel
+    top_k: int
+    layers: tuple[str, ...]
+    feature_dtype: tuple[str, int]
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, config: ServerConfig, models: dict[str, LoadedModel], batchers: dict[str, Batcher],
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.models = models
+        self.batchers = batchers
+        self.metrics = metrics
+
+    # ------------------------------------------------------------------ rpcs
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        start = time.perf_counter()
+        label, code = self._model_label(request.model), grpc.StatusCode.OK
+        in_flight = self.metrics.in_flight.labels("Classify")
+        in_flight.inc()
+        try:
+            return await self._classify(request, _deadline(context))
+        except Rejection as rejection:
+            code = rejection.code
+            await context.abort(rejection.code, rejection.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("Classify failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        finally:
+            in_flight.dec()
+            self._observe("Classify", label, code, time.perf_counter() - start, len(request.images))
+
+    async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        deadline = _deadline(context)
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.ensure_future(self._stream_one(request, deadline)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        in_flight = self.metrics.in_flight.labels("ClassifyStream")
+        in_flight.inc()
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # surfaces a broken request stream
+        finally:
+            in_flight.dec()
+            reader.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        start = time.perf_counter()
+        response = pb.ListModelsResponse(
+            models=[self._info(m) for m in self.models.values()], default_model=self.config.default_model)
+        self._observe("ListModels", "", grpc.StatusCode.OK, time.perf_counter() - start)
+        return response
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        start = time.perf_counter()
+        label, code = self._model_label(request.name), grpc.StatusCode.OK
+        try:
+            return self._info(self._resolve(request.name))
+        except Rejection as rejection:
+            code = rejection.code
+            await context.abort(rejection.code, rejection.message)
+        finally:
+            self._observe("GetModelInfo", label, code, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ the serving path
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        plan = self._plan(request)
+        images = self._decode(request, plan.model)
+        try:
+            result = await self.batchers[plan.model.name].submit(images, plan.layers, deadline)
+        except QueueFull as exc:
+            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DeadlineExpired as exc:
+            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+        except ModelFailure as exc:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.out_of_memory else grpc.StatusCode.INTERNAL
+            raise Rejection(code, f"model {plan.model.name!r} failed on this batch: {exc}") from None
+        return self._respond(request, plan, result)
+
+    def _plan(self, request: pb.ClassifyRequest) -> Plan:
+        model = self._resolve(request.model)
+        n = len(request.images)
+        if n == 0:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"no images in the request; send 1 to {self.config.max_batch_size}")
+        if n > self.config.max_batch_size:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{n} images in one request; the limit is {self.config.max_batch_size}, split the batch")
+        classes = len(model.class_names)
+        top_k = request.top_k or min(DEFAULT_TOP_K, classes)
+        if top_k > classes:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"top_k is {top_k}; it must be 1 to {classes}")
+        if request.resize not in pb.ResizeMode.values():
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"unknown resize mode {request.resize}")
+        dtype = FEATURE_DTYPES.get(request.feature_dtype)
+        if dtype is None:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"feature_dtype {pb.DType.Name(request.feature_dtype)} not offered; use FLOAT32 or FLOAT16")
+        return Plan(model, top_k, self._layers(model, request.feature_layers), dtype)
+
+    def _layers(self, model: LoadedModel, names) -> tuple[str, ...]:
+        names = list(names)
+        if ALL_LAYERS in names:
+            if len(names) > 1:
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"{ALL_LAYERS!r} asks for all layers; send it alone")
+            return tuple(model.layer_names)
+        seen = set()
+        for name in names:
+            if name in seen:
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"layer {name!r} asked for twice")
+            seen.add(name)
+            if name not in model.layer_names:
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"model {model.name!r} has no layer {name!r}; its layers: {', '.join(model.layer_names)}")
+        order = {name: i for i, name in enumerate(model.layer_names)}
+        return tuple(sorted(names, key=order.__getitem__))
+
+    def _decode(self, request: pb.ClassifyRequest, model: LoadedModel) -> np.ndarray:
+        start = time.perf_counter()
+        images = np.empty((len(request.images), *model.input_shape), dtype=np.uint8)
+        try:
+            for i, image in enumerate(request.images):
+                decode_into(image, i, images[i], request.resize, self.config.max_image_pixels)
+        except ImageError as exc:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
+        return images
+
+    def _respond(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
+        model = plan.model
+        byte_order, dtype_enum = plan.feature_dtype
+        order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
+        results = []
+        for i, probs in enumerate(result.probabilities):
+            top = [pb.Prediction(label=model.class_names[j], index=int(j), probability=float(probs[j])) for j in order[i]]
+            maps = [pb.FeatureMap(layer=name, shape=result.features[name][i].shape, dtype=dtype_enum,
+                                  data=result.features[name][i].astype(byte_order).tobytes())
+                    for name in plan.layers]
+            results.append(pb.Result(probabilities=probs.tolist(), top_k=top, feature_maps=maps))
+        return pb.ClassifyResponse(request_id=request.request_id, model=model.name, model_version=model.version,
+                                   results=results)
+
+    async def _stream_one(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await self._classify(request, deadline)
+        except Rejection as rejection:
+            code = rejection.code
+            return pb.ClassifyResponse(request_id=request.request_id,
+                                       error=pb.Error(code=rejection.code.value[0], message=rejection.message))
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("ClassifyStream request failed")
+            return pb.ClassifyResponse(request_id=request.request_id,
+                                       error=pb.Error(code=code.value[0], message="internal error; see the server log"))
+        finally:
+            self._observe("ClassifyStream", self._model_label(request.model), code, time.perf_counter() - start,
+                          len(request.images))
+
+    # ------------------------------------------------------------------ helpers
+    def _resolve(self, name: str) -> LoadedModel:
+        model = self.models.get(name or self.config.default_model)
+        if model is None:
+            raise Rejection(grpc.StatusCode.NOT_FOUND,
+                            f"model {name!r} is not loaded; loaded models: {', '.join(sorted(self.models))}")
+        return model
+
+    def _model_label(self, name: str) -> str:
+        name = name or self.config.default_model
+        return name if name in self.models else UNKNOWN_MODEL
+
+    def _info(self, model: LoadedModel) -> pb.ModelInfo:
+        return model_info(model, is_default=model.name == self.config.default_model)
+
+    def _observe(self, method: str, model: str, code: grpc.StatusCode, seconds: float, images: int = 0) -> None:
+        self.metrics.request_seconds.labels(method, model, code.name).observe(seconds)
+        self.metrics.requests.labels(method, model, code.name).inc()
+        if images:
+            outcome = "ok" if code == grpc.StatusCode.OK else code.name
+            self.metrics.images.labels(model, outcome).inc(images)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
