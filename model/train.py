@@ -183,6 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--lr", type=float, default=Recipe.lr)
     p.add_argument("--seed", type=int, default=Recipe.seed)
+    p.add_argument("--val-per-class", type=int, default=Recipe.val_per_class, help="validation images per class")
     p.add_argument("--full", action="store_true", help="train on all 50,000 images (no validation figure)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else ARCHS[args.arch]
     config = NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths)
-    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    val_per_class=args.val_per_class)
     data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
     log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, config)
     net = CifarNet(config)

@@ -1,0 +1,19 @@
+"""Python client for the CIFAR-10 classification service. It needs grpcio, protobuf, numpy and
+pillow, never torch.
+
+    from client import ClassifierClient
+    with ClassifierClient("127.0.0.1:50051") as c:
+        result = c.classify(["examples/cat.png"], layers=["stage1.pool"])[0]
+        print(result.label, result.feature_maps["stage1.pool"].shape)
+"""
+
+from client._client import (
+    Classification,
+    ClassifierClient,
+    ClassifierError,
+    ImageLike,
+    Prediction,
+    StreamResult,
+)
+
+__all__ = ["Classification", "ClassifierClient", "ClassifierError", "ImageLike", "Prediction", "StreamResult"]

@@ -1,0 +1,187 @@
+"""The client object: owns its channel, is a context manager, takes a timeout per call."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence, Union
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.cifar10.v1 import classifier_pb2 as pb
+from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+
+ImageLike = Union[str, os.PathLike, bytes, np.ndarray, Any]  # Any: a PIL.Image.Image
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 256 << 20  # matches the server's send limit: all feature maps of a full batch
+_NUMPY_DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype("<f2")}
+_FEATURE_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+
+
+class ClassifierError(Exception):
+    """A failed call; ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "ClassifierError":
+        return cls(error.code(), error.details() or "")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass
+class Classification:
+    """One image's answer: softmax scores, the top k, and any feature maps as numpy arrays."""
+
+    probabilities: np.ndarray  # float32, one score per class
+    top_k: list[Prediction]
+    feature_maps: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (C, H, W) or (N,)
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0].label
+
+
+@dataclass
+class StreamResult:
+    """One answer from ``classify_stream``: ``results`` on success, ``error`` otherwise."""
+
+    request_id: str
+    results: list[Classification]
+    error: ClassifierError | None = None
+
+
+def to_image(image: ImageLike) -> pb.Image:
+    """A path, encoded bytes, an H x W x 3 array (uint8, or float32 in [0, 1]) or a PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            return pb.Image(encoded=f.read())
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return pb.Image(encoded=bytes(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            dtype = pb.DTYPE_UINT8
+        elif image.dtype == np.float32:
+            dtype = pb.DTYPE_FLOAT32
+        else:
+            raise TypeError(f"arrays must be uint8 or float32, got {image.dtype}")
+        array = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
+        return pb.Image(raw=pb.RawTensor(shape=array.shape, dtype=dtype, layout=pb.LAYOUT_HWC,
+                                         data=array.tobytes()))
+    if hasattr(image, "save") and hasattr(image, "mode"):  # PIL image: send it losslessly as PNG
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return pb.Image(encoded=buffer.getvalue())
+    raise TypeError(f"cannot send {type(image).__name__} as an image; use a path, bytes, numpy array or PIL image")
+
+
+def _classification(result: pb.Result) -> Classification:
+    maps = {}
+    for fm in result.feature_maps:
+        maps[fm.layer] = np.frombuffer(fm.data, dtype=_NUMPY_DTYPES[fm.dtype]).reshape(tuple(fm.shape))
+    return Classification(
+        probabilities=np.asarray(result.probabilities, dtype=np.float32),
+        top_k=[Prediction(p.label, p.index, p.probability) for p in result.top_k],
+        feature_maps=maps,
+    )
+
+
+class ClassifierClient:
+    """Talks to one server. ``with ClassifierClient("host:50051") as c: c.classify(["cat.png"])``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._ids = itertools.count()
+
+    def __enter__(self) -> "ClassifierClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # ------------------------------------------------------------------ calls
+    def classify(self, images: Sequence[ImageLike], *, model: str = "", top_k: int = 5,
+                 layers: Sequence[str] = (), feature_dtype: str = "float32", resize: bool = True,
+                 timeout: float | None = None) -> list[Classification]:
+        """Classifies ``images`` in one call; ``layers=["*"]`` returns every layer's feature map."""
+        request = self.request(images, model=model, top_k=top_k, layers=layers, feature_dtype=feature_dtype,
+                               resize=resize)
+        response = self._call(self._stub.Classify, request, timeout)
+        return [_classification(r) for r in response.results]
+
+    def classify_stream(self, batches: Iterable[Sequence[ImageLike]], *, timeout: float | None = None,
+                        **options: Any) -> Iterator[StreamResult]:
+        """One request per batch over a single stream; answers come in order, a bad one as ``error``."""
+        requests = (self.request(batch, **options) for batch in batches)
+        try:
+            for response in self._stub.ClassifyStream(requests, timeout=self._timeout(timeout),
+                                                      metadata=self._metadata):
+                error = ClassifierError(_status(response.error.code), response.error.message) \
+                    if response.HasField("error") else None
+                yield StreamResult(response.request_id, [_classification(r) for r in response.results], error)
+        except grpc.RpcError as exc:
+            raise ClassifierError.from_rpc_error(exc) from None
+
+    def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        return self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+
+    def model_info(self, name: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
+        return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(name=name), timeout)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # ------------------------------------------------------------------ helpers
+    def request(self, images: Sequence[ImageLike], *, model: str = "", top_k: int = 5, layers: Sequence[str] = (),
+                feature_dtype: str = "float32", resize: bool = True) -> pb.ClassifyRequest:
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
+            images = [images]  # one image given bare
+        if feature_dtype not in _FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {sorted(_FEATURE_DTYPES)}, got {feature_dtype!r}")
+        return pb.ClassifyRequest(
+            model=model, images=[to_image(i) for i in images], top_k=top_k, feature_layers=list(layers),
+            feature_dtype=_FEATURE_DTYPES[feature_dtype],
+            resize=pb.RESIZE_CENTER_CROP if resize else pb.RESIZE_REJECT, request_id=str(next(self._ids)))
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _call(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise ClassifierError.from_rpc_error(exc) from None
+
+
+def _status(value: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)

@@ -1,0 +1,150 @@
+"""Command line over the client library: ``cifar10-client`` (or ``python -m client``).
+
+    cifar10-client classify examples/cat.png             # top-5 table
+    cifar10-client classify examples/*.png --json        # for machines
+    cifar10-client classify examples/cat.png --features '*' --save-features maps/
+    cifar10-client layers                                # what each layer does to the volume
+    cifar10-client models
+    cifar10-client health                                # exit 0 only when SERVING
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from client._client import DEFAULT_TARGET, Classification, ClassifierClient, ClassifierError
+from client.featuremaps import save_feature_maps
+
+ENV_TARGET = "CIFAR10_TARGET"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cifar10-client", description="Talk to a CIFAR-10 classification server.")
+    p.add_argument("--target", default=None, help=f"server host:port (env {ENV_TARGET}, default {DEFAULT_TARGET})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("classify", help="classify image files (PNG or JPEG)")
+    c.add_argument("images", nargs="+", type=Path)
+    c.add_argument("--model", default="", help="model name (default: the server's default)")
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--features", nargs="+", default=[], metavar="LAYER",
+                   help="layers whose feature maps to fetch; '*' for all")
+    c.add_argument("--save-features", type=Path, default=None, metavar="DIR",
+                   help="write each feature map as a PNG grid under DIR/<image name>/<layer>.png")
+    c.add_argument("--no-resize", action="store_true", help="refuse images that are not 32x32")
+    c.add_argument("--json", action="store_true", help="print JSON")
+
+    lay = sub.add_parser("layers", help="a model's layers: kind and output shape C x H x W")
+    lay.add_argument("--model", default="")
+    lay.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("models", help="the loaded models")
+    m.add_argument("--json", action="store_true")
+
+    h = sub.add_parser("health", help="the standard gRPC health status; exit 0 when SERVING")
+    h.add_argument("--service", default="", help="service name (default: the whole server)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    target = args.target or os.environ.get(ENV_TARGET, DEFAULT_TARGET)
+    try:
+        with ClassifierClient(target, timeout=args.timeout) as client:
+            return COMMANDS[args.command](client, args)
+    except ClassifierError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _classify(client: ClassifierClient, args) -> int:
+    layers = args.features
+    if args.save_features and not layers:
+        layers = ["*"]
+    results = client.classify(args.images, model=args.model, top_k=args.top_k, layers=layers,
+                              resize=not args.no_resize)
+    saved: dict[str, list[str]] = {}
+    if args.save_features:
+        for path, result in zip(args.images, results):
+            out = args.save_features / path.stem
+            saved[str(path)] = [str(p) for p in save_feature_maps(result.feature_maps, out)]
+    if args.json:
+        print(json.dumps([_result_json(path, r, saved.get(str(path), [])) for path, r in zip(args.images, results)],
+                         indent=1))
+        return 0
+    for path, result in zip(args.images, results):
+        print(f"{path}")
+        for p in result.top_k:
+            bar = "#" * round(p.probability * 30)
+            print(f"  {p.label:<11} {100 * p.probability:6.2f}%  {bar}")
+        for layer, fmap in result.feature_maps.items():
+            print(f"  feature map {layer:<16} {' x '.join(map(str, fmap.shape))}")
+        if str(path) in saved:
+            print(f"  saved {len(saved[str(path)])} feature-map PNGs under {args.save_features / path.stem}")
+    return 0
+
+
+def _result_json(path: Path, result: Classification, saved: list[str]) -> dict:
+    return {
+        "image": str(path),
+        "label": result.label,
+        "top_k": [{"label": p.label, "index": p.index, "probability": p.probability} for p in result.top_k],
+        "probabilities": [float(x) for x in result.probabilities],
+        "feature_maps": {layer: list(fmap.shape) for layer, fmap in result.feature_maps.items()},
+        "saved": saved,
+    }
+
+
+def _layers(client: ClassifierClient, args) -> int:
+    info = client.model_info(args.model)
+    if args.json:
+        print(json.dumps([{"name": l.name, "kind": l.kind, "output_shape": list(l.output_shape), "flops": l.flops}
+                          for l in info.layers], indent=1))
+        return 0
+    print(f"model {info.name} (pooling: {info.pooling.kind}, window {info.pooling.window}, "
+          f"stride {info.pooling.stride}); input {' x '.join(map(str, info.input.shape))} {info.input.dtype}")
+    print(f"  {'layer':<18} {'kind':<16} {'output':>14}  {'MFLOP':>7}")
+    for layer in info.layers:
+        shape = " x ".join(map(str, layer.output_shape))
+        print(f"  {layer.name:<18} {layer.kind:<16} {shape:>14}  {layer.flops / 1e6:7.2f}")
+    print(f"  total {info.flops_per_image / 1e6:.1f} MFLOP per image, {info.parameters:,} parameters")
+    return 0
+
+
+def _models(client: ClassifierClient, args) -> int:
+    response = client.list_models()
+    if args.json:
+        print(json.dumps({"default_model": response.default_model, "models": [
+            {"name": m.name, "version": m.version, "pooling": m.pooling.kind, "window": m.pooling.window,
+             "validation_accuracy": m.validation_accuracy, "flops_per_image": m.flops_per_image,
+             "device": m.device, "dataset": m.dataset} for m in response.models]}, indent=1))
+        return 0
+    print(f"  {'model':<14} {'pooling':<9} {'val acc':>8} {'MFLOP':>7}  device")
+    for m in response.models:
+        star = "*" if m.name == response.default_model else " "
+        acc = f"{100 * m.validation_accuracy:.2f}%" if m.validation_images else "-"
+        print(f"{star} {m.name:<14} {m.pooling.kind + ' ' + str(m.pooling.window):<9} {acc:>8} "
+              f"{m.flops_per_image / 1e6:7.1f}  {m.device}")
+    print("(* default; accuracy on the held-out validation split of CIFAR-10 (JPEG))")
+    return 0
+
+
+def _health(client: ClassifierClient, args) -> int:
+    status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+COMMANDS = {"classify": _classify, "layers": _layers, "models": _models, "health": _health}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

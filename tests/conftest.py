@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import pytest
+
+from support import RunningServer, export_tiny, make_config
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """Two tiny models that differ only in pooling, like the shipped pair."""
+    directory = tmp_path_factory.mktemp("models")
+    export_tiny(directory, "tiny-max", pool="max")
+    export_tiny(directory, "tiny-avg", pool="avg", pool_size=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    running = RunningServer(make_config(models_dir))
+    yield running
+    running.stop(grace=1.0)
+
+
+@pytest.fixture()
+def client(server):
+    from client import ClassifierClient
+
+    with ClassifierClient(server.target, timeout=30) as c:
+        yield c
