@@ -1,0 +1,379 @@
+"""Throughput and latency of the service against the two limits that bound it, in one run.
+
+    python -m bench.bench                      # full sweep on the default model, CPU
+    python -m bench.bench --quick              # a short run to see that it works
+    python -m bench.bench --device cuda        # the GPU path (needs a CUDA machine)
+
+In the manner of Triton's perf_analyzer: a closed loop of N concurrent callers per level (1, 2, 4, ...,
+64), a warm-up window, then a fixed measurement window. For each level it reports throughput (req/s
+and img/s), p50/p90/p95/p99 latency, errors, the load client's own CPU per request, and the mean
+batch the server's batcher formed (read from its /metrics). In the same run it measures:
+
+- the raw model: the same TorchScript file, optimised the way the server does it, called in this
+  process with the server's thread count, at batch 1, 64 and each batch size the batcher formed;
+- the gRPC floor: the standard health Check rpc of the same server, same client, same concurrency.
+
+The bound for single-image requests is 1 / (1/raw + 1/floor). The server runs as a separate process
+(``python -m server``) on loopback; the load client is one Python grpc.aio process, as a real client
+would be. Writes a table to stdout and JSON and CSV under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from protos.cifar10.v1 import classifier_pb2 as pb
+from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
+
+
+@dataclass
+class Level:
+    mode: str  # single, batch64, stream, floor
+    input: str  # png, jpeg, raw, health
+    concurrency: int
+    requests: int
+    images: int
+    seconds: float
+    req_per_s: float
+    img_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+    client_cpu_us_per_req: float
+    mean_batch: float = 0.0
+    raw_img_per_s: float = 0.0  # the raw model at the batch size the batcher formed
+    floor_req_per_s: float = 0.0
+    bound_img_per_s: float = 0.0
+    ratio: float = 0.0  # img/s over the bound (single) or over raw batch-64 (batch64)
+
+
+# ----------------------------------------------------------------------------- inputs
+def _images() -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in EXAMPLES]
+
+
+def make_image(kind: str, array: np.ndarray) -> pb.Image:
+    if kind == "raw":
+        return pb.Image(raw=pb.RawTensor(shape=array.shape, dtype=pb.DTYPE_UINT8, layout=pb.LAYOUT_HWC,
+                                         data=array.tobytes()))
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format={"png": "PNG", "jpeg": "JPEG"}[kind])
+    return pb.Image(encoded=buffer.getvalue())
+
+
+def make_requests(kind: str, per_request: int, model: str) -> list[pb.ClassifyRequest]:
+    images = [make_image(kind, a) for a in _images()]
+    out = []
+    for i in range(len(images)):
+        batch = [images[(i + j) % len(images)] for j in range(per_request)]
+        out.append(pb.ClassifyRequest(model=model, images=batch, top_k=1))
+    return out
+
+
+# ----------------------------------------------------------------------------- the closed loop
+async def closed_loop(make_call, concurrency: int, warmup: float, duration: float) -> dict:
+    """``make_call()`` returns a coroutine function per worker; each worker calls it back to back."""
+    state = {"measuring": False, "stop": False}
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    done_images = [0]
+
+    async def worker(call) -> None:
+        while not state["stop"]:
+            t0 = time.perf_counter()
+            try:
+                n = await call()
+                ok = True
+            except grpc.aio.AioRpcError as exc:
+                ok, n = False, 0
+                if state["measuring"]:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+            if state["measuring"] and ok:
+                latencies.append(time.perf_counter() - t0)
+                done_images[0] += n
+
+    workers = [asyncio.ensure_future(worker(await make_call())) for _ in range(concurrency)]
+    await asyncio.sleep(warmup)
+    state["measuring"] = True
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.sleep(duration)
+    state["measuring"] = False
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    state["stop"] = True
+    await asyncio.gather(*workers, return_exceptions=True)
+    lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
+    n_req = len(latencies)
+    return {"requests": n_req, "images": done_images[0], "seconds": seconds,
+            "req_per_s": n_req / seconds, "img_per_s": done_images[0] / seconds,
+            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+            "errors": sum(errors.values()), "client_cpu_us_per_req": 1e6 * cpu / max(1, n_req + sum(errors.values()))}
+
+
+def unary_calls(stub, requests: list[pb.ClassifyRequest]):
+    counter = [0]
+
+    async def make():
+        async def call() -> int:
+            counter[0] += 1
+            request = requests[counter[0] % len(requests)]
+            await stub.Classify(request, timeout=30)
+            return len(request.images)
+        return call
+    return make
+
+
+def stream_calls(stub, requests: list[pb.ClassifyRequest]):
+    async def make():
+        stream = stub.ClassifyStream(timeout=3600)
+        counter = [0]
+
+        async def call() -> int:
+            counter[0] += 1
+            request = requests[counter[0] % len(requests)]
+            await stream.write(request)
+            response = await stream.read()
+            if response.HasField("error"):
+                raise RuntimeError(response.error.message)
+            return len(request.images)
+        return call
+    return make
+
+
+def health_calls(channel):
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="")
+
+    async def make():
+        async def call() -> int:
+            await stub.Check(request, timeout=30)
+            return 1
+        return call
+    return make
+
+
+# ----------------------------------------------------------------------------- the server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str, int]:
+    port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", str(metrics_port),
+           "--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
+           "--torch-threads", str(args.torch_threads), "--log-level", "WARNING"]
+    if args.models_dir:
+        cmd += ["--models-dir", args.models_dir]
+    if args.model:
+        cmd += ["--default-model", args.model]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("server did not come up")
+            time.sleep(0.2)
+    return proc, target, metrics_port
+
+
+def batch_stats(metrics_port: int, model: str) -> tuple[float, float]:
+    """(sum, count) of the batcher's batch-size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(body):
+        if family.name == "cifar10_batch_size_images":
+            for sample in family.samples:
+                if sample.labels.get("model") == model and sample.name.endswith("_sum"):
+                    total = sample.value
+                elif sample.labels.get("model") == model and sample.name.endswith("_count"):
+                    count = sample.value
+    return total, count
+
+
+# ----------------------------------------------------------------------------- the raw model
+class RawModel:
+    def __init__(self, path: Path, device: str, threads: int) -> None:
+        import torch
+
+        from server.models import load_artifact, resolve_device
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = resolve_device(device)
+        self.model = load_artifact(path, self.device)
+        self.cache: dict[int, float] = {}
+
+    def img_per_s(self, batch: int, seconds: float = 1.5) -> float:
+        if batch not in self.cache:
+            torch = self.torch
+            x = torch.zeros((batch, *self.model.input_shape), dtype=torch.uint8)
+            with torch.inference_mode():
+                for _ in range(3):
+                    self.model.module(x.to(self.device)).cpu()
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    self.model.module(x.to(self.device)).cpu()  # same copies as the server's path
+                    n += 1
+                self.cache[batch] = batch * n / (time.perf_counter() - t0)
+        return self.cache[batch]
+
+
+# ----------------------------------------------------------------------------- the run
+async def sweep(args, target: str, metrics_port: int, model: str) -> list[Level]:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    levels: list[Level] = []
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        plans = [("floor", "health", health_calls(channel))]
+        for kind in args.inputs:
+            plans.append(("single", kind, unary_calls(stub, make_requests(kind, 1, model))))
+        for kind in args.inputs[:1]:
+            plans.append(("batch64", kind, unary_calls(stub, make_requests(kind, 64, model))))
+            plans.append(("stream", kind, stream_calls(stub, make_requests(kind, 1, model))))
+        for mode, kind, make in plans:
+            concurrencies = args.batch_concurrency if mode == "batch64" else args.concurrency
+            for c in concurrencies:
+                before = batch_stats(metrics_port, model)
+                result = await closed_loop(make, c, args.warmup, args.duration)
+                after = batch_stats(metrics_port, model)
+                count = after[1] - before[1]
+                mean_batch = (after[0] - before[0]) / count if count else 0.0
+                level = Level(mode, kind, c, mean_batch=mean_batch, **result)
+                levels.append(level)
+                print(f"  {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
+                      f"  p99 {level.p99_ms:6.2f} ms  batch {mean_batch:5.1f}  errors {level.errors}", flush=True)
+    return levels
+
+
+def add_bounds(levels: list[Level], raw: RawModel) -> None:
+    floor = {l.concurrency: l.req_per_s for l in levels if l.mode == "floor"}
+    raw64 = raw.img_per_s(64)
+    for level in levels:
+        if level.mode in ("single", "stream"):
+            level.floor_req_per_s = floor.get(level.concurrency, 0.0)
+            level.raw_img_per_s = raw.img_per_s(max(1, round(level.mean_batch)))
+            if level.floor_req_per_s:
+                level.bound_img_per_s = 1 / (1 / level.raw_img_per_s + 1 / level.floor_req_per_s)
+                level.ratio = level.img_per_s / level.bound_img_per_s
+        elif level.mode == "batch64":
+            level.raw_img_per_s = raw64
+            level.ratio = level.img_per_s / raw64
+
+
+def machine(args) -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": args.device, "torch_threads": args.torch_threads, "max_queue_delay_us": args.max_queue_delay_us}
+    if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(levels: list[Level]) -> str:
+    head = (f"{'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
+            f"{'p99ms':>7} {'err':>4} {'cli us/req':>10} {'batch':>6} {'raw img/s':>9} {'floor':>7} {'bound':>7} {'ratio':>6}")
+    rows = [head, "-" * len(head)]
+    for l in levels:
+        rows.append(f"{l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
+                    f"{l.p50_ms:>7.2f} {l.p90_ms:>7.2f} {l.p95_ms:>7.2f} {l.p99_ms:>7.2f} {l.errors:>4} "
+                    f"{l.client_cpu_us_per_req:>10.0f} {l.mean_batch:>6.1f} {l.raw_img_per_s:>9.0f} "
+                    f"{l.floor_req_per_s:>7.0f} {l.bound_img_per_s:>7.0f} {l.ratio:>6.2f}")
+    return "\n".join(rows)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--models-dir", default=None, help="default: the server's (model/artifacts)")
+    p.add_argument("--model", default="small-max")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads (and the raw model's)")
+    p.add_argument("--max-queue-delay-us", type=int, default=500)
+    p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    p.add_argument("--batch-concurrency", default="1,2,4", help="concurrency levels for 64-image requests")
+    p.add_argument("--inputs", default="png,jpeg,raw", help="image encodings for single-image requests")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds per level before measuring")
+    p.add_argument("--duration", type=float, default=5.0, help="measurement window per level, seconds")
+    p.add_argument("--quick", action="store_true", help="1 s windows, fewer levels")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.warmup, args.duration, args.concurrency, args.inputs = 0.5, 1.0, "1,8,32", "png"
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.batch_concurrency = [int(c) for c in args.batch_concurrency.split(",")]
+    args.inputs = args.inputs.split(",")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = machine(args)
+    print(f"machine: {json.dumps(info)}", flush=True)
+    proc, target, metrics_port = start_server(args)
+    try:
+        levels = asyncio.run(sweep(args, target, metrics_port, args.model))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    models_dir = Path(args.models_dir) if args.models_dir else ROOT / "model" / "artifacts"
+    raw = RawModel(models_dir / f"{args.model}.pt", args.device, args.torch_threads)
+    add_bounds(levels, raw)
+    print(table(levels))
+    print(f"raw model img/s by batch: {json.dumps({b: round(v) for b, v in sorted(raw.cache.items())})}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report = {"machine": info, "model": args.model, "raw_img_per_s": raw.cache, "levels": [asdict(l) for l in levels]}
+    (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
+    with open(out / f"bench-{stamp}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(levels[0])))
+        writer.writeheader()
+        writer.writerows(asdict(l) for l in levels)
+    print(f"wrote {out}/bench-{stamp}.json and .csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
