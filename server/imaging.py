@@ -15,6 +15,16 @@ from PIL import Image, UnidentifiedImageError
 
 from protos.cifar10.v1 import classifier_pb2 as pb
 
+import torch
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as _torch_decode
+
+# torchvision 0.29 warns on every decode that TorchCodec will replace these decoders; they are still
+# sound, and a catch_warnings() per call would cost more than the decode itself.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io\.image")
+
+_RGB = ImageReadMode.RGB
+
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 # Modes that convert to RGB without loss; others (grey, alpha, 16-bit, CMYK) are refused, since a
 # silent conversion would classify a different image than the caller holds.
@@ -42,9 +52,8 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
     if not data:
         raise ImageError(f"image {index}: encoded bytes are empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # reads the header only
+        # Reads the header only. (PIL's own bomb check only warns below 2 x 89 Mpixel; ours is below.)
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise ImageError(f"image {index}: not a PNG or JPEG file ({len(data)} bytes); send PNG or JPEG") from None
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
@@ -57,13 +66,25 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
             f"image {index}: {img.format} has mode {img.mode!r}; expected 8-bit RGB (3 channels, no alpha)"
         )
     _check_size(index, img.format, (h, w), size, resize)
-    if img.format == "JPEG" and (h, w) != tuple(size):
+    if (h, w) == tuple(size):
+        return _decode_native(data, index, img.format)
+    if img.format == "JPEG":
         img.draft("RGB", (size[1], size[0]))  # let libjpeg decode at a reduced scale: far less work
     try:
         img = img.convert("RGB")  # decodes
     except Exception as exc:
         raise ImageError(f"image {index}: {img.format} is truncated or corrupt ({_reason(exc)})") from None
     return _fit(np.asarray(img), size)
+
+
+def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
+    """Decodes with libpng/libjpeg-turbo through torchvision: about 3x faster than PIL for a 32x32
+    image (50 us against 150 us here), which matters because decoding runs on the event loop."""
+    try:
+        chw = _torch_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
+    except RuntimeError as exc:
+        raise ImageError(f"image {index}: {fmt} is truncated or corrupt ({_reason(exc)})") from None
+    return chw.permute(1, 2, 0).numpy()
 
 
 def _decode_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> np.ndarray:
