@@ -1,0 +1,137 @@
+"""The dynamic batcher on a real (tiny) TorchScript model, driven from asyncio directly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from server.batching import Batcher, DeadlineExpired, QueueFull
+from server.metrics import Metrics
+from server.models import load_artifact
+
+
+@pytest.fixture(scope="module")
+def model(models_dir):
+    return load_artifact(models_dir / "tiny-max.pt", torch.device("cpu"))
+
+
+def make(model, max_batch_size=8, delay_us=0, max_queue_images=256):
+    registry = CollectorRegistry()
+    batcher = Batcher(model, Metrics(registry, max_batch_size), max_batch_size, delay_us, max_queue_images)
+    return batcher, registry
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+
+
+def expected(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.module(torch.from_numpy(x)).numpy()
+
+
+def sample(registry, name, **labels):
+    return registry.get_sample_value(name, {"model": "tiny-max", **labels}) or 0.0
+
+
+def test_concurrent_requests_of_different_sizes_get_their_own_results(model):
+    sizes = [1, 5, 3, 8, 2, 7, 1, 1, 4, 6, 8, 2]
+
+    async def run():
+        batcher, registry = make(model, max_batch_size=8)
+        batcher.start()
+        inputs = [images(n, seed) for seed, n in enumerate(sizes)]
+        layers = [("stage2.pool",) if i % 3 == 0 else () for i in range(len(sizes))]
+        results = await asyncio.gather(*(batcher.submit(x, l, None) for x, l in zip(inputs, layers)))
+        await batcher.stop()
+        return inputs, layers, results, registry
+
+    inputs, layers, results, registry = asyncio.run(run())
+    for x, wanted_layers, result in zip(inputs, layers, results):
+        np.testing.assert_allclose(result.probabilities, expected(model, x), atol=1e-6)
+        assert tuple(result.features) == wanted_layers
+        for name in wanted_layers:
+            assert result.features[name].shape[0] == len(x)
+    batches = sample(registry, "cifar10_batch_size_images_count")
+    assert sample(registry, "cifar10_batch_size_images_sum") == sum(sizes)
+    assert batches < len(sizes)  # requests were coalesced
+    assert sample(registry, "cifar10_batch_size_images_bucket", le="8.0") == batches  # never over the max
+
+
+def test_a_lone_request_does_not_wait_for_the_delay(model):
+    async def run():
+        batcher, registry = make(model, delay_us=5_000_000)  # 5 s of patience for company
+        batcher.start()
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await batcher.submit(images(1, 0), (), None)
+        elapsed = time.monotonic() - t0
+        await batcher.stop()
+        return elapsed, registry
+
+    elapsed, registry = asyncio.run(run())
+    assert elapsed < 2.5  # far below the 5 s delay, even on a loaded machine
+    assert sample(registry, "cifar10_queue_wait_seconds_sum") < 2.5
+
+
+def test_under_load_a_forming_batch_waits_for_company(model):
+    async def run():
+        batcher, registry = make(model, max_batch_size=8, delay_us=300_000)
+        batcher.start()
+        batcher._busy = True  # the model is busy: the next arrival is not a lone request
+        first = asyncio.ensure_future(batcher.submit(images(1, 1), (), None))
+        await asyncio.sleep(0)
+        batcher._busy = False
+        await asyncio.sleep(0.05)  # within the delay, company arrives
+        second = asyncio.ensure_future(batcher.submit(images(1, 2), (), None))
+        await asyncio.gather(first, second)
+        await batcher.stop()
+        return registry
+
+    registry = asyncio.run(run())
+    assert sample(registry, "cifar10_batch_size_images_count") == 1  # one pass for both
+    assert sample(registry, "cifar10_batch_size_images_sum") == 2
+
+
+def test_a_full_queue_sheds_at_once_and_the_queued_still_complete(model):
+    async def run():
+        batcher, registry = make(model, max_batch_size=4, max_queue_images=8)
+        queued = [asyncio.ensure_future(batcher.submit(images(4, i), (), None)) for i in range(2)]
+        await asyncio.sleep(0)  # both are queued; the batcher is not running yet
+        with pytest.raises(QueueFull, match="limit is 8"):
+            await batcher.submit(images(1, 9), (), None)
+        batcher.start()
+        results = await asyncio.gather(*queued)
+        await batcher.stop()
+        return results, registry
+
+    results, registry = asyncio.run(run())
+    assert [len(r.probabilities) for r in results] == [4, 4]
+    assert registry.get_sample_value("cifar10_queue_images", {"model": "tiny-max"}) == 0
+
+
+def test_cancelled_and_expired_requests_are_dropped_before_compute(model):
+    async def run():
+        batcher, registry = make(model, max_batch_size=8)
+        cancelled = asyncio.ensure_future(batcher.submit(images(3, 1), (), None))
+        expired = asyncio.ensure_future(batcher.submit(images(2, 2), (), time.monotonic() - 1))
+        kept = asyncio.ensure_future(batcher.submit(images(1, 3), (), None))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        batcher.start()
+        result = await kept
+        with pytest.raises(DeadlineExpired):
+            await expired
+        await batcher.stop()
+        return result, registry
+
+    result, registry = asyncio.run(run())
+    assert len(result.probabilities) == 1
+    assert sample(registry, "cifar10_dropped_requests_total", reason="cancelled") == 1
+    assert sample(registry, "cifar10_dropped_requests_total", reason="deadline") == 1
+    assert sample(registry, "cifar10_batch_size_images_sum") == 1  # only the kept image was computed
