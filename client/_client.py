@@ -164,7 +164,9 @@ class ClassifierClient:
     # ------------------------------------------------------------------ helpers
     def request(self, images: Sequence[ImageLike], *, model: str = "", top_k: int = 5, layers: Sequence[str] = (),
                 feature_dtype: str = "float32", resize: bool = True) -> pb.ClassifyRequest:
-        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)  # N x H x W x 3
+        elif isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "mode"):
             images = [images]  # one image given bare
         if feature_dtype not in _FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {sorted(_FEATURE_DTYPES)}, got {feature_dtype!r}")
