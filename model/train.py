@@ -166,7 +166,13 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} CPU, {torch.get_num_threads()} threads"
 
 
 # ----------------------------------------------------------------------------- command line
