@@ -71,7 +71,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             code = rejection.code
             await context.abort(rejection.code, rejection.message)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = _cancelled_code(context)
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -208,6 +208,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         code = grpc.StatusCode.OK
         try:
             return await self._classify(request, deadline)
+        except asyncio.CancelledError:  # the stream ended under this request: cancelled, or its deadline passed
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline is not None and time.monotonic() >= deadline
+                    else grpc.StatusCode.CANCELLED)
+            raise
         except Rejection as rejection:
             code = rejection.code
             return pb.ClassifyResponse(request_id=request.request_id,
@@ -242,6 +246,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if images:
             outcome = "ok" if code == grpc.StatusCode.OK else code.name
             self.metrics.images.labels(model, outcome).inc(images)
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """What the caller of a cancelled handler saw: DEADLINE_EXCEEDED once its deadline passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
