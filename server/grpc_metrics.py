@@ -28,4 +28,10 @@ from py_async_grpc_prometheus.prometheus_async_server_interceptor import PromAsy
 
 def interceptor(registry: CollectorRegistry) -> grpc.aio.ServerInterceptor:
     """The metrics interceptor for one server; put it first so it also counts calls later ones refuse."""
-    return PromAsyncServerInterceptor(enable_handling_time_histogram=True, registry=registry)
+    metrics = PromAsyncServerInterceptor(enable_handling_time_histogram=True, registry=registry)
+    # The library always registers its legacy latency histogram, which it only fills with legacy=True:
+    # left in, /metrics would carry an empty grpc_server_handled_latency_seconds family.
+    legacy = metrics._metrics.pop("legacy_grpc_server_handled_latency_seconds", None)
+    if legacy is not None:
+        registry.unregister(legacy)
+    return metrics
