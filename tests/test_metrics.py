@@ -13,7 +13,7 @@ from protos.cifar10.v1 import classifier_pb2 as pb
 from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from server.metrics import DROP_REASONS, FAILURE_REASONS, UNKNOWN_MODEL
 from support import RunningServer, make_config
-from traffic import HELD_CONFIG, HEALTH, SERVICE, image, send_held, send_simple, value
+from traffic import HELD_CONFIG, HEALTH, SERVICE, forward_held, image, send_held, send_simple, value, wait_for
 
 MODELS = ("tiny-max", "tiny-avg")
 METHODS = {"Classify", "ClassifyStream", "ListModels", "GetModelInfo"}
@@ -105,6 +105,24 @@ def test_grpc_interceptor_counts_every_registered_call(mix):
 
 def _type(method: str) -> str:
     return "BIDI_STREAMING" if method == "ClassifyStream" else "UNARY"
+
+
+def test_a_stream_request_cut_off_by_its_deadline_counts_as_deadline_exceeded(metered):
+    registry = metered.app.metrics.registry
+
+    def count(code):
+        return value(registry, "cifar10_requests_total", method="ClassifyStream", model="tiny-max", code=code)
+
+    before = {code: count(code) for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED")}
+    with grpc.insecure_channel(metered.target) as channel, forward_held(metered, "tiny-max"):
+        stream = pb_grpc.ClassifierStub(channel).ClassifyStream(iter([pb.ClassifyRequest(images=[image()])]),
+                                                                  timeout=2.0)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: count("DEADLINE_EXCEEDED") == before["DEADLINE_EXCEEDED"] + 1,
+                 "the server to count the stream's request")
+    assert (count("OK"), count("CANCELLED")) == (before["OK"], before["CANCELLED"])
 
 
 def test_histograms_observe_one_sample_per_request(metered):

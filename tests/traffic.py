@@ -143,7 +143,7 @@ def send_held(server, model: str = "tiny-max") -> Sent:
     """OK, CANCELLED, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (queue full) on a server with ``HELD_CONFIG``.
 
     With the forward thread held: A is taken into a batch and waits for the thread; D queues and its
-    caller cancels it; E queues and its 0.5 s deadline passes; B (2 images) fills the 4-image queue;
+    caller cancels it; E queues and its 2 s deadline passes; B (2 images) fills the 4-image queue;
     C then finds it full. Released, A and B answer; D and E are dropped before compute.
     """
     registry = server.app.metrics.registry
@@ -167,7 +167,8 @@ def send_held(server, model: str = "tiny-max") -> Sent:
             wait_for(lambda: queued() == 1, "D to queue")
             d.cancel()
             wait_for(lambda: count("CANCELLED") == cancelled + 1, "the server to see D cancelled")
-            e = stub.Classify.future(pb.ClassifyRequest(images=[image(3)]), timeout=0.5)
+            # Long enough that E is surely queued before it expires (a handler queues before its first await).
+            e = stub.Classify.future(pb.ClassifyRequest(images=[image(3)]), timeout=2.0)
             wait_for(lambda: queued() == 2, "E to queue")  # D still holds its place until a batch is taken
             assert e.exception(WAIT_SECONDS).code() == grpc.StatusCode.DEADLINE_EXCEEDED
             wait_for(lambda: count("DEADLINE_EXCEEDED") == expired + 1, "the server to see E's deadline pass")
