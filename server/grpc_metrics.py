@@ -9,7 +9,9 @@ One server interceptor per server, on that server's registry, so servers never s
 
 each labelled ``grpc_type`` (UNARY, BIDI_STREAMING, ...), ``grpc_service`` and ``grpc_method``. Only
 methods the server registered get series (a call to an unknown method never reaches an interceptor's
-wrapper), so a caller cannot grow the label set. Names and labels are the ones go-grpc-prometheus
+wrapper), so a caller cannot grow the label set. Calls cancelled by their caller or cut off by their
+deadline count as started but never as handled; streams written with ``context.write()`` (the
+health service's Watch) are not counted at all (see ``_Interceptor``). Names and labels are the ones go-grpc-prometheus
 made common, which existing gRPC dashboards and alerts already query.
 
 Why not gRPC's own OpenTelemetry plugin (``grpcio-observability``, gRFC A66): with ``grpc.aio``
@@ -21,14 +23,28 @@ records a request refused for its size as OK. The README's "Metrics and dashboar
 
 from __future__ import annotations
 
+import inspect
+
 import grpc
 from prometheus_client import CollectorRegistry
 from py_async_grpc_prometheus.prometheus_async_server_interceptor import PromAsyncServerInterceptor
 
 
+class _Interceptor(PromAsyncServerInterceptor):
+    def _wrap_rpc_behavior(self, handler, fn):
+        # The library wraps every streaming response as an async generator. A handler that streams
+        # with context.write() instead, as grpc.health's Watch does, is a plain coroutine and would
+        # fail with UNKNOWN: such handlers are passed through unwrapped, and so are not counted.
+        if handler is not None and handler.response_streaming:
+            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            if not inspect.isasyncgenfunction(behavior):
+                return handler
+        return super()._wrap_rpc_behavior(handler, fn)
+
+
 def interceptor(registry: CollectorRegistry) -> grpc.aio.ServerInterceptor:
     """The metrics interceptor for one server; put it first so it also counts calls later ones refuse."""
-    metrics = PromAsyncServerInterceptor(enable_handling_time_histogram=True, registry=registry)
+    metrics = _Interceptor(enable_handling_time_histogram=True, registry=registry)
     # The library always registers its legacy latency histogram, which it only fills with legacy=True:
     # left in, /metrics would carry an empty grpc_server_handled_latency_seconds family.
     legacy = metrics._metrics.pop("legacy_grpc_server_handled_latency_seconds", None)

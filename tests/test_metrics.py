@@ -7,6 +7,7 @@ from collections import Counter
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.cifar10.v1 import classifier_pb2 as pb
@@ -101,6 +102,13 @@ def test_grpc_interceptor_counts_every_registered_call(mix):
         frozenset({("grpc_service", s), ("grpc_method", m), ("grpc_type", _type(m)), ("grpc_code", c)}): n
         for (s, m, c), n in sent.handled.items()}
     assert delta["grpc_server_handling_seconds_count"] == delta["grpc_server_started_total"]
+
+
+def test_the_interceptor_leaves_a_stream_written_with_context_write_working(metered):
+    with grpc.insecure_channel(metered.target) as channel:  # grpc.health's Watch streams with context.write()
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
 
 
 def _type(method: str) -> str:
