@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from protos.cifar10.v1 import classifier_pb2 as pb
 from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from server import grpc_metrics
 from server.batching import Batcher
 from server.config import ServerConfig, parse_config
 from server.metrics import GpuMemoryCollector, Metrics, serve_metrics
@@ -89,11 +90,11 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
                               config.max_queue_images) for name, model in models.items()}
     for model in models.values():
         pooling = model.metadata.get("pooling", {})
-        metrics.model_info.labels(model.name).info({
+        metrics.add_model(model.name, {
             "version": model.version, "pooling": str(pooling.get("kind", "")),
             "pool_window": str(pooling.get("window", "")), "device": str(device)})
 
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[grpc_metrics.interceptor(registry)], options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently

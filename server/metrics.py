@@ -3,6 +3,8 @@
 Names follow Prometheus conventions: the ``cifar10_`` namespace, base units (``_seconds``), ``_total``
 on counters, and only labels with bounded values (method, model name, gRPC status code, outcome).
 Latencies are histograms so they can be aggregated across replicas with ``histogram_quantile``.
+gRPC's own per-call metrics (``grpc_server_*``) come from gRPC's plugin, in ``server.grpc_metrics``.
+The README's "Metrics and dashboard" section lists every series with an example query.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ NAMESPACE = "cifar10"
 # From 100 us (a lone image on an idle CPU server) to 10 s (a full batch of large JPEGs under load).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNKNOWN_MODEL = "unknown"  # label for requests naming a model that is not loaded: keeps the set bounded
+DROP_REASONS = ("cancelled", "deadline")  # cifar10_dropped_requests_total{reason}
+FAILURE_REASONS = ("out_of_memory", "error")  # cifar10_batch_failures_total{reason}
 
 
 def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -66,9 +70,28 @@ class Metrics:
             "model", "One series per loaded model: version, pooling and device.", ["model"], namespace=ns,
             registry=registry)
 
+    def add_model(self, name: str, info: dict[str, str]) -> None:
+        """Publishes a loaded model's info series and starts its per-model series at zero.
+
+        Series that exist from the start make ``rate()`` read 0 rather than nothing, so a dashboard
+        panel for failures that have not happened yet shows a flat line instead of "no data".
+        """
+        self.model_info.labels(name).info(info)
+        self.queue_images.labels(name).set(0)
+        for histogram in (self.preprocess_seconds, self.queue_seconds, self.compute_seconds, self.batch_size):
+            histogram.labels(name)
+        for reason in DROP_REASONS:
+            self.dropped.labels(name, reason)
+        for reason in FAILURE_REASONS:
+            self.batch_failures.labels(name, reason)
+
 
 class GpuMemoryCollector:
-    """``cifar10_gpu_memory_allocated_bytes`` per CUDA device, read at scrape time."""
+    """GPU memory per CUDA device, read from PyTorch's caching allocator at scrape time.
+
+    ``allocated`` is what tensors hold now; ``reserved`` is what the allocator keeps from the driver
+    (allocated plus its cache), which is what other processes on the GPU cannot have.
+    """
 
     def __init__(self, devices: list[int]) -> None:
         self.devices = devices
@@ -76,11 +99,16 @@ class GpuMemoryCollector:
     def collect(self):
         import torch
 
-        family = GaugeMetricFamily(f"{NAMESPACE}_gpu_memory_allocated_bytes",
-                                   "Bytes of GPU memory held by tensors, per CUDA device.", labels=["device"])
+        allocated = GaugeMetricFamily(f"{NAMESPACE}_gpu_memory_allocated_bytes",
+                                      "Bytes of GPU memory held by tensors, per CUDA device.", labels=["device"])
+        reserved = GaugeMetricFamily(f"{NAMESPACE}_gpu_memory_reserved_bytes",
+                                     "Bytes of GPU memory PyTorch's allocator holds (tensors and its cache).",
+                                     labels=["device"])
         for index in self.devices:
-            family.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
-        yield family
+            allocated.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
+            reserved.add_metric([f"cuda:{index}"], float(torch.cuda.memory_reserved(index)))
+        yield allocated
+        yield reserved
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ALL_LAYERS = "*"
 DEFAULT_TOP_K = 5
+DEADLINE_SLACK_SECONDS = 0.05  # a cancellation this close to the deadline is the deadline, seen from the caller
 STREAM_WINDOW = 64  # stream requests in progress at once; bounds a stream's memory, keeps answers in order
 FEATURE_DTYPES = {pb.DTYPE_UNSPECIFIED: ("<f4", pb.DTYPE_FLOAT32), pb.DTYPE_FLOAT32: ("<f4", pb.DTYPE_FLOAT32),
                   pb.DTYPE_FLOAT16: ("<f2", pb.DTYPE_FLOAT16)}
@@ -71,7 +72,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             code = rejection.code
             await context.abort(rejection.code, rejection.message)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = _cancelled_code(context.time_remaining())
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -208,6 +209,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         code = grpc.StatusCode.OK
         try:
             return await self._classify(request, deadline)
+        except asyncio.CancelledError:  # the stream ended under this request: cancelled, or its deadline passed
+            code = _cancelled_code(None if deadline is None else deadline - time.monotonic())
+            raise
         except Rejection as rejection:
             code = rejection.code
             return pb.ClassifyResponse(request_id=request.request_id,
@@ -242,6 +246,16 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if images:
             outcome = "ok" if code == grpc.StatusCode.OK else code.name
             self.metrics.images.labels(model, outcome).inc(images)
+
+
+def _cancelled_code(remaining: float | None) -> grpc.StatusCode:
+    """What the caller of a cancelled handler saw, given the seconds left before its deadline.
+
+    A caller's deadline can reach the server as a cancellation just before the server's copy of the
+    deadline (which started when the request arrived) runs out, hence the slack.
+    """
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
