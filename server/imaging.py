@@ -69,7 +69,9 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
             f"image {index}: {img.format} has mode {img.mode!r}; expected 8-bit RGB (3 channels, no alpha)"
         )
     _check_size(index, img.format, (h, w), size, resize)
-    if (h, w) == tuple(size):
+    if (h, w) == tuple(size) and img.format == "JPEG":
+        # PNG stays with PIL: torchvision 0.29's decode_png segfaults on any libpng error, so one
+        # truncated or corrupt 32x32 PNG killed the whole server (pytorch/vision#3613 is that kind).
         return _decode_native(data, index, img.format)
     if img.format == "JPEG":
         img.draft("RGB", (size[1], size[0]))  # let libjpeg decode at a reduced scale: far less work
@@ -81,8 +83,8 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
 
 
 def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
-    """Decodes with libpng/libjpeg-turbo through torchvision: about 3x faster than PIL for a 32x32
-    image (50 us against 150 us here), which matters because decoding runs on the event loop."""
+    """Decodes a JPEG with libjpeg-turbo through torchvision: about 3x faster than PIL for a 32x32
+    image (50 us against 150 us here). Its errors come back as RuntimeError (fuzzed: bench/fuzz.py)."""
     try:
         chw = _torch_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
     except RuntimeError as exc:
