@@ -1,11 +1,9 @@
 """The gate every call to one service passes through: a gRPC server interceptor.
 
-It does three things the servicer cannot do from inside a handler:
+It does two things the servicer cannot do from inside a handler:
 
 - A message that does not parse as the method's request type is answered INVALID_ARGUMENT (plain
   grpcio answers UNKNOWN). In a stream, the requests before it are answered first.
-- It counts the calls in flight, so a drain ends when the last one finishes instead of when the
-  grace period runs out (an open health Watch would otherwise hold the server that long).
 - On drain, open streams stop reading: every request already read is answered, then the stream
   ends with UNAVAILABLE, and the client resends the rest (to another replica). Without this a busy
   stream is served until the grace period ends and is then cut off mid-request.
@@ -19,9 +17,6 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-# Calls the transport accepted just before it stopped listening reach the gate one loop turn
-# later; a drain waits this long before it trusts a count of zero.
-SETTLE_SECONDS = 0.05
 DRAIN_MESSAGE = ("the server is shutting down: requests after the last answer on this stream were not read; "
                  "send them again on a new call")
 
@@ -55,15 +50,7 @@ class Gate(grpc.aio.ServerInterceptor):
     def __init__(self, service_name: str) -> None:
         self._prefix = f"/{service_name}/"
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._draining: asyncio.Future | None = None
-
-    @property
-    def active(self) -> int:
-        """Calls of the guarded service in flight now."""
-        return self._active
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -74,25 +61,11 @@ class Gate(grpc.aio.ServerInterceptor):
             wrapped = self._wrapped[details.method] = self._wrap(handler, details.method)
         return wrapped
 
-    async def drain(self, timeout: float) -> bool:
-        """Stops open streams from reading and waits up to ``timeout`` seconds for the calls in
-        flight to finish; True when none is left."""
+    def drain(self) -> None:
+        """Open streams, and streams opened from now on, stop reading new requests."""
         draining = self._drain_signal()
         if not draining.done():
             draining.set_result(None)
-        loop = asyncio.get_running_loop()
-        until = loop.time() + timeout
-        while True:
-            await asyncio.sleep(min(SETTLE_SECONDS, max(0.0, until - loop.time())))
-            remaining = until - loop.time()
-            if self._active == 0:
-                return True
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._idle.wait(), remaining)
-            except asyncio.TimeoutError:
-                return False
 
     # ------------------------------------------------------------------ wrapping
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -110,27 +83,19 @@ class Gate(grpc.aio.ServerInterceptor):
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"the {method} request is not a valid message: {request.reason}")
-            self._enter()
-            try:
-                return await behaviour(request, context)
-            finally:
-                self._leave()
+            return await behaviour(request, context)
 
         return call
 
     def _stream(self, behaviour, method: str):
         async def call(request_iterator, context: grpc.aio.ServicerContext):
-            self._enter()
             end = _StreamEnd()
-            try:
-                async for response in behaviour(self._requests(request_iterator, end), context):
-                    yield response
-                if end.error is not None:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} stream: {end.error}")
-                if end.cut:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, DRAIN_MESSAGE)
-            finally:
-                self._leave()
+            async for response in behaviour(self._requests(request_iterator, end), context):
+                yield response
+            if end.error is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} stream: {end.error}")
+            if end.cut:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAIN_MESSAGE)
 
         return call
 
@@ -159,17 +124,7 @@ class Gate(grpc.aio.ServerInterceptor):
             if read is not None and not read.done():
                 read.cancel()
 
-    # ------------------------------------------------------------------ counting
     def _drain_signal(self) -> asyncio.Future:
         if self._draining is None:
             self._draining = asyncio.get_running_loop().create_future()
         return self._draining
-
-    def _enter(self) -> None:
-        self._active += 1
-        self._idle.clear()
-
-    def _leave(self) -> None:
-        self._active -= 1
-        if self._active == 0:
-            self._idle.set()

@@ -27,6 +27,7 @@ from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from server.batching import Batcher
 from server.config import ServerConfig, parse_config
 from server.gate import Gate
+from server.health import DrainingHealthServicer
 from server.metrics import GpuMemoryCollector, Metrics, serve_metrics
 from server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
 from server.security import SecurityConfigError, add_port, check_models_dir, interceptors
@@ -53,11 +54,10 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Drains and stops: NOT_SERVING first, then in-flight calls get up to ``grace`` seconds."""
         grace = self.config.grace_period_seconds if grace is None else grace
-        await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.server.stop(grace))  # new calls get UNAVAILABLE from here on
-        if self.gate is not None and await self.gate.drain(grace):
-            await self.server.stop(0)  # only health watches are left: end them rather than wait out the grace
-        await stopping
+        await self.health.enter_graceful_shutdown()  # health watches send NOT_SERVING and end
+        if self.gate is not None:
+            self.gate.drain()  # streams answer what they have read and end with UNAVAILABLE
+        await self.server.stop(grace)
         for batcher in self.batchers.values():
             await batcher.stop()
         if self._metrics_http is not None:
@@ -107,7 +107,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
     ])
     pb_grpc.add_ClassifierServicer_to_server(ClassifierService(config, models, batchers, metrics), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for service in ("", SERVICE_NAME):
