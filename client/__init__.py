@@ -15,5 +15,7 @@ from client._client import (
     Prediction,
     StreamResult,
 )
+from client._credentials import tls_credentials
 
-__all__ = ["Classification", "ClassifierClient", "ClassifierError", "ImageLike", "Prediction", "StreamResult"]
+__all__ = ["Classification", "ClassifierClient", "ClassifierError", "ImageLike", "Prediction", "StreamResult",
+           "tls_credentials"]

@@ -18,15 +18,26 @@ from pathlib import Path
 from typing import Sequence
 
 from client._client import DEFAULT_TARGET, Classification, ClassifierClient, ClassifierError
+from client._credentials import tls_credentials
 from client.featuremaps import save_feature_maps
 
 ENV_TARGET = "CIFAR10_TARGET"
+ENV_CA_CERT, ENV_CLIENT_CERT, ENV_CLIENT_KEY = "CIFAR10_CA_CERT", "CIFAR10_CLIENT_CERT", "CIFAR10_CLIENT_KEY"
+ENV_TOKEN, ENV_TOKEN_FILE = "CIFAR10_TOKEN", "CIFAR10_TOKEN_FILE"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar10-client", description="Talk to a CIFAR-10 classification server.")
     p.add_argument("--target", default=None, help=f"server host:port (env {ENV_TARGET}, default {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    p.add_argument("--ca-cert", default=None, metavar="PEM",
+                   help=f"speak TLS and trust this CA (env {ENV_CA_CERT}); see --tls")
+    p.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs")
+    p.add_argument("--client-cert", default=None, metavar="PEM",
+                   help=f"client certificate for mutual TLS (env {ENV_CLIENT_CERT})")
+    p.add_argument("--client-key", default=None, metavar="PEM", help=f"its private key (env {ENV_CLIENT_KEY})")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help=f"send the bearer token in FILE (env {ENV_TOKEN_FILE}, or the token itself in {ENV_TOKEN})")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("classify", help="classify image files (PNG or JPEG)")
@@ -56,14 +67,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     target = args.target or os.environ.get(ENV_TARGET, DEFAULT_TARGET)
     try:
-        with ClassifierClient(target, timeout=args.timeout) as client:
+        credentials, token = _security(args)
+        with ClassifierClient(target, timeout=args.timeout, credentials=credentials, token=token) as client:
             return COMMANDS[args.command](client, args)
     except ClassifierError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _security(args):
+    """TLS credentials (None: plaintext) and the bearer token (None: none), from flags over env."""
+    env = os.environ
+    ca = args.ca_cert or env.get(ENV_CA_CERT)
+    cert = args.client_cert or env.get(ENV_CLIENT_CERT)
+    key = args.client_key or env.get(ENV_CLIENT_KEY)
+    credentials = tls_credentials(ca, cert, key) if (ca or cert or key or args.tls) else None
+    token_file = args.token_file or env.get(ENV_TOKEN_FILE)
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    else:
+        token = env.get(ENV_TOKEN) or None
+    return credentials, token
 
 
 def _classify(client: ClassifierClient, args) -> int:

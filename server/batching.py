@@ -30,6 +30,10 @@ from server.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
+# How allocators say they ran out: CUDA raises torch.OutOfMemoryError ("out of memory"), the CPU
+# allocator a RuntimeError ("can't allocate memory"), and TorchScript wraps either in its own error.
+OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
+
 
 class QueueFull(Exception):
     pass
@@ -221,7 +225,7 @@ class Batcher:
             offset += k
 
     def _fail(self, jobs: list[_Job], exc: Exception) -> None:
-        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        oom = isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
         reason = "out_of_memory" if oom else "error"
         self.metrics.batch_failures.labels(self.model.name, reason).inc()
         log.error("model %s: forward pass of %d requests failed: %s", self.model.name, len(jobs), exc)

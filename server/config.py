@@ -36,6 +36,11 @@ class ServerConfig:
     grace_period_seconds: float = 10.0  # in-flight calls may finish this long after SIGTERM
     warmup_batches: int = 2  # forward passes per model before the server reports SERVING
     log_level: str = "INFO"
+    # Security (README "Security"): all off by default, for a server on 127.0.0.1.
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the gRPC port speaks TLS only
+    tls_key_file: str = ""  # PEM private key of tls_cert_file
+    tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
+    auth_token_file: str = ""  # accepted bearer tokens, one a line: every call but health must carry one
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -50,6 +55,10 @@ class ServerConfig:
             raise ValueError(f"grace_period_seconds must be >= 0, got {self.grace_period_seconds}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
 
     @property
     def address(self) -> str:

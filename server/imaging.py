@@ -56,6 +56,9 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise ImageError(f"image {index}: not a PNG or JPEG file ({len(data)} bytes); send PNG or JPEG") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
+        raise ImageError(f"image {index}: declares more pixels than the limit of {max_pixels}; "
+                         "refused from its header") from None
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageError(f"image {index}: not a decodable PNG or JPEG ({_reason(exc)})") from None
     w, h = img.size
@@ -66,7 +69,9 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
             f"image {index}: {img.format} has mode {img.mode!r}; expected 8-bit RGB (3 channels, no alpha)"
         )
     _check_size(index, img.format, (h, w), size, resize)
-    if (h, w) == tuple(size):
+    if (h, w) == tuple(size) and img.format == "JPEG":
+        # PNG stays with PIL: torchvision 0.29's decode_png segfaults on any libpng error, so one
+        # truncated or corrupt 32x32 PNG killed the whole server (pytorch/vision#3613 is that kind).
         return _decode_native(data, index, img.format)
     if img.format == "JPEG":
         img.draft("RGB", (size[1], size[0]))  # let libjpeg decode at a reduced scale: far less work
@@ -78,8 +83,8 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
 
 
 def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
-    """Decodes with libpng/libjpeg-turbo through torchvision: about 3x faster than PIL for a 32x32
-    image (50 us against 150 us here), which matters because decoding runs on the event loop."""
+    """Decodes a JPEG with libjpeg-turbo through torchvision: about 3x faster than PIL for a 32x32
+    image (50 us against 150 us here). Its errors come back as RuntimeError (fuzzed: bench/fuzz.py)."""
     try:
         chw = _torch_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
     except RuntimeError as exc:
@@ -90,7 +95,10 @@ def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
 def _decode_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> np.ndarray:
     dtype = RAW_DTYPES.get(raw.dtype)
     if dtype is None:
-        raise ImageError(f"image {index}: raw dtype {pb.DType.Name(raw.dtype)} not accepted; use UINT8 or FLOAT32")
+        raise ImageError(
+            f"image {index}: raw dtype {enum_name(pb.DType, raw.dtype)} not accepted; use UINT8 or FLOAT32")
+    if raw.layout not in pb.Layout.values():
+        raise ImageError(f"image {index}: raw layout {raw.layout} unknown; use LAYOUT_HWC or LAYOUT_CHW")
     shape = tuple(raw.shape)
     channel_axis = 2 if raw.layout == pb.LAYOUT_HWC else 0
     layout = pb.Layout.Name(raw.layout)
@@ -128,16 +136,26 @@ def _check_size(index: int, what: str, hw: tuple[int, int], size: tuple[int, int
 
 
 def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Scales the shorter side to the model's size and crops the centre (H x W x 3 uint8)."""
+    """Scales the shorter side to the model's size and crops the centre (H x W x 3 uint8).
+
+    It resizes only the centre box, straight to the output size: scaling the whole image first would
+    make a 16,777,216 x 1 PNG of 50 KB (within the pixel limit) into a 51 GB intermediate."""
     h, w = rgb.shape[:2]
     th, tw = size
     if (h, w) == (th, tw):
         return rgb
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    img = Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    return np.asarray(img.crop((left, top, left + tw, top + th)))
+    top, left = (nh - th) // 2, (nw - tw) // 2  # the crop, in the scaled image's pixels
+    box = (left / scale, top / scale, (left + tw) / scale, (top + th) / scale)
+    img = Image.fromarray(rgb).resize((tw, th), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+    return np.asarray(img)
+
+
+def enum_name(enum, value: int) -> str:
+    """The name of an enum value, or its number: proto3 keeps values this server does not know,
+    and ``Name`` raises on them."""
+    return enum.Name(value) if value in enum.values() else str(value)
 
 
 def _reason(exc: Exception) -> str:

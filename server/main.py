@@ -27,8 +27,11 @@ from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from server import grpc_metrics
 from server.batching import Batcher
 from server.config import ServerConfig, parse_config
+from server.gate import Gate
+from server.health import DrainingHealthServicer
 from server.metrics import GpuMemoryCollector, Metrics, serve_metrics
 from server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
+from server.security import SecurityConfigError, add_port, check_models_dir, interceptors
 from server.service import ClassifierService
 
 log = logging.getLogger("server")
@@ -47,11 +50,14 @@ class App:
     health: health.aio.HealthServicer
     metrics: Metrics
     _metrics_http: object | None = None
+    gate: Gate | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains and stops: NOT_SERVING first, then in-flight calls get up to ``grace`` seconds."""
         grace = self.config.grace_period_seconds if grace is None else grace
-        await self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()  # health watches send NOT_SERVING and end
+        if self.gate is not None:
+            self.gate.drain()  # streams answer what they have read and end with UNAVAILABLE
         await self.server.stop(grace)
         for batcher in self.batchers.values():
             await batcher.stop()
@@ -78,6 +84,7 @@ def set_threads(config: ServerConfig) -> int:
 
 async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> App:
     device = resolve_device(config.device)
+    check_models_dir(config.models_dir)
     threads = set_threads(config)
     models = load_models_dir(config.models_dir, device)
     if config.default_model not in models:
@@ -94,18 +101,20 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             "version": model.version, "pooling": str(pooling.get("kind", "")),
             "pool_window": str(pooling.get("window", "")), "device": str(device)})
 
-    server = grpc.aio.server(interceptors=[grpc_metrics.interceptor(registry)], options=[
+    gate = Gate(SERVICE_NAME)
+    # The metrics interceptor goes first, so calls refused by authentication or the drain gate are counted.
+    server = grpc.aio.server(interceptors=[grpc_metrics.interceptor(registry), *interceptors(config), gate], options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
     ])
     pb_grpc.add_ClassifierServicer_to_server(ClassifierService(config, models, batchers, metrics), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(config.address)
+    port = add_port(server, config)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {config.address}")
 
@@ -124,7 +133,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     log.info("serving %s on %s:%d (metrics on %s, device %s, %d torch threads, default model %s)",
              ", ".join(sorted(models)), config.host, port, metrics_port if metrics_port is not None else "off",
              device, threads, config.default_model)
-    return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http)
+    return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -145,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         asyncio.run(serve(config))
-    except (ModelLoadError, OSError) as exc:
+    except (ModelLoadError, SecurityConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

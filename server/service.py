@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -18,7 +19,7 @@ from protos.cifar10.v1 import classifier_pb2 as pb
 from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from server.batching import Batcher, BatchResult, DeadlineExpired, ModelFailure, QueueFull
 from server.config import ServerConfig
-from server.imaging import ImageError, decode_into
+from server.imaging import ImageError, decode_into, enum_name
 from server.metrics import UNKNOWN_MODEL, Metrics
 from server.models import LoadedModel
 from server.modelinfo import model_info
@@ -29,6 +30,10 @@ ALL_LAYERS = "*"
 DEFAULT_TOP_K = 5
 DEADLINE_SLACK_SECONDS = 0.05  # a cancellation this close to the deadline is the deadline, seen from the caller
 STREAM_WINDOW = 64  # stream requests in progress at once; bounds a stream's memory, keeps answers in order
+# Decoding runs off the event loop: a 16-megapixel PNG of zeros is 50 KB on the wire and ~0.5 s of
+# decoding, and a request of 64 of them would otherwise stall every call, health checks included.
+# Two threads, so one such request cannot hold up all decoding.
+DECODE_THREADS = 2
 FEATURE_DTYPES = {pb.DTYPE_UNSPECIFIED: ("<f4", pb.DTYPE_FLOAT32), pb.DTYPE_FLOAT32: ("<f4", pb.DTYPE_FLOAT32),
                   pb.DTYPE_FLOAT16: ("<f2", pb.DTYPE_FLOAT16)}
 
@@ -59,6 +64,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.models = models
         self.batchers = batchers
         self.metrics = metrics
+        self._decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
     # ------------------------------------------------------------------ rpcs
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
@@ -129,7 +135,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     # ------------------------------------------------------------------ the serving path
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         plan = self._plan(request)
-        images = self._decode(request, plan.model)
+        images = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, request, plan.model)
         try:
             result = await self.batchers[plan.model.name].submit(images, plan.layers, deadline)
         except QueueFull as exc:
@@ -138,7 +144,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         except ModelFailure as exc:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.out_of_memory else grpc.StatusCode.INTERNAL
-            raise Rejection(code, f"model {plan.model.name!r} failed on this batch: {exc}") from None
+            raise Rejection(code, f"model {plan.model.name!r} failed on this batch: {_summary(str(exc))}") from None
         return self._respond(request, plan, result)
 
     def _plan(self, request: pb.ClassifyRequest) -> Plan:
@@ -159,7 +165,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         dtype = FEATURE_DTYPES.get(request.feature_dtype)
         if dtype is None:
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"feature_dtype {pb.DType.Name(request.feature_dtype)} not offered; use FLOAT32 or FLOAT16")
+                            f"feature_dtype {enum_name(pb.DType, request.feature_dtype)} not offered; use FLOAT32 or FLOAT16")
         return Plan(model, top_k, self._layers(model, request.feature_layers), dtype)
 
     def _layers(self, model: LoadedModel, names) -> tuple[str, ...]:
@@ -171,11 +177,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         seen = set()
         for name in names:
             if name in seen:
-                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"layer {name!r} asked for twice")
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"layer {_quote(name)} asked for twice")
             seen.add(name)
             if name not in model.layer_names:
-                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"model {model.name!r} has no layer {name!r}; its layers: {', '.join(model.layer_names)}")
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"model {model.name!r} has no layer {_quote(name)}; "
+                                f"its layers: {', '.join(model.layer_names)}")
         order = {name: i for i, name in enumerate(model.layer_names)}
         return tuple(sorted(names, key=order.__getitem__))
 
@@ -230,7 +236,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         model = self.models.get(name or self.config.default_model)
         if model is None:
             raise Rejection(grpc.StatusCode.NOT_FOUND,
-                            f"model {name!r} is not loaded; loaded models: {', '.join(sorted(self.models))}")
+                            f"model {_quote(name)} is not loaded; loaded models: {', '.join(sorted(self.models))}")
         return model
 
     def _model_label(self, name: str) -> str:
@@ -256,6 +262,19 @@ def _cancelled_code(remaining: float | None) -> grpc.StatusCode:
     """
     expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+def _quote(name: str, limit: int = 80) -> str:
+    """A caller's string, quoted and cut short: the message travels in trailers, which gRPC caps at
+    16 KiB; past that the caller gets RESOURCE_EXHAUSTED "Stream removed" instead of its error."""
+    return repr(name if len(name) <= limit else name[: limit - 3] + "...")
+
+
+def _summary(text: str, limit: int = 300) -> str:
+    """The last line of an error: a TorchScript error's is the exception, the lines above it code."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if lines else "unknown error"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -1,0 +1,157 @@
+"""Who may talk to the server: optional TLS (mutual with a client CA) and optional bearer tokens.
+
+Both are off by default, for a server on 127.0.0.1. Anywhere else, turn TLS on
+(``--tls-cert-file``/``--tls-key-file``) and either mutual TLS (``--tls-client-ca-file``) or
+tokens (``--auth-token-file``): a token sent without TLS can be read off the wire.
+
+Tokens are checked on every call except the standard health service, which load balancers and
+orchestrators probe without credentials. Reflection needs a token like the Classifier does.
+
+Trust: the server runs the code inside every TorchScript file in its models directory, so whoever
+can write there can run code as the server. It loads models from that directory at start only; a
+request can name a loaded model, never a path, and nothing from a request is unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import stat
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+from server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"  # open to all: probes carry no credentials
+AUTH_HEADER = "authorization"
+BEARER = "Bearer "
+
+
+class SecurityConfigError(ValueError):
+    """TLS or token settings that cannot work; the message names the setting."""
+
+
+# ----------------------------------------------------------------------------- TLS
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files in ``config``; None when TLS is off."""
+    if not config.tls_cert_file:
+        return None
+    chain = _read(config.tls_cert_file, "tls_cert_file")
+    key = _read(config.tls_key_file, "tls_key_file")
+    for what, data, marker in (("tls_cert_file", chain, b"CERTIFICATE"), ("tls_key_file", key, b"PRIVATE KEY")):
+        if marker not in data:
+            raise SecurityConfigError(f"{what}: {getattr(config, what)} holds no PEM {marker.decode()}")
+    client_ca = _read(config.tls_client_ca_file, "tls_client_ca_file") if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Binds the gRPC port, with TLS when configured; returns the bound port (0: failed)."""
+    credentials = server_credentials(config)
+    if credentials is None:
+        if not _is_loopback(config.host):
+            log.warning("serving plaintext gRPC on %s: anyone on the network can read and send calls; "
+                        "set --tls-cert-file and --tls-key-file", config.host)
+        return server.add_insecure_port(config.address)
+    return server.add_secure_port(config.address, credentials)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- bearer tokens
+def load_tokens(path: str) -> list[str]:
+    """Accepted tokens, one a line; blank lines and lines starting with # are skipped."""
+    text = _read(path, "auth_token_file").decode("utf-8")
+    tokens = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not tokens:
+        raise SecurityConfigError(f"auth_token_file: {path} holds no token")
+    if any(" " in token for token in tokens):
+        raise SecurityConfigError(f"auth_token_file: {path}: a token may not contain spaces")
+    return tokens
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token."""
+
+    def __init__(self, tokens: Sequence[str], open_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+        self._tokens = [token.encode() for token in tokens]
+        self._open = tuple(open_prefixes)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(self._open):
+            return await continuation(details)
+        problem = self._problem(details.invocation_metadata or ())
+        handler = await continuation(details)
+        if problem is None or handler is None:
+            return handler
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+
+    def _problem(self, metadata) -> str | None:
+        values = [value for key, value in metadata if key == AUTH_HEADER]
+        if not values:
+            return f"this server needs a bearer token: send metadata '{AUTH_HEADER}: {BEARER}<token>'"
+        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+        if not value.startswith(BEARER):
+            return f"the {AUTH_HEADER} metadata must be '{BEARER}<token>'"
+        given = value[len(BEARER):].strip().encode()
+        # Compare against every token in constant time, so timing tells nothing about any of them.
+        accepted = False
+        for token in self._tokens:
+            accepted |= hmac.compare_digest(given, token)
+        return None if accepted else "bearer token not accepted"
+
+
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that answers ``code`` without running anything."""
+
+    async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(code, message)
+
+    kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
+    behaviours = dict.fromkeys(("unary_unary", "unary_stream", "stream_unary", "stream_stream"))
+    behaviours[kind] = refuse
+    return handler._replace(**behaviours)
+
+
+def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The security interceptors ``config`` asks for, outermost first."""
+    if not config.auth_token_file:
+        return []
+    if not config.tls_cert_file and not _is_loopback(config.host):
+        log.warning("bearer tokens without TLS on %s: tokens cross the network in the clear", config.host)
+    return [TokenAuth(load_tokens(config.auth_token_file))]
+
+
+# ----------------------------------------------------------------------------- models directory
+def check_models_dir(models_dir: str) -> None:
+    """Warns when others than the owner may write the models directory or an artifact in it:
+    TorchScript files carry code, so write access there is the power to run code in the server."""
+    directory = Path(models_dir)
+    for path in (directory, *sorted(directory.glob("*.pt"))):
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # loading reports it
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not (path.is_dir() and mode & stat.S_ISVTX):
+            log.warning("%s is writable by group or others; whoever can write a model file can run code "
+                        "in this server", path)
+
+
+def _read(path: str, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from None
