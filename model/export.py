@@ -60,3 +60,13 @@ def export_torchscript(net: CifarNet, path: str | Path, metadata: dict) -> Path:
         scripted = torch.jit.script(net)
         scripted.save(str(path), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
     return path
+
+
+def read_metadata(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """Loads an exported file on the CPU: the scripted module and its metadata."""
+    extra = {METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module, json.loads(extra[METADATA_FILE])

@@ -4,8 +4,10 @@ connected layer.
 Each stage is ``conv1 -> pool -> bn1 -> act1 -> conv2 -> bn2 -> act2``. Pooling comes straight after
 the first convolution (as in airbench) so the rest of the stage runs at a quarter of the pixels; max
 pooling commutes with the monotonic GELU that follows, so the order costs nothing in what max pooling
-keeps. The head pools each channel to one value, flattens the volume and a fully connected layer maps
-it to the ten classes; ``forward`` returns their softmax.
+keeps. A residual stage (``residual=True``) adds ``conv3 -> bn3 -> act3`` and then ``add``, which adds
+act1's output back (a skip connection around conv2 and conv3, as in airbench96); the pooling layer stays
+where it was. The head pools each channel to one value, flattens the volume and a fully connected layer
+maps it to the ten classes; ``forward`` returns their softmax.
 
 The network takes uint8 images N x 3 x 32 x 32 and normalises them itself, so no caller carries the
 dataset's mean and std. It is written to be compiled by ``torch.jit.script``.
@@ -32,6 +34,7 @@ class NetConfig:
     pool: str = "max"  # "max", "avg" or "conv"
     pool_size: int = 2  # 2: non-overlapping windows; 3: overlapping windows (stride stays 2)
     widths: Tuple[int, ...] = (64, 128, 256)  # output channels of each stage
+    residual: bool = False  # each stage gains conv3/bn3/act3 and a skip connection from act1
     num_classes: int = 10
     in_size: int = 32  # input height and width
     in_channels: int = 3
@@ -87,18 +90,86 @@ def make_downsample(kind: str, window: int, channels: int) -> nn.Module:
     raise ValueError(f"unknown pool kind {kind!r}; expected one of {POOL_KINDS}")
 
 
-def stage(c_in: int, c_out: int, pool: str, window: int) -> nn.Sequential:
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            pool=make_downsample(pool, window, c_out),
-            bn1=nn.BatchNorm2d(c_out),
-            act1=nn.GELU(),
-            conv2=nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            bn2=nn.BatchNorm2d(c_out),
-            act2=nn.GELU(),
+class Stage(nn.Sequential):
+    """``conv1 -> pool -> bn1 -> act1 -> conv2 -> bn2 -> act2``, one layer after another."""
+
+    names: List[str]
+
+    def __init__(self, name: str, c_in: int, c_out: int, pool: str, window: int) -> None:
+        super().__init__(
+            OrderedDict(
+                conv1=nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                pool=make_downsample(pool, window, c_out),
+                bn1=nn.BatchNorm2d(c_out),
+                act1=nn.GELU(),
+                conv2=nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                bn2=nn.BatchNorm2d(c_out),
+                act2=nn.GELU(),
+            )
         )
-    )
+        self.names = [f"{name}.{child}" for child, _ in self.named_children()]
+
+    def forward_features(self, x: Tensor, layers: List[str], features: Dict[str, Tensor]) -> Tensor:
+        i = 0
+        for layer in self:
+            x = layer(x)
+            if self.names[i] in layers:
+                features[self.names[i]] = x
+            i += 1
+        return x
+
+
+class Add(nn.Module):
+    """The end of a skip connection: the stage's last activation plus act1's output (same shape)."""
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return x + skip
+
+
+class ResidualStage(nn.Module):
+    """``conv1 -> pool -> bn1 -> act1 -> conv2 -> bn2 -> act2 -> conv3 -> bn3 -> act3 -> add(act1)``."""
+
+    names: List[str]
+
+    def __init__(self, name: str, c_in: int, c_out: int, pool: str, window: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool = make_downsample(pool, window, c_out)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = nn.GELU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = nn.GELU()
+        self.conv3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.act3 = nn.GELU()
+        self.add = Add()
+        nn.init.zeros_(self.bn3.weight)  # the branch starts silent: the stage begins as conv1 -> pool alone
+        self.names = [f"{name}.{child}" for child, _ in self.named_children()]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act1(self.bn1(self.pool(self.conv1(x))))
+        y = self.act2(self.bn2(self.conv2(x)))
+        y = self.act3(self.bn3(self.conv3(y)))
+        return self.add(y, x)
+
+    def _keep(self, i: int, x: Tensor, layers: List[str], features: Dict[str, Tensor]) -> Tensor:
+        if self.names[i] in layers:
+            features[self.names[i]] = x
+        return x
+
+    def forward_features(self, x: Tensor, layers: List[str], features: Dict[str, Tensor]) -> Tensor:
+        x = self._keep(0, self.conv1(x), layers, features)
+        x = self._keep(1, self.pool(x), layers, features)
+        x = self._keep(2, self.bn1(x), layers, features)
+        x = self._keep(3, self.act1(x), layers, features)
+        y = self._keep(4, self.conv2(x), layers, features)
+        y = self._keep(5, self.bn2(y), layers, features)
+        y = self._keep(6, self.act2(y), layers, features)
+        y = self._keep(7, self.conv3(y), layers, features)
+        y = self._keep(8, self.bn3(y), layers, features)
+        y = self._keep(9, self.act3(y), layers, features)
+        return self._keep(10, self.add(y, x), layers, features)
 
 
 class CifarNet(nn.Module):
@@ -112,8 +183,10 @@ class CifarNet(nn.Module):
         self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
         c_in = config.in_channels
         stages = []
+        kind = ResidualStage if config.residual else Stage
         for i, width in enumerate(config.widths):
-            stages.append((f"stage{i + 1}", stage(c_in, width, config.pool, config.pool_size)))
+            name = f"stage{i + 1}"
+            stages.append((name, kind(name, c_in, width, config.pool, config.pool_size)))
             c_in = width
         self.stages = nn.Sequential(OrderedDict(stages))
         head_pool = nn.AdaptiveMaxPool2d(1) if config.pool == "max" else nn.AdaptiveAvgPool2d(1)
@@ -145,13 +218,9 @@ class CifarNet(nn.Module):
                 raise ValueError("unknown layer: " + name)
         features: Dict[str, Tensor] = {}
         x = self.normalize(x)
-        i = 0
         for block in self.stages:
-            for layer in block:
-                x = layer(x)
-                if self.layer_names[i] in layers:
-                    features[self.layer_names[i]] = x
-                i += 1
+            x = block.forward_features(x, layers, features)
+        i = len(self.layer_names) - len(self.head) - len(self.classifier)
         for layer in self.head:
             x = layer(x)
             if self.layer_names[i] in layers:
@@ -193,6 +262,8 @@ def describe_layers(net: CifarNet) -> List[dict]:
             kind = "batchnorm"
         elif isinstance(module, nn.GELU):
             kind = "gelu"
+        elif isinstance(module, Add):
+            kind = "residual_add"  # adds act1's output; additions are not counted as FLOPs
         elif isinstance(module, nn.Flatten):
             kind = "flatten"
         elif isinstance(module, nn.Linear):
@@ -213,5 +284,6 @@ def describe_layers(net: CifarNet) -> List[dict]:
 
 
 def count_flops(net: CifarNet) -> int:
-    """Multiply-adds x 2 per image in the convolutions and the fully connected layer."""
+    """Multiply-adds x 2 per image in the convolutions and the fully connected layer (the FLOPs that
+    matter; pooling, normalisation, activations and the residual additions are a few percent more)."""
     return sum(row["flops"] for row in describe_layers(net))

@@ -32,10 +32,11 @@ log = logging.getLogger("model.train")
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.tar.gz"
-ARCHS = {  # named width plans; "base" is the <=150 MFLOP default, "small" the CPU-trainable one
-    "small": (32, 64, 128),  # 35 MFLOP per image
-    "base": (64, 128, 256),  # 136 MFLOP per image
-    "large": (128, 256, 512),  # 540 MFLOP per image, for GPU serving
+ARCHS = {  # named (widths, residual) plans; "base" is the <=150 MFLOP default, "small" the CPU-trainable one
+    "small": ((32, 64, 128), False),  # 35 MFLOP per image
+    "plain": ((64, 128, 256), False),  # 136 MFLOP per image
+    "base": ((32, 128, 256), True),  # 143 MFLOP per image
+    "large": ((128, 256, 512), True),  # 762 MFLOP per image, for GPU serving
 }
 
 
@@ -53,20 +54,24 @@ class Recipe:
     flip: bool = True  # random horizontal flips
     val_per_class: int = 500  # 5,000 validation images in all
     seed: int = 0
+    kd_weight: float = 0.0  # with a teacher: loss = (1 - w) * label loss + w * distillation loss
+    kd_temperature: float = 4.0
 
 
 # ----------------------------------------------------------------------------- augmentation
 def augment(padded: Tensor, idx: Tensor, recipe: Recipe, gen: torch.Generator) -> Tensor:
-    """Random translate (crop from the reflect-padded images) and flip, on uint8, vectorised."""
-    pad = recipe.translate_px
+    """Random translate (crop from the reflect-padded images) and flip, on uint8, vectorised, on the
+    device that holds ``padded`` (the random draws come from the CPU generator, so runs are seeded)."""
+    pad, device = recipe.translate_px, padded.device
     n, size = len(idx), padded.shape[-1] - 2 * pad
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen)
-    ar = torch.arange(size)
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen).to(device, non_blocking=True)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen).to(device, non_blocking=True)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(device, non_blocking=True)
+    idx = idx.to(device, non_blocking=True)
+    ar = torch.arange(size, device=device)
     rows, cols = (dy + ar)[:, None, :, None], (dx + ar)[:, None, None, :]
-    out = padded[idx[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    out = padded[idx[:, None, None, None], torch.arange(3, device=device)[None, :, None, None], rows, cols]
     if recipe.flip:
-        flip = torch.rand(n, generator=gen) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
 
@@ -77,24 +82,50 @@ def reflect_pad(images: Tensor, pad: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.inference_mode()
-def evaluate(net: CifarNet, images: Tensor, labels: Tensor, device: torch.device, batch: int = 1000) -> dict:
-    """Top-1 accuracy of the plain forward (what the service computes) and with flip test-time augmentation."""
+def evaluate(net: CifarNet, images: Tensor, labels: Tensor, device: torch.device, batch: int = 1000,
+             exact: bool = False) -> dict:
+    """Top-1 accuracy of the plain forward (what the service computes) and with flip test-time augmentation.
+
+    ``exact`` evaluates in float32 without TF32 (what the exported file computes on a CPU); otherwise bf16
+    on the GPU, which is faster and fine for the per-epoch lines."""
     net.eval()
     correct = correct_tta = 0
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if exact:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     for start in range(0, len(images), batch):
         x = images[start : start + batch].to(device).contiguous(memory_format=torch.channels_last)
         y = labels[start : start + batch].to(device)
-        with autocast(device):
+        with autocast(device, enabled=not exact):
             p = net(x).float()
             p_tta = p + net(x.flip(3)).float()
         correct += (p.argmax(1) == y).sum().item()
         correct_tta += (p_tta.argmax(1) == y).sum().item()
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return {"accuracy": correct / len(images), "accuracy_flip_tta": correct_tta / len(images)}
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device, enabled: bool = True):
     # bf16 on the GPU roughly doubles throughput; the CPU here has no fast bf16, so it stays fp32
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- distillation
+def load_teacher(path: str | Path, device: torch.device) -> CifarNet:
+    """A trained network from its exported file, rebuilt as an eager CifarNet (so autocast applies)."""
+    from model.export import read_metadata
+
+    scripted, metadata = read_metadata(path)
+    net = CifarNet(NetConfig(**{**metadata["architecture"], "widths": tuple(metadata["architecture"]["widths"])}))
+    net.load_state_dict(scripted.state_dict())
+    return net.to(device, memory_format=torch.channels_last).eval()
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton et al.'s soft-target loss: KL(teacher || student) at a temperature, scaled by T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+                    reduction="batchmean", log_target=True) * (t * t)
 
 
 # ----------------------------------------------------------------------------- training
@@ -111,14 +142,15 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, full: bool, progress: bool) -> dict:
+def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, full: bool, progress: bool,
+          teacher: CifarNet | None = None) -> dict:
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     train_idx, val_idx = validation_split(data.labels, recipe.val_per_class, recipe.seed)
     if full:
         train_idx = torch.arange(len(data.labels))
-    padded = reflect_pad(data.images, recipe.translate_px)
-    labels = data.labels
+    padded = reflect_pad(data.images, recipe.translate_px).to(device)  # 150 MB on the GPU: augment there
+    labels = data.labels.to(device)
     net.to(device, memory_format=torch.channels_last)
     opt = make_optimizer(net, recipe)
     steps_per_epoch = (len(train_idx) + recipe.batch_size - 1) // recipe.batch_size
@@ -135,13 +167,18 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
             batches = tqdm(batches, desc=f"epoch {epoch}/{recipe.epochs}", leave=False, file=sys.stderr)
         loss_sum = torch.zeros((), device=device)
         for idx in batches:
-            x = augment(padded, idx, recipe, gen).to(device, non_blocking=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx].to(device, non_blocking=True)
+            x = augment(padded, idx, recipe, gen).contiguous(memory_format=torch.channels_last)
+            y = labels[idx.to(device, non_blocking=True)]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, recipe.lr)
             with autocast(device):
-                loss = F.cross_entropy(net.logits(x), y, label_smoothing=recipe.label_smoothing)
+                logits = net.logits(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher.logits(x)
+                    kd = distillation_loss(logits, teacher_logits, recipe.kd_temperature)
+                    loss = (1 - recipe.kd_weight) * loss + recipe.kd_weight * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -154,13 +191,24 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
         row = {"epoch": epoch, "loss": loss_sum.item() / len(train_idx), "seconds": seconds,
                "images_per_second": len(train_idx) / seconds}
         if not full:
-            row.update(evaluate(net, data.images[val_idx], labels[val_idx], device))
+            exact = epoch == recipe.epochs  # the last line is the figure the metadata records
+            row.update(evaluate(net, data.images[val_idx], data.labels[val_idx], device, exact=exact))
         history.append(row)
         val = f" val {100 * row['accuracy']:.2f}% (flip-TTA {100 * row['accuracy_flip_tta']:.2f}%)" if not full else ""
         log.info("epoch %d/%d loss %.4f%s %.0f img/s %.1fs", epoch, recipe.epochs, row["loss"], val,
                  row["images_per_second"], seconds)
     return {"history": history, "train_seconds": t_train, "train_images": len(train_idx),
             "validation_images": 0 if full else len(val_idx)}
+
+
+def teacher_note(path: str | None) -> dict | None:
+    if not path:
+        return None
+    from model.export import read_metadata
+
+    _, meta = read_metadata(path)
+    return {"name": meta["name"], "architecture": meta["architecture"], "flops_per_image": meta["flops_per_image"],
+            "validation_accuracy": meta.get("validation", {}).get("accuracy")}
 
 
 def hardware(device: torch.device) -> str:
@@ -185,6 +233,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=2, help="2 (non-overlapping) or 3 (overlapping)")
     p.add_argument("--arch", default="base", choices=sorted(ARCHS), help="width plan")
     p.add_argument("--widths", default=None, help="comma-separated widths; overrides --arch")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="residual stages (conv3 and a skip connection); default: the arch's")
+    p.add_argument("--teacher", default=None, help="exported model to distil from (knowledge distillation)")
+    p.add_argument("--kd-weight", type=float, default=0.9, help="weight of the distillation loss, with --teacher")
+    p.add_argument("--kd-temperature", type=float, default=Recipe.kd_temperature)
     p.add_argument("--epochs", type=int, default=Recipe.epochs)
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--lr", type=float, default=Recipe.lr)
@@ -207,14 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else ARCHS[args.arch]
-    config = NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    widths, residual = ARCHS[args.arch]
+    if args.widths:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    if args.residual is not None:
+        residual = args.residual
+    config = NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths, residual=residual)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    val_per_class=args.val_per_class)
+                    val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
+                    kd_temperature=args.kd_temperature)
+    teacher = load_teacher(args.teacher, device) if args.teacher else None
     data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
     log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, config)
     net = CifarNet(config)
-    result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress)
+    result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress, teacher=teacher)
     final = result["history"][-1]
     out = Path(args.out)
     name = args.name or out.stem
@@ -222,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = build_metadata(
         net, name, args.version,
         dataset={"source": data.source, "sha256": data.sha256, "note": "CIFAR-10 (JPEG) where source is the archive"},
-        training={"recipe": asdict(recipe), "full": args.full, "train_images": result["train_images"],
+        training={"recipe": asdict(recipe), "teacher": teacher_note(args.teacher), "full": args.full, "train_images": result["train_images"],
                   "seconds": round(result["train_seconds"], 1), "hardware": hardware(device), "command": command},
         validation={"images": result["validation_images"], "accuracy": final.get("accuracy"),
                     "accuracy_flip_tta": final.get("accuracy_flip_tta"), "split_seed": recipe.seed},

@@ -22,6 +22,7 @@ from model.data import Dataset
 from support import TINY_WIDTHS, encode, export_tiny
 
 CONFIGS = [(pool, size) for pool in ("max", "avg", "conv") for size in (2, 3)]
+RESIDUAL = [False, True]
 
 
 def _load(path: Path):
@@ -34,11 +35,12 @@ def _images(n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("residual", RESIDUAL)
 @pytest.mark.parametrize("pool,pool_size", CONFIGS)
-def test_scripted_equals_eager_before_and_after_save(tmp_path, pool, pool_size):
-    path = export_tiny(tmp_path, f"m-{pool}{pool_size}", pool=pool, pool_size=pool_size)
+def test_scripted_equals_eager_before_and_after_save(tmp_path, pool, pool_size, residual):
+    path = export_tiny(tmp_path, f"m-{pool}{pool_size}", pool=pool, pool_size=pool_size, residual=residual)
     torch.manual_seed(0)
-    eager = CifarNet(NetConfig(pool=pool, pool_size=pool_size, widths=TINY_WIDTHS))
+    eager = CifarNet(NetConfig(pool=pool, pool_size=pool_size, widths=TINY_WIDTHS, residual=residual))
     eager.load_state_dict(torch.jit.load(str(path)).state_dict())
     eager.eval()
     scripted = torch.jit.script(eager)
@@ -53,9 +55,10 @@ def test_scripted_equals_eager_before_and_after_save(tmp_path, pool, pool_size):
     torch.testing.assert_close(expected.sum(1), torch.ones(len(x)))
 
 
+@pytest.mark.parametrize("residual", RESIDUAL)
 @pytest.mark.parametrize("pool,pool_size", CONFIGS)
-def test_pooling_follows_formula_and_keeps_depth(tmp_path, pool, pool_size):
-    module, meta = _load(export_tiny(tmp_path, "m", pool=pool, pool_size=pool_size))
+def test_pooling_follows_formula_and_keeps_depth(tmp_path, pool, pool_size, residual):
+    module, meta = _load(export_tiny(tmp_path, "m", pool=pool, pool_size=pool_size, residual=residual))
     layers = module.layer_names
     _, feats = module.forward_with_features(_images(2), layers)
     pools = [i for i, row in enumerate(meta["layers"]) if row["name"].startswith("stage") and row["name"].endswith(".pool")]
@@ -78,8 +81,9 @@ def test_max_pool_keeps_the_strongest_response_and_avg_the_mean(tmp_path):
         torch.testing.assert_close(feats["stage1.pool"], reduce(windows, dim=(-1, -2)))
 
 
-def test_every_metadata_layer_is_a_feature_map_of_the_stated_shape(tmp_path):
-    module, meta = _load(export_tiny(tmp_path, "m", pool="avg", pool_size=3))
+@pytest.mark.parametrize("residual", RESIDUAL)
+def test_every_metadata_layer_is_a_feature_map_of_the_stated_shape(tmp_path, residual):
+    module, meta = _load(export_tiny(tmp_path, "m", pool="avg", pool_size=3, residual=residual))
     names = [row["name"] for row in meta["layers"]]
     assert names == list(module.layer_names)
     assert names[-1] == "classifier.fc" and "head.flatten" in names
@@ -100,11 +104,24 @@ def test_metadata_describes_the_model(tmp_path):
 
 
 def test_flops_of_the_default_architecture_are_within_budget():
-    flops = count_flops(CifarNet(NetConfig()))
-    assert flops <= 150e6
-    # conv1 of stage1: 3 -> 64 channels, 3x3, at 32x32, multiply-adds x 2
-    first = describe_layers(CifarNet(NetConfig()))[0]
-    assert first["flops"] == 2 * 3 * 64 * 9 * 32 * 32
+    from model.train import ARCHS
+
+    widths, residual = ARCHS["base"]
+    net = CifarNet(NetConfig(widths=widths, residual=residual))
+    assert count_flops(net) <= 150e6
+    # conv1 of stage1: 3 -> widths[0] channels, 3x3, at 32x32, multiply-adds x 2
+    first = describe_layers(net)[0]
+    assert first["flops"] == 2 * 3 * widths[0] * 9 * 32 * 32
+
+
+def test_residual_stage_adds_act1_back_after_act3(tmp_path):
+    module, meta = _load(export_tiny(tmp_path, "r", residual=True))
+    names = ["stage2.act1", "stage2.act3", "stage2.add", "stage3.conv1"]
+    _, feats = module.forward_with_features(_images(2), names)
+    torch.testing.assert_close(feats["stage2.add"], feats["stage2.act1"] + feats["stage2.act3"])
+    kinds = {row["name"]: row["kind"] for row in meta["layers"]}
+    assert kinds["stage2.add"] == "residual_add" and kinds["stage2.conv3"] == "conv"
+    assert meta["architecture"]["residual"] is True
 
 
 @pytest.mark.parametrize("kwargs,word", [
@@ -205,3 +222,13 @@ def test_tiny_training_run_lowers_the_loss_and_exports_a_loadable_file(tmp_path)
         pred = module(torch.from_numpy(images[val_idx.numpy()])).argmax(1)
     assert pred.eq(torch.from_numpy(labels[val_idx.numpy()])).float().mean().item() == pytest.approx(
         meta["validation"]["accuracy"])
+
+    # a residual student distilled from that model: trains, and its metadata names its teacher
+    student = tmp_path / "student.pt"
+    argv = ["--data", str(root), "--widths", "4,8,8", "--residual", "--teacher", str(out), "--kd-weight", "0.5",
+            "--epochs", "2", "--batch-size", "64", "--val-per-class", "5", "--threads", "1", "--no-progress",
+            "--out", str(student)]
+    assert main(argv) == 0
+    _, meta = _load(student)
+    assert meta["architecture"]["residual"] is True
+    assert meta["training"]["teacher"]["name"] == "trained" and meta["training"]["recipe"]["kd_weight"] == 0.5
