@@ -120,6 +120,18 @@ def run_all(jobs: list[Job], deadline: float) -> None:
         time.sleep(1.0)
 
 
+def run_grid(grid: dict, args, out_dir: Path, deadline: float, t0: float) -> int:
+    common = ["--data", args.data, "--cache-dir", args.cache_dir, "--no-progress", "--val-per-class",
+              str(args.val_per_class), *(["--device", args.device] if args.device else [])]
+    jobs = [Job(f"{name}-{pool}", [*cand, "--pool", pool], out_dir, common)
+            for name, cand in grid.items() for pool in ("max", "avg")]
+    run_all(jobs, deadline)
+    summary = {"grid": grid, "results": {job.name: job.result() for job in jobs}, "seconds": time.monotonic() - t0}
+    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary["results"], indent=1), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.sweep", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -129,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--val-per-class", type=int, default=500)
     p.add_argument("--device", default=None, help="passed to model.train (default: cuda when available)")
+    p.add_argument("--grid", default=None,
+                   help="JSON file {name: [model.train arguments]}: train these, max and avg each, side by side, "
+                        "instead of the two phases")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     deadline = t0 + args.budget
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     load_training_set(args.data, cache_dir=args.cache_dir)  # decode once; the runs read the cache
+    if args.grid:
+        return run_grid(json.loads(Path(args.grid).read_text()), args, out_dir, deadline, t0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     summary: dict = {}
     epochs, candidates = args.epochs, list(CANDIDATES)

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from model.data import Dataset, load_training_set, validation_split
 from model.export import export_torchscript, build_metadata
-from model.network import CifarNet, NetConfig
+from model.network import CIFAR10_MEAN, CifarNet, NetConfig
 
 log = logging.getLogger("model.train")
 
@@ -52,6 +52,7 @@ class Recipe:
     label_smoothing: float = 0.2  # airbench's value: the net is small, the labels are hard
     translate_px: int = 2  # random shifts up to this many pixels, reflect-padded
     flip: bool = True  # random horizontal flips
+    cutout: int = 0  # side of a square set to the mean colour at a random place in each image (0: off)
     val_per_class: int = 500  # 5,000 validation images in all
     seed: int = 0
     kd_weight: float = 0.0  # with a teacher: loss = (1 - w) * label loss + w * distillation loss
@@ -73,6 +74,14 @@ def augment(padded: Tensor, idx: Tensor, recipe: Recipe, gen: torch.Generator) -
     out = padded[idx[:, None, None, None], torch.arange(3, device=device)[None, :, None, None], rows, cols]
     if recipe.flip:
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    if recipe.cutout:  # DeVries & Taylor: the square's centre is anywhere, so it may hang over the edge
+        cy = torch.randint(0, size, (n, 1, 1), generator=gen).to(device, non_blocking=True)
+        cx = torch.randint(0, size, (n, 1, 1), generator=gen).to(device, non_blocking=True)
+        lo, hi = recipe.cutout // 2, (recipe.cutout + 1) // 2
+        inside = ((ar[None, :, None] >= cy - lo) & (ar[None, :, None] < cy + hi)
+                  & (ar[None, None, :] >= cx - lo) & (ar[None, None, :] < cx + hi))
+        mean = torch.tensor(CIFAR10_MEAN, device=device).round().to(torch.uint8)[None, :, None, None]
+        out = torch.where(inside[:, None], mean, out)
     return out
 
 
@@ -242,6 +251,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--lr", type=float, default=Recipe.lr)
     p.add_argument("--seed", type=int, default=Recipe.seed)
+    p.add_argument("--translate", type=int, default=Recipe.translate_px, help="random shifts up to this many pixels")
+    p.add_argument("--cutout", type=int, default=Recipe.cutout, help="cutout square side in pixels (0: off)")
+    p.add_argument("--label-smoothing", type=float, default=Recipe.label_smoothing)
     p.add_argument("--val-per-class", type=int, default=Recipe.val_per_class, help="validation images per class")
     p.add_argument("--full", action="store_true", help="train on all 50,000 images (no validation figure)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -269,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         residual = args.residual
     config = NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths, residual=residual)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
                     val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
                     kd_temperature=args.kd_temperature)
     teacher = load_teacher(args.teacher, device) if args.teacher else None
