@@ -327,7 +327,7 @@ def table(levels: list[Level]) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models-dir", default=None, help="default: the server's (model/artifacts)")
-    p.add_argument("--model", default="small-max")
+    p.add_argument("--model", default="base-max")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads (and the raw model's)")
     p.add_argument("--max-queue-delay-us", type=int, default=500)

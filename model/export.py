@@ -70,3 +70,53 @@ def read_metadata(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
         warnings.simplefilter("ignore", DeprecationWarning)
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module, json.loads(extra[METADATA_FILE])
+
+
+def reexport(src: str | Path, dst: str | Path, name: str, data_source: str | Path, cache_dir: str | Path | None,
+             note: str = "") -> dict:
+    """Re-exports a trained file under ``name`` with this code: rebuilds the eager network from its
+    metadata, loads its weights, re-scores the validation split on the CPU in float32 and writes the
+    file with fresh metadata (the training record is kept). For shipping a sweep run as a named model."""
+    from model.data import load_training_set, validation_split
+    from model.network import NetConfig
+    from model.train import evaluate
+
+    scripted, old = read_metadata(src)
+    arch = {**old["architecture"], "widths": tuple(old["architecture"]["widths"])}
+    net = CifarNet(NetConfig(**arch))
+    net.load_state_dict(scripted.state_dict())
+    data = load_training_set(data_source, cache_dir=cache_dir)
+    if data.sha256 != old["dataset"]["sha256"]:
+        raise ValueError(f"{src} was trained on data with sha256 {old['dataset']['sha256']}, not {data.sha256}")
+    val = old["validation"]
+    _, val_idx = validation_split(data.labels, val["images"] // len(CLASSES), val["split_seed"])
+    scores = evaluate(net, data.images[val_idx], data.labels[val_idx], torch.device("cpu"), exact=True)
+    training = {**old["training"], "run_name": old["name"], "torch_version": old["torch_version"]}
+    if note:
+        training["note"] = note
+    metadata = build_metadata(net, name, old["version"], dataset=old["dataset"], training=training,
+                              validation={**val, **scores, "scored_on": "CPU, float32, at export"})
+    export_torchscript(net, dst, metadata)
+    return {"old": {k: val.get(k) for k in ("accuracy", "accuracy_flip_tta")}, "new": scores}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from model.train import DEFAULT_DATA
+
+    p = argparse.ArgumentParser(prog="python -m model.export",
+                                description="Re-export a trained file under another name, re-scored on the CPU.")
+    p.add_argument("src")
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--note", default="")
+    args = p.parse_args(argv)
+    print(json.dumps(reexport(args.src, args.out, args.name, args.data, args.cache_dir, args.note)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

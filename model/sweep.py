@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     summary["plan"] = {"epochs": epochs, "candidates": candidates}
     print(f"plan: {summary}", flush=True)
+    # the recipe of the first sweep (before cutout and 4-pixel shifts became model.train's defaults)
     common = ["--data", args.data, "--cache-dir", args.cache_dir, "--epochs", str(epochs), "--no-progress",
+              "--translate", "2", "--cutout", "0",
               "--val-per-class", str(args.val_per_class)]
     if args.device:
         common += ["--device", args.device]

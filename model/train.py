@@ -1,6 +1,6 @@
 """Train a CifarNet on CIFAR-10 and export it as a self-describing TorchScript file.
 
-    python -m model.train --pool max --out model/artifacts/small-max.pt
+    python -m model.train --pool max --out model/artifacts/base-max.pt
 
 Reads the JPEG archive (``--data path/train.tar.gz``) or the standard Python format (``--data DIR``,
 add ``--download`` to fetch it). Holds out a fixed, seeded validation split of 500 images per class
@@ -43,16 +43,16 @@ ARCHS = {  # named (widths, residual) plans; "base" is the <=150 MFLOP default, 
 # ----------------------------------------------------------------------------- hyperparameters
 @dataclass(frozen=True)
 class Recipe:
-    epochs: int = 18
+    epochs: int = 60
     batch_size: int = 512
     lr: float = 0.4  # peak SGD learning rate, reached after warmup_epochs
     warmup_epochs: float = 2.0  # linear ramp from lr/10, then linear decay to 0 (one-cycle)
     momentum: float = 0.9  # nesterov
     weight_decay: float = 5e-4  # on conv and fc weights only; BN and biases are not decayed
     label_smoothing: float = 0.2  # airbench's value: the net is small, the labels are hard
-    translate_px: int = 2  # random shifts up to this many pixels, reflect-padded
+    translate_px: int = 4  # random shifts up to this many pixels, reflect-padded
     flip: bool = True  # random horizontal flips
-    cutout: int = 0  # side of a square set to the mean colour at a random place in each image (0: off)
+    cutout: int = 16  # side of a square set to the mean colour at a random place in each image (0: off)
     val_per_class: int = 500  # 5,000 validation images in all
     seed: int = 0
     kd_weight: float = 0.0  # with a teacher: loss = (1 - w) * label loss + w * distillation loss

@@ -24,7 +24,7 @@ class ServerConfig:
     metrics_port: int = 9090  # Prometheus /metrics over HTTP; 0 picks a free port, -1 turns it off
     metrics_host: str = ""  # "" binds metrics on the same host as gRPC
     models_dir: str = str(DEFAULT_MODELS_DIR)
-    default_model: str = "small-max"
+    default_model: str = "base-max"
     device: str = "auto"  # auto: cuda when available, else cpu
     max_batch_size: int = 64  # images per request and per forward pass
     max_queue_delay_us: int = 500  # how long a forming batch may wait for company under load

@@ -154,7 +154,7 @@ def test_the_image_gets_the_code_and_models_and_not_the_data_cache():
                 if line.strip() and not line.startswith("#")]
     models = DEFAULT_MODELS_DIR.relative_to(ROOT).as_posix()
     assert models == "model/artifacts"  # in the image: /app/model/artifacts, next to /app/server
-    for kept in (f"{models}/small-max.pt", "server/main.py", "client/cli.py", "protos/cifar10/v1/classifier.proto",
+    for kept in (f"{models}/base-max.pt", "server/main.py", "client/cli.py", "protos/cifar10/v1/classifier.proto",
                  "model/network.py", "pyproject.toml", "README.md"):
         assert not _ignored(kept, patterns), kept
     for dropped in (".git/HEAD", ".cache/cifar10/data.bin", "server/__pycache__/main.cpython-311.pyc"):
