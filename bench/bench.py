@@ -124,6 +124,8 @@ async def closed_loop(make_call, concurrency: int, warmup: float, duration: floa
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     state["stop"] = True
     await asyncio.gather(*workers, return_exceptions=True)
+    if hasattr(make_call, "close"):
+        await make_call.close()
     lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
     n_req = len(latencies)
     return {"requests": n_req, "images": done_images[0], "seconds": seconds,
@@ -147,8 +149,11 @@ def unary_calls(stub, requests: list[pb.ClassifyRequest]):
 
 
 def stream_calls(stub, requests: list[pb.ClassifyRequest]):
+    streams = []
+
     async def make():
         stream = stub.ClassifyStream(timeout=3600)
+        streams.append(stream)
         counter = [0]
 
         async def call() -> int:
@@ -160,6 +165,16 @@ def stream_calls(stub, requests: list[pb.ClassifyRequest]):
                 raise RuntimeError(response.error.message)
             return len(request.images)
         return call
+
+    async def close() -> None:
+        """Half-close each stream and read it to its end, so no call is left for the garbage collector."""
+        for stream in streams:
+            await stream.done_writing()
+            while await stream.read() is not grpc.aio.EOF:
+                pass
+        streams.clear()
+
+    make.close = close
     return make
 
 
