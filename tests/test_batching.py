@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from server.batching import Batcher, DeadlineExpired, QueueFull
+from server.batching import Batcher, DeadlineExpired, QueueFull, batch_ladder
 from server.metrics import Metrics
 from server.models import load_artifact
 
@@ -135,3 +136,59 @@ def test_cancelled_and_expired_requests_are_dropped_before_compute(model):
     assert sample(registry, "cifar10_dropped_requests_total", reason="cancelled") == 1
     assert sample(registry, "cifar10_dropped_requests_total", reason="deadline") == 1
     assert sample(registry, "cifar10_batch_size_images_sum") == 1  # only the kept image was computed
+
+
+class _SizeRecorder:
+    """Stands in for a model's module and notes the batch size of every pass it runs."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.sizes: set[int] = set()
+
+    def __call__(self, x):
+        self.sizes.add(len(x))
+        return self.module(x)
+
+    def forward_with_features(self, x, layers):
+        self.sizes.add(len(x))
+        return self.module.forward_with_features(x, layers)
+
+
+def test_the_batch_ladder_is_short_and_ends_at_the_max():
+    assert batch_ladder(64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+    for top in (1, 3, 8, 10, 100, 256, 1000):
+        ladder = batch_ladder(top)
+        assert ladder[0] == 1 and ladder[-1] == top and list(ladder) == sorted(set(ladder))
+        assert len(ladder) <= 16  # a few hundred oneDNN kernels per model, under its cache of 1,024
+        assert max(b - a for a, b in zip((0, *ladder), ladder)) <= max(8, -(-top // 8))  # padding <= 1/8
+
+
+def test_passes_run_only_at_ladder_sizes_and_padding_changes_no_result(model):
+    """Every batch size from 1 to the max, with and without feature maps: the model only ever sees
+    the ladder's sizes (oneDNN then keeps a few kernels instead of recompiling one per size), and
+    each request gets what an unpadded pass gives."""
+    recorder = _SizeRecorder(model.module)
+    padded = dataclasses.replace(model, module=recorder)
+
+    async def run():
+        batcher, _ = make(padded, max_batch_size=8)
+        batcher.warm_up(1)
+        warmed = set(recorder.sizes)
+        batcher.start()
+        results = []
+        for n in range(1, 9):
+            for layers in ((), ("stage1.pool",)):
+                results.append((n, layers, await batcher.submit(images(n, n), layers, None)))
+        await batcher.stop()
+        return batcher.ladder, warmed, results
+
+    ladder, warmed, results = asyncio.run(run())
+    assert warmed == set(ladder) and recorder.sizes == set(ladder) == {1, 2, 4, 8}
+    with torch.no_grad():
+        for n, layers, result in results:
+            x = torch.from_numpy(images(n, n))
+            np.testing.assert_allclose(result.probabilities, model.module(x).numpy(), atol=1e-6)
+            for name in layers:
+                want = model.module.forward_with_features(x, list(layers))[1][name].numpy()
+                assert result.features[name].shape == want.shape
+                np.testing.assert_allclose(result.features[name], want, atol=1e-5)

@@ -109,6 +109,17 @@ def test_out_of_memory_in_the_forward_pass_is_resource_exhausted(server, client,
     np.testing.assert_allclose(np.stack([r.probabilities for r in got]), _expected(direct, images), atol=1e-6)
 
 
+def test_padding_never_reruns_an_earlier_batchs_image(server, client, direct):
+    """A batch of 3 runs padded to 4 (the batch ladder): the padding must be blank, not the poisoned
+    image that the failed batch before it left in that row of the input buffer."""
+    images = random_images(4, seed=4)
+    with pytest.raises(ClassifierError) as info:
+        client.classify([*images[:3], marked(images[3], POISON)])
+    assert info.value.code == grpc.StatusCode.INTERNAL
+    got = client.classify(list(images[:3]))
+    np.testing.assert_allclose(np.stack([r.probabilities for r in got]), _expected(direct, images[:3]), atol=1e-6)
+
+
 def test_a_failing_batch_fails_only_the_requests_in_it(server, client, direct):
     n = 12
     images = random_images(n, seed=3)
