@@ -12,25 +12,18 @@ optimisation applied, like the server). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from model.data import load_training_set, validation_split
+from model.export import read_metadata
 from model.train import DEFAULT_DATA, REPO
 
-METADATA_FILE = "metadata.json"
-
-
 def load(path: Path):
-    extra = {METADATA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module.eval(), json.loads(extra[METADATA_FILE])
+    module, metadata = read_metadata(path)
+    return module.eval(), metadata
 
 
 def throughput(module, batch: int, seconds: float = 3.0) -> float:
