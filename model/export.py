@@ -72,19 +72,27 @@ def read_metadata(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
     return module, json.loads(extra[METADATA_FILE])
 
 
+def load_eager(path: str | Path) -> tuple[CifarNet, dict]:
+    """An exported file rebuilt as an eager ``CifarNet`` (its architecture from the metadata, its
+    weights from the archive), on the CPU, with the metadata."""
+    from model.network import NetConfig
+
+    scripted, metadata = read_metadata(path)
+    arch = {**metadata["architecture"], "widths": tuple(metadata["architecture"]["widths"])}
+    net = CifarNet(NetConfig(**arch))
+    net.load_state_dict(scripted.state_dict())
+    return net, metadata
+
+
 def reexport(src: str | Path, dst: str | Path, name: str, data_source: str | Path, cache_dir: str | Path | None,
              note: str = "") -> dict:
     """Re-exports a trained file under ``name`` with this code: rebuilds the eager network from its
     metadata, loads its weights, re-scores the validation split on the CPU in float32 and writes the
     file with fresh metadata (the training record is kept). For shipping a sweep run as a named model."""
     from model.data import load_training_set, validation_split
-    from model.network import NetConfig
     from model.train import evaluate
 
-    scripted, old = read_metadata(src)
-    arch = {**old["architecture"], "widths": tuple(old["architecture"]["widths"])}
-    net = CifarNet(NetConfig(**arch))
-    net.load_state_dict(scripted.state_dict())
+    net, old = load_eager(src)
     data = load_training_set(data_source, cache_dir=cache_dir)
     if data.sha256 != old["dataset"]["sha256"]:
         raise ValueError(f"{src} was trained on data with sha256 {old['dataset']['sha256']}, not {data.sha256}")

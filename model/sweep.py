@@ -120,9 +120,15 @@ def run_all(jobs: list[Job], deadline: float) -> None:
         time.sleep(1.0)
 
 
+def common_args(args, *extra: str) -> list[str]:
+    """The model.train arguments every run of a sweep shares."""
+    device = ["--device", args.device] if args.device else []
+    return ["--data", args.data, "--cache-dir", args.cache_dir, "--no-progress", "--val-per-class",
+            str(args.val_per_class), *device, *extra]
+
+
 def run_grid(grid: dict, args, out_dir: Path, deadline: float, t0: float) -> int:
-    common = ["--data", args.data, "--cache-dir", args.cache_dir, "--no-progress", "--val-per-class",
-              str(args.val_per_class), *(["--device", args.device] if args.device else [])]
+    common = common_args(args)
     jobs = [Job(f"{name}-{pool}", [*cand, "--pool", pool], out_dir, common)
             for name, cand in grid.items() for pool in ("max", "avg")]
     run_all(jobs, deadline)
@@ -164,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["plan"] = {"epochs": epochs, "candidates": candidates}
     print(f"plan: {summary}", flush=True)
     # the recipe of the first sweep (before cutout and 4-pixel shifts became model.train's defaults)
-    common = ["--data", args.data, "--cache-dir", args.cache_dir, "--epochs", str(epochs), "--no-progress",
-              "--translate", "2", "--cutout", "0",
-              "--val-per-class", str(args.val_per_class)]
-    if args.device:
-        common += ["--device", args.device]
+    common = common_args(args, "--epochs", str(epochs), "--translate", "2", "--cutout", "0")
 
     phase1 = [Job("teacher-max", [*TEACHER, "--pool", "max"], out_dir, common)]
     for name in candidates:

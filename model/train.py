@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from model.data import Dataset, load_training_set, validation_split
-from model.export import export_torchscript, build_metadata
+from model.export import build_metadata, export_torchscript, load_eager
 from model.network import CIFAR10_MEAN, CifarNet, NetConfig
 
 log = logging.getLogger("model.train")
@@ -120,16 +120,6 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 # ----------------------------------------------------------------------------- distillation
-def load_teacher(path: str | Path, device: torch.device) -> CifarNet:
-    """A trained network from its exported file, rebuilt as an eager CifarNet (so autocast applies)."""
-    from model.export import read_metadata
-
-    scripted, metadata = read_metadata(path)
-    net = CifarNet(NetConfig(**{**metadata["architecture"], "widths": tuple(metadata["architecture"]["widths"])}))
-    net.load_state_dict(scripted.state_dict())
-    return net.to(device, memory_format=torch.channels_last).eval()
-
-
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton et al.'s soft-target loss: KL(teacher || student) at a temperature, scaled by T^2."""
     t = temperature
@@ -210,12 +200,9 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
             "validation_images": 0 if full else len(val_idx)}
 
 
-def teacher_note(path: str | None) -> dict | None:
-    if not path:
+def teacher_note(meta: dict | None) -> dict | None:
+    if meta is None:
         return None
-    from model.export import read_metadata
-
-    _, meta = read_metadata(path)
     return {"name": meta["name"], "architecture": meta["architecture"], "flops_per_image": meta["flops_per_image"],
             "validation_accuracy": meta.get("validation", {}).get("accuracy")}
 
@@ -284,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                     translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
                     val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
                     kd_temperature=args.kd_temperature)
-    teacher = load_teacher(args.teacher, device) if args.teacher else None
+    teacher, teacher_meta = None, None
+    if args.teacher:  # rebuilt as an eager network, so autocast applies to it
+        teacher, teacher_meta = load_eager(args.teacher)
+        teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
     log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, config)
     net = CifarNet(config)
@@ -296,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = build_metadata(
         net, name, args.version,
         dataset={"source": data.source, "sha256": data.sha256, "note": "CIFAR-10 (JPEG) where source is the archive"},
-        training={"recipe": asdict(recipe), "teacher": teacher_note(args.teacher), "full": args.full, "train_images": result["train_images"],
+        training={"recipe": asdict(recipe), "teacher": teacher_note(teacher_meta), "full": args.full, "train_images": result["train_images"],
                   "seconds": round(result["train_seconds"], 1), "hardware": hardware(device), "command": command},
         validation={"images": result["validation_images"], "accuracy": final.get("accuracy"),
                     "accuracy_flip_tta": final.get("accuracy_flip_tta"), "split_seed": recipe.seed},
