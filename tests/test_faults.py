@@ -109,15 +109,25 @@ def test_out_of_memory_in_the_forward_pass_is_resource_exhausted(server, client,
     np.testing.assert_allclose(np.stack([r.probabilities for r in got]), _expected(direct, images), atol=1e-6)
 
 
-def test_padding_never_reruns_an_earlier_batchs_image(server, client, direct):
-    """A batch of 3 runs padded to 4 (the batch ladder): the padding must be blank, not the poisoned
+@pytest.fixture(scope="module")
+def wide_server(faulty_dir):
+    """Batches up to 16, so that a batch can be padded (every size up to 8 is a rung of the ladder)."""
+    running = RunningServer(make_config(faulty_dir, default_model="faulty", max_batch_size=16, max_queue_images=32),
+                            CollectorRegistry())
+    yield running
+    running.stop(grace=1.0)
+
+
+def test_padding_never_reruns_an_earlier_batchs_image(wide_server, direct):
+    """A batch of 9 runs padded to 10 (the batch ladder): the padding must be blank, not the poisoned
     image that the failed batch before it left in that row of the input buffer."""
-    images = random_images(4, seed=4)
-    with pytest.raises(ClassifierError) as info:
-        client.classify([*images[:3], marked(images[3], POISON)])
-    assert info.value.code == grpc.StatusCode.INTERNAL
-    got = client.classify(list(images[:3]))
-    np.testing.assert_allclose(np.stack([r.probabilities for r in got]), _expected(direct, images[:3]), atol=1e-6)
+    images = random_images(10, seed=4)
+    with ClassifierClient(wide_server.target, timeout=60) as client:
+        with pytest.raises(ClassifierError) as info:
+            client.classify([*images[:9], marked(images[9], POISON)])
+        assert info.value.code == grpc.StatusCode.INTERNAL
+        got = client.classify(list(images[:9]))
+    np.testing.assert_allclose(np.stack([r.probabilities for r in got]), _expected(direct, images[:9]), atol=1e-6)
 
 
 def test_a_failing_batch_fails_only_the_requests_in_it(server, client, direct):
