@@ -34,6 +34,7 @@ STREAM_WINDOW = 64  # stream requests in progress at once; bounds a stream's mem
 # decoding, and a request of 64 of them would otherwise stall every call, health checks included.
 # Two threads, so one such request cannot hold up all decoding.
 DECODE_THREADS = 2
+RESIZE_MODES = frozenset(pb.ResizeMode.values())
 FEATURE_DTYPES = {pb.DTYPE_UNSPECIFIED: ("<f4", pb.DTYPE_FLOAT32), pb.DTYPE_FLOAT32: ("<f4", pb.DTYPE_FLOAT32),
                   pb.DTYPE_FLOAT16: ("<f2", pb.DTYPE_FLOAT16)}
 
@@ -164,7 +165,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         top_k = request.top_k or min(DEFAULT_TOP_K, classes)
         if top_k > classes:
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"top_k is {top_k}; it must be 1 to {classes}")
-        if request.resize not in pb.ResizeMode.values():
+        if request.resize not in RESIZE_MODES:
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"unknown resize mode {request.resize}")
         dtype = FEATURE_DTYPES.get(request.feature_dtype)
         if dtype is None:
@@ -173,6 +174,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return Plan(model, top_k, self._layers(model, request.feature_layers), dtype)
 
     def _layers(self, model: LoadedModel, names) -> tuple[str, ...]:
+        if not names:
+            return ()
         names = list(names)
         if ALL_LAYERS in names:
             if len(names) > 1:
@@ -284,7 +287,8 @@ def _summary(text: str, limit: int = 300) -> str:
 def _small_raw_only(request: pb.ClassifyRequest, model: LoadedModel) -> bool:
     """Whether every image is a raw tensor no bigger than the model's input: then decoding is a copy
     whose cost is bounded by the request's size, and it stays on the event loop."""
-    limit = 4 * int(np.prod(model.input_shape))  # float32 at the model's size
+    c, h, w = model.input_shape
+    limit = 4 * c * h * w  # float32 at the model's size
     return all(image.WhichOneof("data") == "raw" and len(image.raw.data) <= limit for image in request.images)
 
 
