@@ -29,7 +29,9 @@ class ServerConfig:
     max_batch_size: int = 64  # images per request and per forward pass
     max_queue_delay_us: int = 500  # how long a forming batch may wait for company under load
     max_queue_images: int = 1024  # images waiting per model before RESOURCE_EXHAUSTED
-    torch_threads: int = 0  # intra-op threads for the forward pass; 0: one less than the cores, at least 1
+    torch_threads: int = 0  # intra-op threads per process; 0: one less than the cores (shared by workers), at least 1
+    workers: int = 1  # server processes sharing the gRPC port (SO_REUSEPORT); README "Performance"
+    worker_index: int = -1  # set by the supervisor of --workers for each worker; -1: not a worker
     max_receive_message_bytes: int = 64 * MiB  # a full batch of large encoded images fits
     max_send_message_bytes: int = 256 * MiB  # all float32 feature maps of a full batch of the base model fit
     max_image_pixels: int = 4096 * 4096  # encoded images declaring more are refused from their header
@@ -49,6 +51,8 @@ class ServerConfig:
             raise ValueError(
                 f"max_queue_images ({self.max_queue_images}) must hold one full batch ({self.max_batch_size})"
             )
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         if self.grace_period_seconds < 0:

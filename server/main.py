@@ -33,6 +33,7 @@ from server.metrics import GpuMemoryCollector, Metrics, serve_metrics
 from server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
 from server.security import SecurityConfigError, add_port, check_models_dir, interceptors
 from server.service import ClassifierService
+from server.workers import supervise
 
 log = logging.getLogger("server")
 
@@ -106,7 +107,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     server = grpc.aio.server(interceptors=[grpc_metrics.interceptor(registry), *interceptors(config), gate], options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
-        ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
+        # Two servers on one port would split traffic silently; workers of --workers do it on purpose.
+        ("grpc.so_reuseport", 1 if config.worker_index >= 0 else 0),
     ])
     pb_grpc.add_ClassifierServicer_to_server(ClassifierService(config, models, batchers, metrics), server)
     health_servicer = DrainingHealthServicer()
@@ -130,9 +132,10 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         batcher.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (metrics on %s, device %s, %d torch threads, default model %s)",
+    log.info("serving %s on %s:%d (metrics on %s, device %s, %d torch threads, default model %s%s)",
              ", ".join(sorted(models)), config.host, port, metrics_port if metrics_port is not None else "off",
-             device, threads, config.default_model)
+             device, threads, config.default_model,
+             f", worker {config.worker_index}" if config.worker_index >= 0 else "")
     return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate)
 
 
@@ -149,9 +152,12 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if config.workers > 1:
+        return supervise(config, argv)
     try:
         asyncio.run(serve(config))
     except (ModelLoadError, SecurityConfigError, OSError) as exc:

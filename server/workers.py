@@ -1,0 +1,101 @@
+"""``--workers N``: N server processes share one gRPC port, so that one Python process is not the limit.
+
+The supervisor (the process the user started) loads no model. It picks the port, starts N copies of
+``python -m server`` with the same settings, each told its ``--worker-index``, and waits:
+
+- every worker binds the gRPC port with SO_REUSEPORT; the kernel spreads *connections* (not calls)
+  across them, so a client needs several connections to use several workers (one gRPC channel is
+  one connection; a load balancer in front spreads calls);
+- worker i serves its own Prometheus endpoint on ``metrics_port + i`` (each its own scrape target,
+  the histograms aggregate with ``sum by``); with ``--metrics-port 0`` each picks a free port, and
+  each logs its ports in its "serving" line;
+- SIGTERM or SIGINT to the supervisor is passed on: every worker drains as a lone server does;
+- a worker that dies on its own stops the rest, and the supervisor exits with status 1, for the
+  process manager (Docker's restart policy, systemd) to restart the whole set.
+
+Why processes: on a GPU host the one server process, not the GPU, was the limit (bench/RESULTS.md);
+on the 2-core VM two workers of one torch thread each served 1.5 times the single-image throughput of
+one worker at 32 callers spread over two connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from server.config import ServerConfig
+
+log = logging.getLogger("server.workers")
+
+EXIT_SLACK_SECONDS = 15.0  # beyond the grace period: model teardown, interpreter exit
+
+
+def _reserve_port(host: str) -> socket.socket:
+    """A socket bound to a free port with SO_REUSEPORT and never listening: it keeps the port ours
+    until the workers have bound it too, and takes no connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int) -> list[str]:
+    """The command line of worker ``index``: the user's flags, then the ones that make it a worker
+    (argparse keeps the last value of a repeated flag)."""
+    metrics_port = config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
+    threads = config.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // config.workers)
+    return [sys.executable, "-m", "server", *argv, "--workers", "1", "--worker-index", str(index),
+            "--port", str(port), "--metrics-port", str(metrics_port), "--torch-threads", str(threads)]
+
+
+def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
+    reserved = _reserve_port(config.host) if config.port == 0 else None
+    port = reserved.getsockname()[1] if reserved is not None else config.port
+    log.info("starting %d workers on %s:%d", config.workers, config.host, port)
+    workers = [subprocess.Popen(worker_argv(argv, config, i, port)) for i in range(config.workers)]
+
+    stopping = []
+
+    def stop(signum, _frame) -> None:
+        if not stopping:
+            log.info("stopping: passing %s to %d workers", signal.Signals(signum).name, len(workers))
+        stopping.append(signum)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        while not stopping:
+            failed = [w for w in workers if w.poll() is not None]
+            if failed:
+                log.error("worker %d exited with status %s; stopping the others",
+                          workers.index(failed[0]), failed[0].returncode)
+                stop(signal.SIGTERM, None)
+                _wait_all(workers, config.grace_period_seconds + EXIT_SLACK_SECONDS)
+                return 1
+            time.sleep(0.2)
+        _wait_all(workers, config.grace_period_seconds + EXIT_SLACK_SECONDS)
+    finally:
+        if reserved is not None:
+            reserved.close()
+    return 0 if all(w.returncode == 0 for w in workers) else 1
+
+
+def _wait_all(workers: list[subprocess.Popen], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for worker in workers:
+        try:
+            worker.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("worker pid %d did not exit in %.0fs; killing it", worker.pid, seconds)
+            worker.kill()
+            worker.wait()
