@@ -30,6 +30,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -197,45 +198,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str, int]:
+def start_server(args) -> tuple[subprocess.Popen, str, list[int]]:
+    """``python -m server`` on free ports; returns once every worker has said it is serving."""
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", str(metrics_port),
            "--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
-           "--torch-threads", str(args.torch_threads), "--log-level", "WARNING"]
+           "--torch-threads", str(args.torch_threads), "--workers", str(args.workers)]
     if args.models_dir:
         cmd += ["--models-dir", args.models_dir]
     if args.model:
         cmd += ["--default-model", args.model]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not come up")
-            time.sleep(0.2)
-    return proc, target, metrics_port
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    serving = threading.Semaphore(0)
+
+    def read() -> None:  # the log goes on to our stderr; the pipe never fills
+        for line in proc.stderr:
+            if " serving " in line:
+                serving.release()
+            elif " WARNING " in line or " ERROR " in line:
+                sys.stderr.write(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    for _ in range(args.workers):
+        if not serving.acquire(timeout=180):
+            proc.kill()
+            raise RuntimeError("server did not come up")
+    return proc, f"127.0.0.1:{port}", [metrics_port + i for i in range(args.workers)]
 
 
-def batch_stats(metrics_port: int, model: str) -> tuple[float, float]:
-    """(sum, count) of the batcher's batch-size histogram."""
+def batch_stats(metrics_ports: list[int], model: str) -> tuple[float, float]:
+    """(sum, count) of the batcher's batch-size histogram, over every worker."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     total = count = 0.0
-    for family in text_string_to_metric_families(body):
-        if family.name == "cifar10_batch_size_images":
-            for sample in family.samples:
-                if sample.labels.get("model") == model and sample.name.endswith("_sum"):
-                    total = sample.value
-                elif sample.labels.get("model") == model and sample.name.endswith("_count"):
-                    count = sample.value
+    for port in metrics_ports:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for family in text_string_to_metric_families(body):
+            if family.name == "cifar10_batch_size_images":
+                for sample in family.samples:
+                    if sample.labels.get("model") == model and sample.name.endswith("_sum"):
+                        total += sample.value
+                    elif sample.labels.get("model") == model and sample.name.endswith("_count"):
+                        count += sample.value
     return total, count
 
 
@@ -268,39 +272,64 @@ class RawModel:
 
 
 # ----------------------------------------------------------------------------- the run
-async def sweep(args, target: str, metrics_port: int, model: str) -> list[Level]:
-    options = [("grpc.max_receive_message_length", 64 << 20)]
+async def sweep(args, target: str, metrics_ports: list[int], model: str) -> list[Level]:
+    # One connection per worker (SO_REUSEPORT spreads connections, not calls); callers take turns.
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
     levels: list[Level] = []
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.ClassifierStub(channel)
-        plans = [("floor", "health", health_calls(channel))]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(args.workers)]
+    try:
+        stubs = [pb_grpc.ClassifierStub(channel) for channel in channels]
+        plans = [("floor", "health", spread([health_calls(channel) for channel in channels]))]
         for kind in args.inputs:
-            plans.append(("single", kind, unary_calls(stub, make_requests(kind, 1, model))))
+            requests = make_requests(kind, 1, model)
+            plans.append(("single", kind, spread([unary_calls(stub, requests) for stub in stubs])))
         for kind in args.inputs[:1]:
-            plans.append(("batch64", kind, unary_calls(stub, make_requests(kind, 64, model))))
-            plans.append(("stream", kind, stream_calls(stub, make_requests(kind, 1, model))))
+            requests, singles = make_requests(kind, 64, model), make_requests(kind, 1, model)
+            plans.append(("batch64", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+            plans.append(("stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
         for mode, kind, make in plans:
             concurrencies = args.batch_concurrency if mode == "batch64" else args.concurrency
             for c in concurrencies:
-                before = batch_stats(metrics_port, model)
+                before = batch_stats(metrics_ports, model)
                 result = await closed_loop(make, c, args.warmup, args.duration)
-                after = batch_stats(metrics_port, model)
+                after = batch_stats(metrics_ports, model)
                 count = after[1] - before[1]
                 mean_batch = (after[0] - before[0]) / count if count else 0.0
                 level = Level(mode, kind, c, mean_batch=mean_batch, **result)
                 levels.append(level)
                 print(f"  {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
                       f"  p99 {level.p99_ms:6.2f} ms  batch {mean_batch:5.1f}  errors {level.errors}", flush=True)
+    finally:
+        for channel in channels:
+            await channel.close()
     return levels
 
 
-def add_bounds(levels: list[Level], raw: RawModel) -> None:
+def spread(makers):
+    """One caller maker over several: the k-th caller gets a caller of ``makers[k % len(makers)]``."""
+    turn = [0]
+
+    async def make():
+        turn[0] += 1
+        return await makers[turn[0] % len(makers)]()
+
+    async def close() -> None:
+        for maker in makers:
+            if hasattr(maker, "close"):
+                await maker.close()
+
+    make.close = close
+    return make
+
+
+def add_bounds(levels: list[Level], raw: RawModel, workers: int = 1) -> None:
+    """The bounds; with several workers the raw model counts once per worker, as if they scaled perfectly."""
     floor = {l.concurrency: l.req_per_s for l in levels if l.mode == "floor"}
-    raw64 = raw.img_per_s(64)
+    raw64 = workers * raw.img_per_s(64)
     for level in levels:
         if level.mode in ("single", "stream"):
             level.floor_req_per_s = floor.get(level.concurrency, 0.0)
-            level.raw_img_per_s = raw.img_per_s(max(1, round(level.mean_batch)))
+            level.raw_img_per_s = workers * raw.img_per_s(max(1, round(level.mean_batch)))
             if level.floor_req_per_s:
                 level.bound_img_per_s = 1 / (1 / level.raw_img_per_s + 1 / level.floor_req_per_s)
                 level.ratio = level.img_per_s / level.bound_img_per_s
@@ -321,7 +350,8 @@ def machine(args) -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": args.device, "torch_threads": args.torch_threads, "max_queue_delay_us": args.max_queue_delay_us}
+            "device": args.device, "torch_threads": args.torch_threads, "workers": args.workers,
+            "max_queue_delay_us": args.max_queue_delay_us}
     if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -345,6 +375,9 @@ def parse_args(argv):
     p.add_argument("--model", default="base-max")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads (and the raw model's)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (--workers); the client opens one connection per worker, and the raw "
+                        "bound counts one model per worker, as if they scaled perfectly")
     p.add_argument("--max-queue-delay-us", type=int, default=500)
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--batch-concurrency", default="1,2,4", help="concurrency levels for 64-image requests")
@@ -366,15 +399,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     info = machine(args)
     print(f"machine: {json.dumps(info)}", flush=True)
-    proc, target, metrics_port = start_server(args)
+    proc, target, metrics_ports = start_server(args)
     try:
-        levels = asyncio.run(sweep(args, target, metrics_port, args.model))
+        levels = asyncio.run(sweep(args, target, metrics_ports, args.model))
     finally:
         proc.terminate()
         proc.wait(30)
     models_dir = Path(args.models_dir) if args.models_dir else ROOT / "model" / "artifacts"
     raw = RawModel(models_dir / f"{args.model}.pt", args.device, args.torch_threads)
-    add_bounds(levels, raw)
+    add_bounds(levels, raw, args.workers)
     print(table(levels))
     print(f"raw model img/s by batch: {json.dumps({b: round(v) for b, v in sorted(raw.cache.items())})}")
     out = Path(args.out)
