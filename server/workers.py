@@ -58,9 +58,7 @@ def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int
 def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     reserved = _reserve_port(config.host) if config.port == 0 else None
     port = reserved.getsockname()[1] if reserved is not None else config.port
-    log.info("starting %d workers on %s:%d", config.workers, config.host, port)
-    workers = [subprocess.Popen(worker_argv(argv, config, i, port)) for i in range(config.workers)]
-
+    workers: list[subprocess.Popen] = []
     stopping = []
 
     def stop(signum, _frame) -> None:
@@ -71,9 +69,13 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before any worker exists, so none is ever orphaned
         signal.signal(sig, stop)
+    log.info("starting %d workers on %s:%d", config.workers, config.host, port)
     try:
+        for i in range(config.workers):
+            if not stopping:
+                workers.append(subprocess.Popen(worker_argv(argv, config, i, port)))
         while not stopping:
             failed = [w for w in workers if w.poll() is not None]
             if failed:
