@@ -29,6 +29,7 @@ ACCEPTED_FORMATS = ("PNG", "JPEG")
 # Modes that convert to RGB without loss; others (grey, alpha, 16-bit, CMYK) are refused, since a
 # silent conversion would classify a different image than the caller holds.
 LOSSLESS_TO_RGB = ("RGB", "P")
+LAYOUTS = frozenset(pb.Layout.values())
 RAW_DTYPES = {pb.DTYPE_UNSPECIFIED: np.uint8, pb.DTYPE_UINT8: np.uint8, pb.DTYPE_FLOAT32: np.dtype("<f4")}
 
 
@@ -97,7 +98,7 @@ def _decode_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: in
     if dtype is None:
         raise ImageError(
             f"image {index}: raw dtype {enum_name(pb.DType, raw.dtype)} not accepted; use UINT8 or FLOAT32")
-    if raw.layout not in pb.Layout.values():
+    if raw.layout not in LAYOUTS:
         raise ImageError(f"image {index}: raw layout {raw.layout} unknown; use LAYOUT_HWC or LAYOUT_CHW")
     shape = tuple(raw.shape)
     channel_axis = 2 if raw.layout == pb.LAYOUT_HWC else 0
