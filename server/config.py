@@ -36,7 +36,7 @@ class ServerConfig:
     max_send_message_bytes: int = 256 * MiB  # all float32 feature maps of a full batch of the base model fit
     max_image_pixels: int = 4096 * 4096  # encoded images declaring more are refused from their header
     grace_period_seconds: float = 10.0  # in-flight calls may finish this long after SIGTERM
-    warmup_batches: int = 2  # warm-up rounds per model before SERVING, each at every batch size it will run
+    warmup_batches: int = 1  # warm-up rounds per model before SERVING, each at every ladder size (a 2nd: no gain)
     log_level: str = "INFO"
     # Security (README "Security"): all off by default, for a server on 127.0.0.1.
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the gRPC port speaks TLS only
