@@ -100,23 +100,38 @@ def _classification(result: pb.Result) -> Classification:
 
 
 class ClassifierClient:
-    """Talks to one server. ``with ClassifierClient("host:50051") as c: c.classify(["cat.png"])``."""
+    """Talks to one server. ``with ClassifierClient("host:50051") as c: c.classify(["cat.png"])``.
+
+    ``connections=N`` opens N connections and takes them in turn, call by call: a server started
+    with ``--workers`` shares its port among processes by connection, so one connection reaches one.
+    """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), connections: int = 1) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
+        if connections > 1:
+            opts.append(("grpc.use_local_subchannel_pool", 1))  # else gRPC shares one connection among channels
         if credentials is not None:
-            self._channel = grpc.secure_channel(target, credentials, options=opts)
+            self._channels = [grpc.secure_channel(target, credentials, options=opts) for _ in range(connections)]
         else:
-            self._channel = grpc.insecure_channel(target, options=opts)
+            self._channels = [grpc.insecure_channel(target, options=opts) for _ in range(connections)]
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._stub = pb_grpc.ClassifierStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stubs = itertools.cycle([(pb_grpc.ClassifierStub(c), health_pb2_grpc.HealthStub(c))
+                                       for c in self._channels])
         self._ids = itertools.count()
+
+    def _stub(self) -> pb_grpc.ClassifierStub:
+        """The Classifier stub of the next connection in turn."""
+        return next(self._stubs)[0]
+
+    def _health(self) -> health_pb2_grpc.HealthStub:
+        return next(self._stubs)[1]
 
     def __enter__(self) -> "ClassifierClient":
         return self
@@ -125,7 +140,8 @@ class ClassifierClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     # ------------------------------------------------------------------ calls
     def classify(self, images: Sequence[ImageLike], *, model: str = "", top_k: int = 5,
@@ -134,7 +150,7 @@ class ClassifierClient:
         """Classifies ``images`` in one call; ``layers=["*"]`` returns every layer's feature map."""
         request = self.request(images, model=model, top_k=top_k, layers=layers, feature_dtype=feature_dtype,
                                resize=resize)
-        response = self._call(self._stub.Classify, request, timeout)
+        response = self._call(self._stub().Classify, request, timeout)
         return [_classification(r) for r in response.results]
 
     def classify_stream(self, batches: Iterable[Sequence[ImageLike]], *, timeout: float | None = None,
@@ -142,7 +158,7 @@ class ClassifierClient:
         """One request per batch over a single stream; answers come in order, a bad one as ``error``."""
         requests = (self.request(batch, **options) for batch in batches)
         try:
-            for response in self._stub.ClassifyStream(requests, timeout=self._timeout(timeout),
+            for response in self._stub().ClassifyStream(requests, timeout=self._timeout(timeout),
                                                       metadata=self._metadata):
                 error = ClassifierError(_status(response.error.code), response.error.message) \
                     if response.HasField("error") else None
@@ -151,14 +167,14 @@ class ClassifierClient:
             raise ClassifierError.from_rpc_error(exc) from None
 
     def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
-        return self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return self._call(self._stub().ListModels, pb.ListModelsRequest(), timeout)
 
     def model_info(self, name: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
-        return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(name=name), timeout)
+        return self._call(self._stub().GetModelInfo, pb.GetModelInfoRequest(name=name), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        response = self._call(self._health().Check, health_pb2.HealthCheckRequest(service=service), timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # ------------------------------------------------------------------ helpers

@@ -12,11 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from client import ClassifierClient
 from server.config import ServerConfig
 from support import random_images
 
@@ -88,13 +86,9 @@ def supervisor(models_dir):
 def test_workers_share_one_port_and_each_answers_calls(supervisor):
     assert len(supervisor.ports) == 1 and supervisor.indexes == [0, 1]
     images = random_images(CONNECTIONS, seed=5)
-    for i in range(CONNECTIONS):
-        # A channel of its own per call: gRPC would otherwise share one connection between channels.
-        with grpc.insecure_channel(supervisor.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            image = pb.Image(raw=pb.RawTensor(shape=images[i].shape, dtype=pb.DTYPE_UINT8, layout=pb.LAYOUT_HWC,
-                                              data=images[i].tobytes()))
-            response = pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[image]), timeout=30)
-            assert len(response.results) == 1 and response.model == "tiny-max"
+    with ClassifierClient(supervisor.target, connections=CONNECTIONS) as client:  # each call on the next connection
+        for i in range(CONNECTIONS):
+            assert len(client.classify([images[i]])) == 1
     per_worker = [supervisor.ok_calls(port) for port in supervisor.metrics_ports]
     assert sum(per_worker) == CONNECTIONS and all(n > 0 for n in per_worker), per_worker
 
@@ -115,6 +109,8 @@ def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(supervisor
     assert "worker 0 exited" in "".join(supervisor.log) or "worker 1 exited" in "".join(supervisor.log)
 
 
-def test_workers_must_be_at_least_one():
+def test_workers_and_connections_must_be_at_least_one():
     with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
         ServerConfig(workers=0)
+    with pytest.raises(ValueError, match="connections must be at least 1, got 0"):
+        ClassifierClient(connections=0)
