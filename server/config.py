@@ -70,6 +70,12 @@ class ServerConfig:
         return f"{host}:{self.port}"
 
 
+def default_torch_threads(workers: int = 1) -> int:
+    """For ``torch_threads=0``: one less than the cores, shared out among the workers, at least 1. A
+    core stays free for the event loops and gRPC's threads: OpenMP threads fighting the loop wreck p99."""
+    return max(1, ((os.cpu_count() or 1) - 1) // workers)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

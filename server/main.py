@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from protos.cifar10.v1 import classifier_pb2 as pb
 from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from server import grpc_metrics
 from server.batching import Batcher
-from server.config import ServerConfig, parse_config
+from server.config import ServerConfig, default_torch_threads, parse_config
 from server.gate import Gate
 from server.health import DrainingHealthServicer
 from server.metrics import GpuMemoryCollector, Metrics, serve_metrics
@@ -77,8 +76,7 @@ def default_registry() -> CollectorRegistry:
 
 
 def set_threads(config: ServerConfig) -> int:
-    # Leave a core for the event loop and gRPC's threads: OpenMP threads fighting the loop wreck p99.
-    threads = config.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+    threads = config.torch_threads or default_torch_threads()
     torch.set_num_threads(threads)
     return threads
 

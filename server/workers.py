@@ -21,7 +21,6 @@ one worker at 32 callers spread over two connections.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ import sys
 import time
 from typing import Sequence
 
-from server.config import ServerConfig
+from server.config import ServerConfig, default_torch_threads
 
 log = logging.getLogger("server.workers")
 
@@ -50,7 +49,7 @@ def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int
     """The command line of worker ``index``: the user's flags, then the ones that make it a worker
     (argparse keeps the last value of a repeated flag)."""
     metrics_port = config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
-    threads = config.torch_threads or max(1, ((os.cpu_count() or 1) - 1) // config.workers)
+    threads = config.torch_threads or default_torch_threads(config.workers)
     return [sys.executable, "-m", "server", *argv, "--workers", "1", "--worker-index", str(index),
             "--port", str(port), "--metrics-port", str(metrics_port), "--torch-threads", str(threads)]
 
