@@ -57,6 +57,7 @@ class Recipe:
     seed: int = 0
     kd_weight: float = 0.0  # with a teacher: loss = (1 - w) * label loss + w * distillation loss
     kd_temperature: float = 4.0
+    teacher_tta: bool = False  # the teacher's logits are the mean over the image and its mirror image
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -176,6 +177,8 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher.logits(x)
+                        if recipe.teacher_tta:
+                            teacher_logits = (teacher_logits + teacher.logits(x.flip(3))) / 2
                     kd = distillation_loss(logits, teacher_logits, recipe.kd_temperature)
                     loss = (1 - recipe.kd_weight) * loss + recipe.kd_weight * kd
             opt.zero_grad(set_to_none=True)
@@ -234,9 +237,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher", default=None, help="exported model to distil from (knowledge distillation)")
     p.add_argument("--kd-weight", type=float, default=0.9, help="weight of the distillation loss, with --teacher")
     p.add_argument("--kd-temperature", type=float, default=Recipe.kd_temperature)
+    p.add_argument("--teacher-tta", action="store_true",
+                   help="the teacher scores each image and its mirror image (flip TTA) and teaches their mean")
+    p.add_argument("--init", default=None,
+                   help="start from the weights of this exported model (fine-tuning); its architecture is used")
     p.add_argument("--epochs", type=int, default=Recipe.epochs)
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--lr", type=float, default=Recipe.lr)
+    p.add_argument("--warmup-epochs", type=float, default=Recipe.warmup_epochs, help="linear warm-up of the learning rate")
     p.add_argument("--seed", type=int, default=Recipe.seed)
     p.add_argument("--translate", type=int, default=Recipe.translate_px, help="random shifts up to this many pixels")
     p.add_argument("--cutout", type=int, default=Recipe.cutout, help="cutout square side in pixels (0: off)")
@@ -267,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.residual is not None:
         residual = args.residual
     config = NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths, residual=residual)
+    net, init_meta = CifarNet(config), None
+    if args.init:  # fine-tuning: the network and its weights come from the file
+        net, init_meta = load_eager(args.init)
+        config = net.config
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    warmup_epochs=args.warmup_epochs, teacher_tta=bool(args.teacher and args.teacher_tta),
                     translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
                     val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
                     kd_temperature=args.kd_temperature)
@@ -277,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
     log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, config)
-    net = CifarNet(config)
     result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress, teacher=teacher)
     final = result["history"][-1]
     out = Path(args.out)
@@ -286,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     metadata = build_metadata(
         net, name, args.version,
         dataset={"source": data.source, "sha256": data.sha256, "note": "CIFAR-10 (JPEG) where source is the archive"},
-        training={"recipe": asdict(recipe), "teacher": teacher_note(teacher_meta), "full": args.full, "train_images": result["train_images"],
+        training={"recipe": asdict(recipe), "teacher": teacher_note(teacher_meta),
+                  "init": teacher_note(init_meta), "full": args.full, "train_images": result["train_images"],
                   "seconds": round(result["train_seconds"], 1), "hardware": hardware(device), "command": command},
         validation={"images": result["validation_images"], "accuracy": final.get("accuracy"),
                     "accuracy_flip_tta": final.get("accuracy_flip_tta"), "split_seed": recipe.seed},

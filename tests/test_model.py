@@ -232,3 +232,19 @@ def test_tiny_training_run_lowers_the_loss_and_exports_a_loadable_file(tmp_path)
     _, meta = _load(student)
     assert meta["architecture"]["residual"] is True
     assert meta["training"]["teacher"]["name"] == "trained" and meta["training"]["recipe"]["kd_weight"] == 0.5
+
+    # fine-tuning that model from its own weights, taught by its flip-TTA scores: the architecture comes
+    # from the file (the --widths given here are overridden), the first epoch starts from its weights
+    tuned = tmp_path / "tuned.pt"
+    argv = ["--data", str(root), "--widths", "16,16,16", "--init", str(out), "--teacher", str(out), "--teacher-tta",
+            "--kd-weight", "0.5", "--epochs", "1", "--lr", "0.0", "--warmup-epochs", "0", "--batch-size", "64",
+            "--val-per-class", "5", "--threads", "1", "--no-progress", "--out", str(tuned)]
+    assert main(argv) == 0
+    tuned_module, meta = _load(tuned)
+    assert meta["architecture"]["widths"] == [4, 8, 8] and meta["training"]["init"]["name"] == "trained"
+    assert meta["training"]["recipe"]["teacher_tta"] is True and meta["training"]["recipe"]["warmup_epochs"] == 0
+    # at learning rate 0 the weights are the initial ones; only BatchNorm's running statistics moved
+    tuned_state, start_state = tuned_module.state_dict(), module.state_dict()
+    for name, value in start_state.items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(tuned_state[name], value), name
