@@ -258,7 +258,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="TorchScript file to write")
     p.add_argument("--metrics-json", default=None, help="training metrics JSON (default: OUT with .json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.teacher_tta and not args.teacher:
+        p.error("--teacher-tta needs --teacher")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         net, init_meta = load_eager(args.init)
         config = net.config
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    warmup_epochs=args.warmup_epochs, teacher_tta=bool(args.teacher and args.teacher_tta),
+                    warmup_epochs=args.warmup_epochs, teacher_tta=args.teacher_tta,
                     translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
                     val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
                     kd_temperature=args.kd_temperature)
