@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -20,6 +21,22 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 256 << 20  # matches the server's send limit: all feature maps of a full batch
 _NUMPY_DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype("<f2")}
 _FEATURE_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+_SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+# The unary methods have no side effects, so a call the server never ran is safe to send again:
+# UNAVAILABLE (shutting down, or not reachable yet) and CANCELLED that the caller did not cause (gRPC
+# fails calls it had not yet handed to a handler when the server stops that way: grpc/grpc#41785).
+# gRPC itself retries, and only while no response has begun; a call this client cancels is not retried.
+RETRYABLE_CODES = ("UNAVAILABLE", "CANCELLED")
+
+
+def retry_service_config(attempts: int) -> str:
+    """The gRPC service config that retries Classify, ListModels and GetModelInfo up to ``attempts``
+    times in all (50 ms, then 100 ms, ... up to 500 ms apart, with gRPC's jitter)."""
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": _SERVICE, "method": m} for m in ("Classify", "ListModels", "GetModelInfo")],
+        "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": list(RETRYABLE_CODES)},
+    }]})
 
 
 class ClassifierError(Exception):
@@ -104,15 +121,22 @@ class ClassifierClient:
 
     ``connections=N`` opens N connections and takes them in turn, call by call: a server started
     with ``--workers`` shares its port among processes by connection, so one connection reaches one.
+    ``attempts``: how many times in all a unary call is sent when it fails UNAVAILABLE or CANCELLED
+    without the server having answered (``RETRYABLE_CODES``); 1 sends each call once. Streams are not
+    resent: resend the requests a stream did not answer.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 options: Sequence[tuple[str, Any]] = (), connections: int = 1) -> None:
+                 options: Sequence[tuple[str, Any]] = (), connections: int = 1, attempts: int = 3) -> None:
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
+        if not 1 <= attempts <= 5:  # gRPC caps maxAttempts at 5
+            raise ValueError(f"attempts must be 1 to 5, got {attempts}")
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
+        if attempts > 1:
+            opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(attempts))]
         if connections > 1:
             opts.append(("grpc.use_local_subchannel_pool", 1))  # else gRPC shares one connection among channels
         if credentials is not None:
