@@ -210,6 +210,14 @@ def teacher_note(meta: dict | None) -> dict | None:
             "validation_accuracy": meta.get("validation", {}).get("accuracy")}
 
 
+def init_note(meta: dict | None) -> dict | None:
+    """What a fine-tuned model started from: that model's name, version, validation and whole training record."""
+    if meta is None:
+        return None
+    return {"name": meta["name"], "version": meta["version"], "validation": meta.get("validation"),
+            "training": meta.get("training")}
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -302,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         net, name, args.version,
         dataset={"source": data.source, "sha256": data.sha256, "note": "CIFAR-10 (JPEG) where source is the archive"},
         training={"recipe": asdict(recipe), "teacher": teacher_note(teacher_meta),
-                  "init": teacher_note(init_meta), "full": args.full, "train_images": result["train_images"],
+                  "init": init_note(init_meta), "full": args.full, "train_images": result["train_images"],
                   "seconds": round(result["train_seconds"], 1), "hardware": hardware(device), "command": command},
         validation={"images": result["validation_images"], "accuracy": final.get("accuracy"),
                     "accuracy_flip_tta": final.get("accuracy_flip_tta"), "split_seed": recipe.seed},
