@@ -285,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         widths = tuple(int(w) for w in args.widths.split(","))
     if args.residual is not None:
         residual = args.residual
-    config = NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths, residual=residual)
-    net, init_meta = CifarNet(config), None
     if args.init:  # fine-tuning: the network and its weights come from the file
         net, init_meta = load_eager(args.init)
-        config = net.config
+    else:
+        net, init_meta = CifarNet(NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths,
+                                            residual=residual)), None
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     warmup_epochs=args.warmup_epochs, teacher_tta=args.teacher_tta,
                     translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher, teacher_meta = load_eager(args.teacher)
         teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
-    log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, config)
+    log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, net.config)
     result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress, teacher=teacher)
     final = result["history"][-1]
     out = Path(args.out)

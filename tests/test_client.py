@@ -9,8 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import ClassifierClient
-from client._client import ClassifierError
+from client import ClassifierClient, ClassifierError
 from protos.cifar10.v1 import classifier_pb2 as pb
 from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
