@@ -41,8 +41,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
@@ -201,7 +201,7 @@ def free_port() -> int:
 def start_server(args) -> tuple[subprocess.Popen, str, list[int]]:
     """``python -m server`` on free ports; returns once every worker has said it is serving."""
     port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", str(metrics_port),
+    cmd = [sys.executable, "-m", "cifar10_serving.server", "--port", str(port), "--metrics-port", str(metrics_port),
            "--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
            "--torch-threads", str(args.torch_threads), "--workers", str(args.workers)]
     if args.models_dir:
@@ -248,7 +248,7 @@ class RawModel:
     def __init__(self, path: Path, device: str, threads: int) -> None:
         import torch
 
-        from server.models import load_artifact, resolve_device
+        from cifar10_serving.server.models import load_artifact, resolve_device
 
         torch.set_num_threads(threads)
         self.torch = torch

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the hostile-input makers are shared with the test suite
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 
-from protos.cifar10.v1 import classifier_pb2 as pb  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MAX_PIXELS = 4096 * 4096  # the server's default
 
@@ -41,7 +40,7 @@ class Inputs:
     """Endless hostile images, each with the resize mode to decode it with."""
 
     def __init__(self, seed: int) -> None:
-        import hostile
+        from tests import hostile  # the hostile-input makers are shared with the test suite
 
         self.hostile = hostile
         self.rng = np.random.default_rng(seed)
@@ -94,7 +93,7 @@ def worker(seed: int, seconds: float, current: Path) -> None:
     dies the parent knows which input killed it. Prints a JSON summary."""
     import warnings
 
-    from server.imaging import ImageError, decode_into
+    from cifar10_serving.server.imaging import ImageError, decode_into
 
     warnings.simplefilter("ignore")
     inputs, counts, crashes = Inputs(seed), Counter(), []
@@ -149,7 +148,7 @@ def fuzz_in_process(seconds: float, out: Path) -> tuple[Counter, list[str]]:
 async def fuzz_server(target: str, requests: int, seed: int, concurrency: int = 8) -> Counter:
     import grpc
 
-    from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+    from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
     inputs, rng = Inputs(seed), np.random.default_rng(seed)
     valid = pb.ClassifyRequest(images=[pb.Image(encoded=inputs.seeds[0])]).SerializeToString()
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--replay", type=Path, default=None, help="decode one saved crash input, in this process")
     args = p.parse_args(argv)
     if args.replay is not None:
-        from server.imaging import decode_into
+        from cifar10_serving.server.imaging import decode_into
 
         data = args.replay.read_bytes()
         decode_into(pb.Image.FromString(data[1:]), 0, np.empty((3, 32, 32), np.uint8), data[0], MAX_PIXELS)

@@ -30,8 +30,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
 # No metrics; the cifar10_* metrics only; those and an interceptor that does nothing; everything, as shipped.
 VARIANTS = ("off", "own", "hop", "on")
@@ -68,8 +68,8 @@ class NullMetrics:
 
 # ----------------------------------------------------------------------------- the server side
 def serve(variant: str, models_dir: str, default_model: str, port_file: str) -> None:
-    import server.main as main
-    from server.config import ServerConfig
+    import cifar10_serving.server.main as main
+    from cifar10_serving.server.config import ServerConfig
 
     if variant == "off":
         main.Metrics = NullMetrics
@@ -163,7 +163,7 @@ def metric_calls_per_request() -> float:
     """Seconds spent in the metric calls one single-image Classify request makes, timed alone."""
     from prometheus_client import CollectorRegistry
 
-    from server.metrics import Metrics
+    from cifar10_serving.server.metrics import Metrics
 
     m = Metrics(CollectorRegistry())
     m.add_model("m", {"version": "1"})
@@ -190,7 +190,7 @@ def interceptor_per_call() -> float:
     """Seconds the gRPC metrics interceptor adds to one unary call, timed alone (no network)."""
     from prometheus_client import CollectorRegistry
 
-    from server import grpc_metrics
+    from cifar10_serving.server import grpc_metrics
 
     interceptor = grpc_metrics.interceptor(CollectorRegistry())
 

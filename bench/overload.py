@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from bench.serverproc import MiB, ROOT, ServerProcess, cpu_seconds, machine, percentile
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
 BACKOFF_CAP = 1.0  # seconds
 

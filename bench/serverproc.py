@@ -23,7 +23,7 @@ class ServerProcess:
         self.log: list[str] = []
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", *args],
+            [sys.executable, "-m", "cifar10_serving.server", "--port", "0", "--metrics-port", "0", *args],
             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         threading.Thread(target=self._read, daemon=True).start()

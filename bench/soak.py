@@ -28,8 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from bench.serverproc import MiB, ROOT, ServerProcess, machine, percentile
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
 # (kind, weight): what a caller does next
 MIX = (("single", 35), ("batch", 15), ("features", 10), ("stream", 10), ("info", 5), ("health", 10), ("bad", 15))

@@ -1,13 +1,13 @@
 """Python client for the CIFAR-10 classification service. It needs grpcio, protobuf, numpy and
 pillow, never torch.
 
-    from client import ClassifierClient
+    from cifar10_serving.client import ClassifierClient
     with ClassifierClient("127.0.0.1:50051") as c:
-        result = c.classify(["examples/cat.png"], layers=["stage1.pool"])[0]
+        result = c.classify(["examples/cat.jpg"], layers=["stage1.pool"])[0]
         print(result.label, result.feature_maps["stage1.pool"].shape)
 """
 
-from client._client import (
+from cifar10_serving.client._client import (
     Classification,
     ClassifierClient,
     ClassifierError,
@@ -15,7 +15,7 @@ from client._client import (
     Prediction,
     StreamResult,
 )
-from client._credentials import tls_credentials
+from cifar10_serving.client._credentials import tls_credentials
 
 __all__ = ["Classification", "ClassifierClient", "ClassifierError", "ImageLike", "Prediction", "StreamResult",
            "tls_credentials"]

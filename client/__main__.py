@@ -1,3 +1,3 @@
-from client.cli import main
+from cifar10_serving.client.cli import main
 
 raise SystemExit(main())

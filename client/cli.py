@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from client._client import DEFAULT_TARGET, Classification, ClassifierClient, ClassifierError
-from client._credentials import tls_credentials
-from client.featuremaps import save_feature_maps
+from cifar10_serving.client._client import DEFAULT_TARGET, Classification, ClassifierClient, ClassifierError
+from cifar10_serving.client._credentials import tls_credentials
+from cifar10_serving.client.featuremaps import save_feature_maps
 
 ENV_TARGET = "CIFAR10_TARGET"
 ENV_CA_CERT, ENV_CLIENT_CERT, ENV_CLIENT_KEY = "CIFAR10_CA_CERT", "CIFAR10_CLIENT_CERT", "CIFAR10_CLIENT_KEY"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from model.data import load_training_set, validation_split
-from model.export import read_metadata
-from model.train import DEFAULT_DATA, REPO
+from cifar10_serving.model.data import load_training_set, validation_split
+from cifar10_serving.model.export import read_metadata
+from cifar10_serving.model.train import DEFAULT_DATA, REPO
 
 def load(path: Path):
     module, metadata = read_metadata(path)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         _, val_idx = validation_split(data.labels, validation.get("images", 5000) // 10 or 500,
                                       validation.get("split_seed", 0))
         measured = accuracy(module, data.images[val_idx], data.labels[val_idx])
-        from server.models import optimize_for_serving  # the server's own optimisation, measured as served
+        from cifar10_serving.server.models import optimize_for_serving  # the server's own optimisation, measured as served
 
         served = optimize_for_serving(module)
         training = meta.get("training", {})

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from model.data import CLASSES
-from model.network import POOL_STRIDE, CifarNet, count_flops, describe_layers
+from cifar10_serving.model.data import CLASSES
+from cifar10_serving.model.network import POOL_STRIDE, CifarNet, count_flops, describe_layers
 
 METADATA_FILE = "metadata.json"  # name of the extra file inside the TorchScript archive
 FORMAT_VERSION = 1  # bump when the metadata's meaning changes
@@ -75,7 +75,7 @@ def read_metadata(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
 def load_eager(path: str | Path) -> tuple[CifarNet, dict]:
     """An exported file rebuilt as an eager ``CifarNet`` (its architecture from the metadata, its
     weights from the archive), on the CPU, with the metadata."""
-    from model.network import NetConfig
+    from cifar10_serving.model.network import NetConfig
 
     scripted, metadata = read_metadata(path)
     arch = {**metadata["architecture"], "widths": tuple(metadata["architecture"]["widths"])}
@@ -89,8 +89,8 @@ def reexport(src: str | Path, dst: str | Path, name: str, data_source: str | Pat
     """Re-exports a trained file under ``name`` with this code: rebuilds the eager network from its
     metadata, loads its weights, re-scores the validation split on the CPU in float32 and writes the
     file with fresh metadata (the training record is kept). For shipping a sweep run as a named model."""
-    from model.data import load_training_set, validation_split
-    from model.train import evaluate
+    from cifar10_serving.model.data import load_training_set, validation_split
+    from cifar10_serving.model.train import evaluate
 
     net, old = load_eager(src)
     data = load_training_set(data_source, cache_dir=cache_dir)
@@ -111,7 +111,7 @@ def reexport(src: str | Path, dst: str | Path, name: str, data_source: str | Pat
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from model.train import DEFAULT_DATA
+    from cifar10_serving.model.train import DEFAULT_DATA
 
     p = argparse.ArgumentParser(prog="python -m model.export",
                                 description="Re-export a trained file under another name, re-scored on the CPU.")

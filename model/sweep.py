@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from model.data import load_training_set
-from model.network import CifarNet, NetConfig
-from model.train import ARCHS, DEFAULT_DATA
+from cifar10_serving.model.data import load_training_set
+from cifar10_serving.model.network import CifarNet, NetConfig
+from cifar10_serving.model.train import ARCHS, DEFAULT_DATA
 
 EPOCHS = 40
 # name -> model.train arguments (all at or under 150 MFLOP per image, both poolings are trained)
@@ -78,7 +78,7 @@ class Job:
     def __init__(self, name: str, args: list[str], out_dir: Path, common: list[str]) -> None:
         self.name, self.out = name, out_dir / f"{name}.pt"
         self.log = out_dir / f"{name}.log"
-        self.argv = [sys.executable, "-m", "model.train", *args, *common, "--name", name, "--out", str(self.out)]
+        self.argv = [sys.executable, "-m", "cifar10_serving.model.train", *args, *common, "--name", name, "--out", str(self.out)]
         self.proc: subprocess.Popen | None = None
         self.started = self.ended = 0.0
 

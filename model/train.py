@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from model.data import Dataset, load_training_set, validation_split
-from model.export import build_metadata, export_torchscript, load_eager
-from model.network import CIFAR10_MEAN, CifarNet, NetConfig
+from cifar10_serving.model.data import Dataset, load_training_set, validation_split
+from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
+from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig
 
 log = logging.getLogger("model.train")
 

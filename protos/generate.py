@@ -1,13 +1,16 @@
 """Regenerate the Python code for the .proto files: ``python -m protos.generate [--out DIR]``.
 
-Run from anywhere; paths are resolved against the repository root so the generated imports read
-``from protos.cifar10.v1 import classifier_pb2``. ``tests/test_protos.py`` fails when the committed
-code differs from what this produces (grpcio-tools is pinned in pyproject.toml for that reason).
+Run from anywhere; paths are resolved against the repository root. protoc writes absolute imports
+from the include root (``from protos.cifar10.v1 import classifier_pb2``); they are made relative
+(``from . import classifier_pb2``) so the code works under whatever package name it is installed as
+(``cifar10_serving.protos``). ``tests/test_protos.py`` fails when the committed code differs from what
+this produces (grpcio-tools is pinned in pyproject.toml for that reason).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +25,16 @@ def generate(out: Path) -> list[Path]:
     args = ["grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"]
     if protoc.main([*args, *PROTOS]) != 0:
         raise RuntimeError(f"protoc failed on {PROTOS}")
-    return sorted(p for p in out.rglob("*_pb2*.py*"))
+    generated = sorted(p for p in out.rglob("*_pb2*.py*"))
+    for path in generated:
+        path.write_text(_relative_imports(path.read_text(), path.parent.relative_to(out).as_posix()))
+    return generated
+
+
+def _relative_imports(code: str, package_dir: str) -> str:
+    """``from protos.cifar10.v1 import x`` -> ``from . import x``, for modules of the same package."""
+    package = re.escape(package_dir.replace("/", "."))
+    return re.sub(rf"^from {package} import ", "from . import ", code, flags=re.MULTILINE)
 
 
 def main(argv: list[str] | None = None) -> int:

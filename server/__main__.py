@@ -1,3 +1,3 @@
-from server.main import main
+from cifar10_serving.server.main import main
 
 raise SystemExit(main())

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from server.metrics import Metrics
-from server.models import LoadedModel
+from cifar10_serving.server.metrics import Metrics
+from cifar10_serving.server.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

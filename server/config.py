@@ -7,13 +7,25 @@ variable, the variable over the default. Nothing reads the environment at import
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
 ENV_PREFIX = "CIFAR10_"
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "model" / "artifacts"
+
+
+def bundled_models_dir() -> Path:
+    """The models shipped inside the package (``model/artifacts`` in a checkout, package data in a
+    wheel). Found without importing ``cifar10_serving.model``: the server never imports the trainer."""
+    spec = importlib.util.find_spec("cifar10_serving.model")
+    if spec is None or not spec.submodule_search_locations:
+        return Path("model") / "artifacts"  # not installed: relative to the working directory, and says so when missing
+    return Path(next(iter(spec.submodule_search_locations))) / "artifacts"
+
+
+DEFAULT_MODELS_DIR = bundled_models_dir()
 MiB = 1 << 20
 
 

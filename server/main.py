@@ -21,18 +21,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from server import grpc_metrics
-from server.batching import Batcher
-from server.config import ServerConfig, default_torch_threads, parse_config
-from server.gate import Gate
-from server.health import DrainingHealthServicer
-from server.metrics import GpuMemoryCollector, Metrics, serve_metrics
-from server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
-from server.security import SecurityConfigError, add_port, check_models_dir, interceptors
-from server.service import ClassifierService
-from server.workers import supervise
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server import grpc_metrics
+from cifar10_serving.server.batching import Batcher
+from cifar10_serving.server.config import ServerConfig, default_torch_threads, parse_config
+from cifar10_serving.server.gate import Gate
+from cifar10_serving.server.health import DrainingHealthServicer
+from cifar10_serving.server.metrics import GpuMemoryCollector, Metrics, serve_metrics
+from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
+from cifar10_serving.server.security import SecurityConfigError, add_port, check_models_dir, interceptors
+from cifar10_serving.server.service import ClassifierService
+from cifar10_serving.server.workers import supervise
 
 log = logging.getLogger("server")
 

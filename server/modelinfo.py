@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from protos.cifar10.v1 import classifier_pb2 as pb
-from server.models import LoadedModel
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.server.models import LoadedModel
 
 
 def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:

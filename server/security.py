@@ -23,7 +23,7 @@ from typing import Sequence
 
 import grpc
 
-from server.config import ServerConfig
+from cifar10_serving.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from server.batching import Batcher, BatchResult, DeadlineExpired, ModelFailure, QueueFull
-from server.config import ServerConfig
-from server.imaging import ImageError, decode_into, enum_name
-from server.metrics import UNKNOWN_MODEL, Metrics
-from server.models import LoadedModel
-from server.modelinfo import model_info
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.batching import Batcher, BatchResult, DeadlineExpired, ModelFailure, QueueFull
+from cifar10_serving.server.config import ServerConfig
+from cifar10_serving.server.imaging import ImageError, decode_into, enum_name
+from cifar10_serving.server.metrics import UNKNOWN_MODEL, Metrics
+from cifar10_serving.server.models import LoadedModel
+from cifar10_serving.server.modelinfo import model_info
 
 log = logging.getLogger(__name__)
 

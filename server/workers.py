@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Sequence
 
-from server.config import ServerConfig, default_torch_threads
+from cifar10_serving.server.config import ServerConfig, default_torch_threads
 
 log = logging.getLogger("server.workers")
 
@@ -50,7 +50,7 @@ def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int
     (argparse keeps the last value of a repeated flag)."""
     metrics_port = config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
     threads = config.torch_threads or default_torch_threads(config.workers)
-    return [sys.executable, "-m", "server", *argv, "--workers", "1", "--worker-index", str(index),
+    return [sys.executable, "-m", "cifar10_serving.server", *argv, "--workers", "1", "--worker-index", str(index),
             "--port", str(port), "--metrics-port", str(metrics_port), "--torch-threads", str(threads)]
 
 

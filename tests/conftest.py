@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from support import RunningServer, export_tiny, make_config
+from tests.support import RunningServer, export_tiny, make_config
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def server(models_dir):
 
 @pytest.fixture()
 def client(server):
-    from client import ClassifierClient
+    from cifar10_serving.client import ClassifierClient
 
     with ClassifierClient(server.target, timeout=30) as c:
         yield c

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.export import build_metadata, export_torchscript
-from model.network import CifarNet, NetConfig
+from cifar10_serving.model.export import build_metadata, export_torchscript
+from cifar10_serving.model.network import CifarNet, NetConfig
 
 POISON = (1, 3, 3, 7)
 HOG = (6, 6, 6, 6)

@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from support import encode
+from tests.support import encode
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.export import build_metadata, export_torchscript
-from model.network import CifarNet, NetConfig
-from server.config import ServerConfig
+from cifar10_serving.model.export import build_metadata, export_torchscript
+from cifar10_serving.model.network import CifarNet, NetConfig
+from cifar10_serving.server.config import ServerConfig
 
 TINY_WIDTHS = (4, 8, 8)  # fast on any CPU, still three pooled stages
 
@@ -46,7 +46,7 @@ class RunningServer:
     """A real server (``server.main.create_server``) on its own event loop in a background thread."""
 
     def __init__(self, config: ServerConfig, registry=None) -> None:
-        from server.main import create_server
+        from cifar10_serving.server.main import create_server
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)

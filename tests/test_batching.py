@@ -11,9 +11,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from server.batching import Batcher, DeadlineExpired, QueueFull, batch_ladder
-from server.metrics import Metrics
-from server.models import load_artifact
+from cifar10_serving.server.batching import Batcher, DeadlineExpired, QueueFull, batch_ladder
+from cifar10_serving.server.metrics import Metrics
+from cifar10_serving.server.models import load_artifact
 
 
 @pytest.fixture(scope="module")

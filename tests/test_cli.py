@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from client.cli import main
+from cifar10_serving.client.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -77,6 +77,6 @@ def test_errors_exit_non_zero_with_the_status(server, capsys, tmp_path):
 
 
 def test_python_dash_m_client_runs(server):
-    out = subprocess.run([sys.executable, "-m", "client", "--target", server.target, "health"],
+    out = subprocess.run([sys.executable, "-m", "cifar10_serving.client", "--target", server.target, "health"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "SERVING"

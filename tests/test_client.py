@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client import ClassifierClient, ClassifierError
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.client import ClassifierClient, ClassifierError
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
 
 class Failing(pb_grpc.ClassifierServicer):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from client import ClassifierClient
-from server.models import load_artifact
-from support import RunningServer, make_config
+from cifar10_serving.client import ClassifierClient
+from cifar10_serving.server.models import load_artifact
+from tests.support import RunningServer, make_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

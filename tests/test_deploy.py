@@ -22,9 +22,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from server import grpc_metrics
-from server.config import DEFAULT_MODELS_DIR, ENV_PREFIX, ServerConfig, parse_config
-from server.metrics import Metrics
+from cifar10_serving.server import grpc_metrics
+from cifar10_serving.server.config import DEFAULT_MODELS_DIR, ENV_PREFIX, ServerConfig, parse_config
+from cifar10_serving.server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

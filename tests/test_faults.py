@@ -14,9 +14,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from client import ClassifierClient, ClassifierError
-from faultmodel import HOG, POISON, SLOW, export_faulty, marked
-from support import RunningServer, make_config, random_images
+from cifar10_serving.client import ClassifierClient, ClassifierError
+from tests.faultmodel import HOG, POISON, SLOW, export_faulty, marked
+from tests.support import RunningServer, make_config, random_images
 
 BATCH = 4  # small batches make "only the requests in that batch" checkable
 QUEUE = 8

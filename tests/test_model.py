@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import CLASSES, PYTHON_FORMAT_DIR, load_jpeg_archive, load_python_format, validation_split
-from model.export import METADATA_FILE, build_metadata, export_torchscript
-from model.network import CifarNet, NetConfig, count_flops, describe_layers, pooled_size
-from model.train import Recipe, train
-from model.data import Dataset
-from support import TINY_WIDTHS, encode, export_tiny
+from cifar10_serving.model.data import CLASSES, PYTHON_FORMAT_DIR, load_jpeg_archive, load_python_format, validation_split
+from cifar10_serving.model.export import METADATA_FILE, build_metadata, export_torchscript
+from cifar10_serving.model.network import CifarNet, NetConfig, count_flops, describe_layers, pooled_size
+from cifar10_serving.model.train import Recipe, train
+from cifar10_serving.model.data import Dataset
+from tests.support import TINY_WIDTHS, encode, export_tiny
 
 CONFIGS = [(pool, size) for pool in ("max", "avg", "conv") for size in (2, 3)]
 RESIDUAL = [False, True]
@@ -104,7 +104,7 @@ def test_metadata_describes_the_model(tmp_path):
 
 
 def test_flops_of_the_default_architecture_are_within_budget():
-    from model.train import ARCHS
+    from cifar10_serving.model.train import ARCHS
 
     widths, residual = ARCHS["base"]
     net = CifarNet(NetConfig(widths=widths, residual=residual))
@@ -204,7 +204,7 @@ def test_tiny_training_run_lowers_the_loss_and_exports_a_loadable_file(tmp_path)
     images, labels = _synthetic(40)
     root = _write_python_format(tmp_path / "data", images, labels)
     out = tmp_path / "trained.pt"
-    from model.train import main
+    from cifar10_serving.model.train import main
 
     argv = ["--data", str(root), "--widths", "4,8,8", "--epochs", "3", "--batch-size", "64", "--lr", "0.2",
             "--val-per-class", "5", "--threads", "1", "--no-progress", "--out", str(out)]

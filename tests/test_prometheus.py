@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import RunningServer, make_config
-from traffic import HELD_CONFIG, Sent, send_mix, wait_for
+from tests.support import RunningServer, make_config
+from tests.traffic import HELD_CONFIG, Sent, send_mix, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus.yml"

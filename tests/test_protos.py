@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protos.generate import ROOT, generate
+from cifar10_serving.protos.generate import ROOT, generate
 
 
 def test_generated_code_is_not_stale(tmp_path):

@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import ClassifierClient, ClassifierError, tls_credentials
-from client import cli
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from server.config import ServerConfig, parse_config
-from server.security import SecurityConfigError, check_models_dir, load_tokens, server_credentials
-from support import RunningServer, make_config, random_images
+from cifar10_serving.client import ClassifierClient, ClassifierError, tls_credentials
+from cifar10_serving.client import cli
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.config import ServerConfig, parse_config
+from cifar10_serving.server.security import SecurityConfigError, check_models_dir, load_tokens, server_credentials
+from tests.support import RunningServer, make_config, random_images
 
 SERVER_DIR = Path(__file__).resolve().parent.parent / "server"
 TOKENS = ("s3cret-token-one", "s3cret-token-two")

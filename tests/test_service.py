@@ -15,10 +15,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import ClassifierClient, ClassifierError
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from support import RunningServer, encode, make_config, random_images
+from cifar10_serving.client import ClassifierClient, ClassifierError
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from tests.support import RunningServer, encode, make_config, random_images
 
 MODELS = ["tiny-max", "tiny-avg"]
 

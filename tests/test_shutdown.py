@@ -27,10 +27,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from faultmodel import SLOW, export_faulty, marked
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from support import export_tiny, random_images
+from tests.faultmodel import SLOW, export_faulty, marked
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from tests.support import export_tiny, random_images
 
 ROOT = Path(__file__).resolve().parent.parent  # the tree under test: the subprocess imports this code
 GRACE = 20.0
@@ -47,7 +47,7 @@ class ServerProcess:
         self.log: list[str] = []
         self.ready = threading.Event()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--models-dir", str(models_dir),
+            [sys.executable, "-m", "cifar10_serving.server", "--port", "0", "--metrics-port", "0", "--models-dir", str(models_dir),
              "--default-model", "tiny-max", "--grace-period-seconds", str(GRACE), "--torch-threads", "1",
              "--warmup-batches", "1", "--max-batch-size", "16", "--max-queue-images", "4096"],
             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

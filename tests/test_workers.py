@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from client import ClassifierClient
-from server.config import ServerConfig
-from support import random_images
+from cifar10_serving.client import ClassifierClient
+from cifar10_serving.server.config import ServerConfig
+from tests.support import random_images
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
@@ -31,7 +31,7 @@ class Supervisor:
         self.log: list[str] = []
         self.serving = threading.Semaphore(0)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--workers", str(WORKERS), "--port", "0", "--metrics-port", "0",
+            [sys.executable, "-m", "cifar10_serving.server", "--workers", str(WORKERS), "--port", "0", "--metrics-port", "0",
              "--models-dir", str(models_dir), "--default-model", "tiny-max", "--warmup-batches", "1",
              "--grace-period-seconds", str(GRACE)],
             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.cifar10.v1 import classifier_pb2 as pb
-from protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from support import random_images
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from tests.support import random_images
 
 SERVICE = "cifar10.v1.Classifier"
 HEALTH = "grpc.health.v1.Health"

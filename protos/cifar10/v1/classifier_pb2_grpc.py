@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.cifar10.v1 import classifier_pb2 as protos_dot_cifar10_dot_v1_dot_classifier__pb2
+from . import classifier_pb2 as protos_dot_cifar10_dot_v1_dot_classifier__pb2
 
 GRPC_GENERATED_VERSION = '1.85.0'
 GRPC_VERSION = grpc.__version__
