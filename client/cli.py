@@ -3,6 +3,7 @@
     cifar10-client classify examples/cat.jpg             # top-5 table
     cifar10-client classify examples/*.jpg --json        # for machines
     cifar10-client classify examples/cat.jpg --features '*' --save-features maps/
+    cifar10-client inspect examples/cat.jpg --models base-max,base-avg --out inspect/   # one HTML page
     cifar10-client layers                                # what each layer does to the volume
     cifar10-client models
     cifar10-client health                                # exit 0 only when SERVING
@@ -20,6 +21,7 @@ from typing import Sequence
 from cifar10_serving.client._client import DEFAULT_TARGET, Classification, ClassifierClient, ClassifierError
 from cifar10_serving.client._credentials import tls_credentials
 from cifar10_serving.client.featuremaps import save_feature_maps
+from cifar10_serving.client.inspect_page import gather, load_input, write_page
 
 ENV_TARGET = "CIFAR10_TARGET"
 ENV_CA_CERT, ENV_CLIENT_CERT, ENV_CLIENT_KEY = "CIFAR10_CA_CERT", "CIFAR10_CLIENT_CERT", "CIFAR10_CLIENT_KEY"
@@ -50,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="write each feature map as a PNG grid under DIR/<image name>/<layer>.png")
     c.add_argument("--no-resize", action="store_true", help="refuse images that are not 32x32")
     c.add_argument("--json", action="store_true", help="print JSON")
+
+    i = sub.add_parser("inspect", help="one HTML page: the image through every layer of each model, and why")
+    i.add_argument("image", type=Path)
+    i.add_argument("--models", default="", metavar="A,B",
+                   help="comma-separated model names, shown side by side (default: the server's default)")
+    i.add_argument("--top-k", type=int, default=5)
+    i.add_argument("--out", type=Path, required=True, metavar="DIR", help="write DIR/<image name>.html")
 
     lay = sub.add_parser("layers", help="a model's layers: kind and output shape C x H x W")
     lay.add_argument("--model", default="")
@@ -102,9 +111,10 @@ def _classify(client: ClassifierClient, args) -> int:
                               resize=not args.no_resize)
     saved: dict[str, list[str]] = {}
     if args.save_features:
+        kinds = {layer.name: layer.kind for layer in client.model_info(args.model).layers}
         for path, result in zip(args.images, results):
             out = args.save_features / path.stem
-            saved[str(path)] = [str(p) for p in save_feature_maps(result.feature_maps, out)]
+            saved[str(path)] = [str(p) for p in save_feature_maps(result.feature_maps, out, kinds)]
     if args.json:
         print(json.dumps([_result_json(path, r, saved.get(str(path), [])) for path, r in zip(args.images, results)],
                          indent=1))
@@ -130,6 +140,19 @@ def _result_json(path: Path, result: Classification, saved: list[str]) -> dict:
         "feature_maps": {layer: list(fmap.shape) for layer, fmap in result.feature_maps.items()},
         "saved": saved,
     }
+
+
+def _inspect(client: ClassifierClient, args) -> int:
+    models = [m.strip() for m in args.models.split(",") if m.strip()] or [""]
+    pixels = load_input(args.image)
+    views = gather(client, pixels, models, top_k=args.top_k)
+    page = write_page(args.out, args.image.name, pixels, views)
+    for view in views:
+        note = "explained" if view.explanation is not None else f"explanations {view.explain_note}"
+        print(f"{view.info.name:<14} {view.result.label:<11} {100 * view.result.top_k[0].probability:6.2f}%  "
+              f"{len(view.layers)} layers; {note}")
+    print(f"wrote {page}")
+    return 0
 
 
 def _layers(client: ClassifierClient, args) -> int:
@@ -172,7 +195,7 @@ def _health(client: ClassifierClient, args) -> int:
     return 0 if status == "SERVING" else 1
 
 
-COMMANDS = {"classify": _classify, "layers": _layers, "models": _models, "health": _health}
+COMMANDS = {"classify": _classify, "inspect": _inspect, "layers": _layers, "models": _models, "health": _health}
 
 if __name__ == "__main__":
     raise SystemExit(main())
