@@ -77,12 +77,14 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 await pending.put(None)
 
         reader = asyncio.ensure_future(read())
+        in_flight = self.metrics.in_flight.labels("ClassifyStream")  # counts the stream; its requests have Calls
+        in_flight.inc()
         try:
-            with self.metrics.in_flight.labels("ClassifyStream").track_inprogress():  # the stream, not each request
-                while (task := await pending.get()) is not None:
-                    yield await task
-                await reader  # surfaces a broken request stream
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # surfaces a broken request stream
         finally:
+            in_flight.dec()
             reader.cancel()
             while not pending.empty():
                 task = pending.get_nowait()
