@@ -60,7 +60,7 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
         raise ImageError(f"image {index}: declares more pixels than the limit of {max_pixels}; "
                          "refused from its header") from None
-    except Exception as exc:  # a header PIL cannot parse: OSError, SyntaxError, struct.error, ...
+    except Exception as exc:  # a header PIL cannot parse: OSError, SyntaxError, ...
         raise ImageError(f"image {index}: not a decodable PNG or JPEG ({_reason(exc)})") from None
     w, h = img.size
     if w < 1 or h < 1 or w * h > max_pixels:
