@@ -16,6 +16,7 @@ from cifar10_serving.client._client import (
     StreamResult,
 )
 from cifar10_serving.client._credentials import tls_credentials
+from cifar10_serving.client.explanation import Explanation, ExplanationMap
 
-__all__ = ["Classification", "ClassifierClient", "ClassifierError", "ImageLike", "Prediction", "StreamResult",
-           "tls_credentials"]
+__all__ = ["Classification", "ClassifierClient", "ClassifierError", "Explanation", "ExplanationMap", "ImageLike",
+           "Prediction", "StreamResult", "tls_credentials"]

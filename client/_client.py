@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.client.explanation import Explanation, explanations
 
 ImageLike = Union[str, os.PathLike, bytes, np.ndarray, Any]  # Any: a PIL.Image.Image
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -189,6 +190,17 @@ class ClassifierClient:
                 yield StreamResult(response.request_id, [_classification(r) for r in response.results], error)
         except grpc.RpcError as exc:
             raise ClassifierError.from_rpc_error(exc) from None
+
+    def explain(self, images: Sequence[ImageLike], *, model: str = "", target: int | None = None, layer: str = "",
+                resize: bool = True, timeout: float | None = None) -> list[Explanation]:
+        """Saliency and Grad-CAM maps, input-sized, for class ``target`` (an index; None: each image's
+        top class), Grad-CAM at ``layer`` (empty: the server's default, the last stage's output)."""
+        classify = self.request(images, model=model, resize=resize)
+        request = pb.ExplainRequest(model=model, images=classify.images, layer=layer, resize=classify.resize,
+                                    request_id=classify.request_id)
+        if target is not None:
+            request.class_index = target
+        return explanations(self._call(self._stub().Explain, request, timeout))
 
     def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         return self._call(self._stub().ListModels, pb.ListModelsRequest(), timeout)

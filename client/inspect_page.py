@@ -1,7 +1,9 @@
 """One self-contained HTML page that shows a whole network on one image, as ConvNetJS's CIFAR-10 demo
 does: the input, the top-k, every layer's feature maps in order with the size rule each downsampling
-step applied, the fully connected layer's ten scores, and the server's explanations (saliency and
-Grad-CAM) where it offers them. With several models, one column each, a layer's row across them.
+step applied and the fully connected layer's ten scores; and, beside the answer, the server's
+explanations (saliency and Grad-CAM) where it offers them. With several models, one column each, and
+each layer's row across them, so max pooling, average pooling and a strided convolution can be
+compared at the same layer.
 
     cifar10-client inspect examples/cat.jpg --models base-max,base-avg --out inspect/
 
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from cifar10_serving.client._client import Classification, ClassifierClient, ClassifierError
+from cifar10_serving.client.explanation import Explanation
 from cifar10_serving.client.featuremaps import shape_text
 from cifar10_serving.client.pictures import as_volume, data_uri, enlarge, grid, overlay, tile_scale
 
@@ -36,7 +39,7 @@ class ModelView:
 
     info: object  # pb.ModelInfo
     result: Classification
-    explanation: object | None = None  # an Explanation
+    explanation: Explanation | None = None
     explain_note: str = ""
     layers: list = field(init=False)
 
@@ -73,11 +76,8 @@ def gather(client: ClassifierClient, pixels: np.ndarray, models: Sequence[str] =
 
 def _explain(client: ClassifierClient, pixels: np.ndarray, model: str, timeout: float | None):
     """(explanation, note): the server's saliency and Grad-CAM maps for the top class, or why not."""
-    explain = getattr(client, "explain", None)
-    if explain is None:
-        return None, "not offered by this client"
     try:
-        return explain([pixels], model=model, timeout=timeout)[0], ""
+        return client.explain([pixels], model=model, timeout=timeout)[0], ""
     except ClassifierError as exc:
         if exc.code == grpc.StatusCode.UNIMPLEMENTED:
             return None, "not offered by this server"
@@ -95,10 +95,10 @@ def write_page(out_dir: str | Path, image_name: str, pixels: np.ndarray, views: 
 
 # ---------------------------------------------------------------------------------------- the page
 def render_page(image_name: str, pixels: np.ndarray, views: Sequence[ModelView]) -> str:
-    rows: list[list[str]] = [[_header(v) + _input_cell(pixels, v) for v in views]]
+    rows: list[list[str]] = [[_header(v) + _input_cell(pixels, v) for v in views],
+                             [_explanation_cell(v, pixels) for v in views]]
     for name in merged_layer_order([[l.name for l in v.layers] for v in views]):
         rows.append([_layer_cell(v, name, pixels) for v in views])
-    rows.append([_explanation_cell(v, pixels) for v in views])
     cells = "\n".join(cell for row in rows for cell in row)
     title = f"{Path(image_name).name}: " + ", ".join(f"{v.info.name} says {v.result.label}" for v in views)
     return PAGE.format(title=_e(title), columns=len(views), cells=cells)

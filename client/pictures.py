@@ -119,8 +119,9 @@ def heat(values: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, values: np.ndarray, scale: int) -> np.ndarray:
-    """An H x W x 3 uint8 image with a heat map of ``values`` (same H x W) over it, enlarged."""
-    base = Image.fromarray(enlarge(np.asarray(image, dtype=np.uint8), scale)).convert("RGBA")
+    """An H x W x 3 uint8 image, in grey, with a heat map of ``values`` (same H x W) over it, enlarged."""
+    # The image in grey under the heat map, so the map's colours stand out from the image's own.
+    base = Image.fromarray(enlarge(np.asarray(image, dtype=np.uint8), scale)).convert("L").convert("RGBA")
     top = Image.fromarray(enlarge(heat(values), scale), mode="RGBA")
     return np.asarray(Image.alpha_composite(base, top).convert("RGB"))
 

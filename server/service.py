@@ -19,6 +19,7 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.batching import Batcher, BatchError, BatchResult
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, model_label, rejection_for
 from cifar10_serving.server.config import ServerConfig
+from cifar10_serving.server.explain import Explainer
 from cifar10_serving.server.imaging import ImageError, decode_into, enum_name
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel
@@ -54,6 +55,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.batchers = batchers
         self.metrics = metrics
         self._decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self.explainer = Explainer(config, metrics, self._resolve, self._model_label)
 
     # ------------------------------------------------------------------ rpcs
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
@@ -105,6 +107,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 return self._info(self._resolve(request.name))
         except Rejection as rejection:
             await context.abort(rejection.code, rejection.message)
+
+    async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
+        return await self.explainer.Explain(request, context)  # a path of its own, apart from the batcher's
 
     # ------------------------------------------------------------------ the serving path
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:

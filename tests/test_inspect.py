@@ -17,8 +17,10 @@ import select
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,6 +28,7 @@ from PIL import Image
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.client.cli import main
 from cifar10_serving.client.inspect_page import load_input, merged_layer_order
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from tests.support import RunningServer, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,7 +191,8 @@ def test_page_shows_every_layer_of_two_models_side_by_side(tiny_server, tiny_cli
     rules = " | ".join(seen["rules"])
     assert "(W - F) / S + 1 = (32 - 2) / 2 + 1 = 16; depth unchanged: 4" in rules  # tiny-max's stage1.pool
     assert "(W - F) / S + 1 = (32 - 3) / 2 + 1 = 15 (rounded down); depth unchanged: 4" in rules  # tiny-avg's
-    assert len(seen["explain"]) == len(models)
+    assert len(seen["explain"]) == len(models) and all(text.startswith("Why ") for text in seen["explain"])
+    assert sum("grad_cam" in i["alt"] or "saliency" in i["alt"] for i in seen["images"]) == 2 * len(models)
     shot = browser.screenshot(tmp_path / "page.png")
     picture = np.asarray(Image.open(shot).convert("L"))
     assert picture.shape[1] >= WINDOW[0] // 2 and picture.shape[0] > WINDOW[1]  # the whole page, not the window
@@ -212,11 +216,41 @@ def test_bundled_models_page_renders(browser, tmp_path):
         running.stop(grace=1.0)
 
 
-def test_page_is_self_contained_and_says_whether_it_explains(tiny_server, tmp_path):
+def test_page_is_self_contained(tiny_server, tmp_path):
     page = inspect_page(tiny_server.target, ["tiny-max"], tmp_path).read_text(encoding="utf-8")
     assert page.count('<section class="layer"') > 10
-    assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
-    assert page.count("data-offered=") == 1
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert page.count('data-offered="true"') == 1 and "grad_cam at stage3.act2" in page
+
+
+class WithoutExplain(pb_grpc.ClassifierServicer):
+    """A server from before Explain: Classify and GetModelInfo passed on to a real one, Explain the
+    generated UNIMPLEMENTED."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.ClassifierStub(self.channel)
+
+    def Classify(self, request, context):
+        return self.stub.Classify(request, timeout=30)
+
+    def GetModelInfo(self, request, context):
+        return self.stub.GetModelInfo(request, timeout=30)
+
+
+def test_page_says_when_the_server_offers_no_explanations(tiny_server, tmp_path):
+    servicer = WithoutExplain(tiny_server.target)
+    server = grpc.server(ThreadPoolExecutor(2))
+    pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        page = inspect_page(f"127.0.0.1:{port}", ["tiny-max"], tmp_path).read_text(encoding="utf-8")
+    finally:
+        server.stop(1).wait(10)
+        servicer.channel.close()
+    assert 'data-offered="false"' in page and "saliency and Grad-CAM: not offered by this server" in page
+    assert page.count('<section class="layer"') > 10  # the rest of the page stands
 
 
 def test_merged_layer_order_keeps_each_models_order():

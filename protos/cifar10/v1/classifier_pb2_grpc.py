@@ -55,6 +55,11 @@ class ClassifierStub:
                 request_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/cifar10.v1.Classifier/Explain',
+                request_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -90,6 +95,14 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why a class: saliency and Grad-CAM maps per image. Slower than Classify, on a path of its own
+        with its own limits; RESOURCE_EXHAUSTED when that path is busy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainRequest.FromString,
+                    response_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class Classifier:
             '/cifar10.v1.Classifier/GetModelInfo',
             protos_dot_cifar10_dot_v1_dot_classifier__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_cifar10_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cifar10.v1.Classifier/Explain',
+            protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainRequest.SerializeToString,
+            protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
