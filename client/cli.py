@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--models", default="", metavar="A,B",
                    help="comma-separated model names, shown side by side (default: the server's default)")
     i.add_argument("--top-k", type=int, default=5)
+    i.add_argument("--layer", default="", help="Grad-CAM's layer (default: the server's, the last stage's output)")
     i.add_argument("--out", type=Path, required=True, metavar="DIR", help="write DIR/<image name>.html")
 
     lay = sub.add_parser("layers", help="a model's layers: kind and output shape C x H x W")
@@ -145,7 +146,7 @@ def _result_json(path: Path, result: Classification, saved: list[str]) -> dict:
 def _inspect(client: ClassifierClient, args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] or [""]
     pixels = load_input(args.image)
-    views = gather(client, pixels, models, top_k=args.top_k)
+    views = gather(client, pixels, models, top_k=args.top_k, layer=args.layer)
     page = write_page(args.out, args.image.name, pixels, views)
     for view in views:
         note = "explained" if view.explanation is not None else f"explanations {view.explain_note}"

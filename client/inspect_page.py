@@ -64,20 +64,21 @@ def load_input(path: str | Path, size: tuple[int, int] = (32, 32)) -> np.ndarray
 
 
 def gather(client: ClassifierClient, pixels: np.ndarray, models: Sequence[str] = ("",), top_k: int = 5,
-           timeout: float | None = None) -> list[ModelView]:
-    """Classifies ``pixels`` with every layer's output, and asks for explanations, once per model."""
+           layer: str = "", timeout: float | None = None) -> list[ModelView]:
+    """Classifies ``pixels`` with every layer's output, and asks for explanations (Grad-CAM at
+    ``layer``; empty: the server's default), once per model."""
     views = []
     for name in models:
         info = client.model_info(name, timeout=timeout)
         result = client.classify([pixels], model=info.name, top_k=top_k, layers=[ALL_LAYERS], timeout=timeout)[0]
-        views.append(ModelView(info, result, *_explain(client, pixels, info.name, timeout)))
+        views.append(ModelView(info, result, *_explain(client, pixels, info.name, layer, timeout)))
     return views
 
 
-def _explain(client: ClassifierClient, pixels: np.ndarray, model: str, timeout: float | None):
+def _explain(client: ClassifierClient, pixels: np.ndarray, model: str, layer: str, timeout: float | None):
     """(explanation, note): the server's saliency and Grad-CAM maps for the top class, or why not."""
     try:
-        return client.explain([pixels], model=model, timeout=timeout)[0], ""
+        return client.explain([pixels], model=model, layer=layer, timeout=timeout)[0], ""
     except ClassifierError as exc:
         if exc.code == grpc.StatusCode.UNIMPLEMENTED:
             return None, "not offered by this server"

@@ -83,8 +83,8 @@ def captioned_grid(fmap: np.ndarray, title: str, scale: int) -> Image.Image:
     pixels, per_tile = grid(fmap, scale)
     values = np.asarray(fmap, dtype=np.float32)
     lo, hi = float(values.min()), float(values.max())
-    legend = (f"black..white = each tile's own min..max (layer {lo:.3g} to {hi:.3g}); {scale}x"
-              if per_tile else f"black {lo:.3g} .. white {hi:.3g}; {scale}x")
+    legend = (f"black..white: each tile's own min..max (layer {lo:.3g} to {hi:.3g}); enlarged {scale}x"
+              if per_tile else f"black {lo:.3g} .. white {hi:.3g}; enlarged {scale}x")
     f = font()
     line = LABEL_PX + 6
     ramp_h = 8

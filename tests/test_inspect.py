@@ -152,8 +152,9 @@ def browser(tmp_path):
     chromium.close()
 
 
-def inspect_page(target: str, models: list[str], out: Path, image: Path = EXAMPLES / "cat.jpg") -> Path:
-    assert main(["--target", target, "inspect", str(image), "--models", ",".join(models), "--out", str(out)]) == 0
+def inspect_page(target: str, models: list[str], out: Path, image: Path = EXAMPLES / "cat.jpg", *options: str) -> Path:
+    assert main(["--target", target, "inspect", str(image), "--models", ",".join(models), "--out", str(out),
+                 *options]) == 0
     page = out / f"{image.stem}.html"
     assert page.exists()
     return page
@@ -221,6 +222,8 @@ def test_page_is_self_contained(tiny_server, tmp_path):
     assert page.count('<section class="layer"') > 10
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert page.count('data-offered="true"') == 1 and "grad_cam at stage3.act2" in page
+    page = inspect_page(tiny_server.target, ["tiny-max"], tmp_path, EXAMPLES / "cat.jpg", "--layer", "stage2.pool")
+    assert "grad_cam at stage2.pool" in page.read_text(encoding="utf-8")
 
 
 class WithoutExplain(pb_grpc.ClassifierServicer):
