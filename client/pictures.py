@@ -1,8 +1,8 @@
 """Pictures from arrays, with numpy and Pillow only: enlarged images, feature-map grids with their
 layer name, shape and value scale, and heat-map overlays for explanations.
 
-Text uses Pillow's own bundled font (``ImageFont.load_default(size=...)``), so a picture looks the
-same on any machine, with or without system fonts.
+Text uses Pillow's own bundled font (``ImageFont.load_default(size=...)``, Aileron since Pillow 10.1),
+so a picture looks the same on any machine, with or without system fonts.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ LABEL_PX = 12  # font size of the captions on saved grids
 
 
 def font(size: int = LABEL_PX) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow 10.0 has only the small bitmap font, without a size
+        return ImageFont.load_default()
 
 
 def normalise(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
