@@ -49,7 +49,8 @@ class ModelView:
 
 def load_input(path: str | Path, size: tuple[int, int] = (32, 32)) -> np.ndarray:
     """The image as the network sees it, H x W x 3 uint8: the shorter side scaled to the model's size,
-    the centre cropped (the server's rule), done here so the page shows exactly the pixels classified."""
+    the centre cropped (the server's rule, as in server.imaging), done here so the page shows exactly
+    the pixels classified. Any mode Pillow reads is converted to RGB: this is a picture for a person."""
     with Image.open(path) as img:
         img = img.convert("RGB")
         w, h = img.size
@@ -96,7 +97,7 @@ def write_page(out_dir: str | Path, image_name: str, pixels: np.ndarray, views: 
 
 # ---------------------------------------------------------------------------------------- the page
 def render_page(image_name: str, pixels: np.ndarray, views: Sequence[ModelView]) -> str:
-    rows: list[list[str]] = [[_header(v) + _input_cell(pixels, v) for v in views],
+    rows: list[list[str]] = [[_answer_cell(v, pixels) for v in views],
                              [_explanation_cell(v, pixels) for v in views]]
     for name in merged_layer_order([[l.name for l in v.layers] for v in views]):
         rows.append([_layer_cell(v, name, pixels) for v in views])
@@ -120,20 +121,18 @@ def merged_layer_order(orders: Sequence[Sequence[str]]) -> list[str]:
     return merged
 
 
-def _header(view: ModelView) -> str:
+def _answer_cell(view: ModelView, pixels: np.ndarray) -> str:
+    """The model, the input as it saw it, and its top-k bars."""
     info = view.info
     acc = f"{100 * info.validation_accuracy:.2f}% validation accuracy" if info.validation_images else "not validated"
-    return (f'<header class="model" data-model="{_e(info.name)}"><h2>{_e(info.name)}</h2>'
-            f'<p>pooling {_e(info.pooling.kind)}, window {info.pooling.window}, stride {info.pooling.stride}; '
-            f'{acc}; {info.parameters:,} parameters</p>')
-
-
-def _input_cell(pixels: np.ndarray, view: ModelView) -> str:
     h, w = pixels.shape[:2]
     bars = "".join(
         f'<li><span class="label">{_e(p.label)}</span><span class="bar"><span style="width:{100 * p.probability:.1f}%">'
         f'</span></span><span class="pct">{100 * p.probability:.1f}%</span></li>' for p in view.result.top_k)
-    return (f'<div class="input"><figure>{_img(enlarge(pixels, INPUT_SCALE), "input image")}'
+    return (f'<header class="model" data-model="{_e(info.name)}"><h2>{_e(info.name)}</h2>'
+            f'<p>pooling {_e(info.pooling.kind)}, window {info.pooling.window}, stride {info.pooling.stride}; '
+            f'{acc}; {info.parameters:,} parameters</p>'
+            f'<div class="input"><figure>{_img(enlarge(pixels, INPUT_SCALE), "input image")}'
             f'<figcaption>input: 3 x {h} x {w}, shown {INPUT_SCALE}x</figcaption></figure>'
             f'<ol class="topk" data-top="{_e(view.result.label)}">{bars}</ol></div></header>')
 
