@@ -141,16 +141,22 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         else:
             images = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, request,
                                                                       plan.model)
+        result = await self._submit(plan.model, images, plan.layers, deadline)
+        return self._respond(request, plan, result)
+
+    async def _submit(self, model: LoadedModel, images: np.ndarray, layers: tuple[str, ...],
+                      deadline: float | None) -> BatchResult:
+        """Queues decoded images on the model's batcher; its refusals become the caller's status.
+        (Shared with the Open Inference Protocol's ModelInfer, server.inference.)"""
         try:
-            result = await self.batchers[plan.model.name].submit(images, plan.layers, deadline)
+            return await self.batchers[model.name].submit(images, layers, deadline)
         except QueueFull as exc:
             raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except DeadlineExpired as exc:
             raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         except ModelFailure as exc:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.out_of_memory else grpc.StatusCode.INTERNAL
-            raise Rejection(code, f"model {plan.model.name!r} failed on this batch: {_summary(str(exc))}") from None
-        return self._respond(request, plan, result)
+            raise Rejection(code, f"model {model.name!r} failed on this batch: {_summary(str(exc))}") from None
 
     def _plan(self, request: pb.ClassifyRequest) -> Plan:
         model = self._resolve(request.model)
