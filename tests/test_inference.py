@@ -29,14 +29,14 @@ Output = v2.ModelInferRequest.InferRequestedOutputTensor
 
 
 @pytest.fixture()
-def stub(server):
-    with grpc.insecure_channel(server.target) as channel:
+def stub(tiny_server):
+    with grpc.insecure_channel(tiny_server.target) as channel:
         yield v2_grpc.GRPCInferenceServiceStub(channel)
 
 
 @pytest.fixture()
-def own(server):
-    with grpc.insecure_channel(server.target) as channel:
+def own(tiny_server):
+    with grpc.insecure_channel(tiny_server.target) as channel:
         yield pb_grpc.ClassifierStub(channel)
 
 
@@ -117,10 +117,10 @@ def test_model_ready_for_loaded_models_and_versions_only(stub, own):
     assert not stub.ModelReady(v2.ModelReadyRequest(name="resnet-9000"), timeout=10).ready
 
 
-def test_the_health_service_and_reflection_know_the_v2_service(server):
+def test_the_health_service_and_reflection_know_the_v2_service(tiny_server):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(tiny_server.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
@@ -143,8 +143,8 @@ def test_model_metadata_lists_the_inputs_scores_and_every_layer(stub, own, model
     assert same == meta
 
 
-def test_readiness_follows_the_health_service(models_dir):
-    running = RunningServer(make_config(models_dir))
+def test_readiness_follows_the_health_service(tiny_models_dir):
+    running = RunningServer(make_config(tiny_models_dir))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = v2_grpc.GRPCInferenceServiceStub(channel)
@@ -248,8 +248,8 @@ def test_concurrent_callers_get_their_own_answers(stub, own):
     np.testing.assert_allclose(np.stack(got), expected, atol=1e-6)  # batched with others: same to float rounding
 
 
-def test_metrics_count_v2_calls_by_method(server, stub):
-    registry = server.app.metrics.registry
+def test_metrics_count_v2_calls_by_method(tiny_server, stub):
+    registry = tiny_server.app.metrics.registry
     labels = {"method": "ModelInfer", "model": "tiny-max", "code": "OK"}
     before = registry.get_sample_value("cifar10_requests_total", labels) or 0.0
     images_before = registry.get_sample_value("cifar10_images_total", {"model": "tiny-max", "outcome": "ok"}) or 0.0
@@ -356,8 +356,8 @@ def test_metadata_of_an_unknown_model_or_version_is_not_found(stub):
     assert stub.ModelMetadata(v2.ModelMetadataRequest(name="tiny-max"), timeout=10).name == "tiny-max"
 
 
-def test_a_message_that_does_not_parse_is_invalid_argument(server, stub):
-    with grpc.insecure_channel(server.target) as channel:
+def test_a_message_that_does_not_parse_is_invalid_argument(tiny_server, stub):
+    with grpc.insecure_channel(tiny_server.target) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
         with pytest.raises(grpc.RpcError) as info:
             call(b"\xff\xff\xff", timeout=10)

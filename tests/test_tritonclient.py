@@ -59,8 +59,8 @@ def triton_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def running(models_dir):
-    server = RunningServer(make_config(models_dir))
+def running(tiny_models_dir):
+    server = RunningServer(make_config(tiny_models_dir))
     yield server
     server.stop(grace=1.0)
 
