@@ -356,7 +356,7 @@ def _classification(model: LoadedModel, probabilities: np.ndarray, k: int) -> np
     """Triton's classification extension: the k best classes of each image, best first, as
     ``b"score:index:label"``; the score is the float32 probability's shortest exact decimal form."""
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]  # the own API's top_k order
-    rows = [[f"{probs[j]}:{j}:{model.class_names[j]}".encode() for j in best]
+    rows = [[f"{probs[j]!s}:{j}:{model.class_names[j]}".encode() for j in best]  # !s: float32's own str
             for probs, best in zip(probabilities, order)]
     array = np.empty((len(rows), k), dtype=object)
     array[:] = rows
