@@ -12,6 +12,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from cifar10_serving.client import ClassifierClient
@@ -416,3 +418,38 @@ def test_model_failures_and_a_full_queue_have_the_own_apis_codes(faulty):
         filler.join(120)
         assert len(outputs_of(queued[0])["probabilities"]) == 4  # what was queued was answered
         assert stub.ModelInfer(image_request(good, model="faulty"), timeout=60).outputs
+
+
+# ----------------------------------------------------------------------------- fuzzing the request parser
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PARAM = st.one_of(st.builds(lambda v: v2.InferParameter(int64_param=v), st.integers(-2, 12)),
+                  st.builds(lambda v: v2.InferParameter(string_param=v), st.sampled_from(["FP16", "FP32", "x", ""])),
+                  st.builds(lambda v: v2.InferParameter(bool_param=v), st.booleans()))
+TENSOR = st.builds(
+    lambda name, datatype, shape, uints, floats, blobs: Input(
+        name=name, datatype=datatype, shape=shape,
+        contents=v2.InferTensorContents(uint_contents=uints, fp32_contents=floats, bytes_contents=blobs)),
+    name=st.sampled_from(["image", "encoded_image", "INPUT__0", ""]),
+    datatype=st.sampled_from(["UINT8", "FP32", "BYTES", "FP16", ""]),
+    shape=st.lists(st.sampled_from([-1, 0, 1, 2, 3, 31, 32, 65, 2**40]), max_size=5),
+    uints=st.lists(st.integers(0, 300), max_size=8), floats=st.lists(st.floats(width=32), max_size=8),
+    blobs=st.lists(st.binary(max_size=64), max_size=3))
+OUTPUT = st.builds(lambda name, params: Output(name=name, parameters=params),
+                   name=st.sampled_from(["probabilities", "stage1.pool", "nope"]),
+                   params=st.dictionaries(st.sampled_from(["classification", "datatype", "other"]), PARAM, max_size=2))
+
+
+@FUZZ
+@given(inputs=st.lists(TENSOR, max_size=2), raw=st.lists(st.binary(max_size=64), max_size=2),
+       outputs=st.lists(OUTPUT, max_size=3), model=st.sampled_from(["tiny-max", "", "nope"]),
+       version=st.sampled_from(["", "test", "9"]))
+def test_fuzz_any_request_is_answered_or_refused_with_a_callers_code(stub, inputs, raw, outputs, model, version):
+    request = v2.ModelInferRequest(model_name=model, model_version=version, inputs=inputs, outputs=outputs,
+                                   raw_input_contents=raw)
+    try:
+        response = stub.ModelInfer(request, timeout=30)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), exc.details()
+        return
+    assert len(response.outputs) == max(1, len(outputs))
