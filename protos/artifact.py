@@ -16,7 +16,7 @@ The scripted module
     metadata's ``layers[*].name``.
     The server freezes the module keeping ``EXPORTED_NAMES``, so both must survive ``torch.jit.freeze``.
 
-The metadata (UTF-8 JSON object), required keys
+The metadata, ``metadata.json`` (a UTF-8 JSON object): required keys
     ``format_version`` int: the version of this format the file was written in.
     ``name`` str: the model's name, unique in a models directory; what requests ask for.
     ``version`` str: the model's own version (retraining bumps it; unrelated to ``format_version``).
@@ -99,7 +99,7 @@ def check_metadata(metadata: str | bytes | dict | None, source: str | Path) -> d
     where = f"{source}: {METADATA_FILE}"
     if metadata is None or (isinstance(metadata, (str, bytes)) and not metadata.strip()):
         raise ArtifactFormatError(f"{source}: no {METADATA_FILE} inside; not an artifact of this format "
-                                  f"(export it with model.export)")
+                                  f"(write it with model.export.export_torchscript)")
     if isinstance(metadata, (str, bytes)):
         try:
             metadata = json.loads(metadata)
@@ -115,9 +115,9 @@ def check_metadata(metadata: str | bytes | dict | None, source: str | Path) -> d
         raise ArtifactFormatError(f"{where}: format_version is {_json_type(version)} ({version!r}), not an "
                                   f"integer; this code reads format version {readable}")
     if version not in READABLE_VERSIONS:
-        newer = " (written by newer code: upgrade this one)" if version > max(READABLE_VERSIONS) else ""
-        raise ArtifactFormatError(f"{where}: format_version {version} is not one this code reads "
-                                  f"({readable}){newer}")
+        newer = "; newer code wrote it: upgrade this reader" if version > max(READABLE_VERSIONS) else ""
+        raise ArtifactFormatError(f"{where}: format_version {version}, but this code reads format version "
+                                  f"{readable} only{newer}")
     for key, kind in REQUIRED_KEYS.items():
         if key not in metadata:
             raise ArtifactFormatError(f"{where} lacks the required key {key!r}")
