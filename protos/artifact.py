@@ -16,7 +16,8 @@ The scripted module
     metadata's ``layers[*].name``.
     The server freezes the module keeping ``EXPORTED_NAMES``, so both must survive ``torch.jit.freeze``.
 
-The metadata, ``metadata.json`` (a UTF-8 JSON object): required keys
+The metadata, ``metadata.json`` (a UTF-8 JSON object; the server also hands it to clients whole, as
+``ModelInfo.metadata_json``): required keys
     ``format_version`` int: the version of this format the file was written in.
     ``name`` str: the model's name, unique in a models directory; what requests ask for.
     ``version`` str: the model's own version (retraining bumps it; unrelated to ``format_version``).
