@@ -53,6 +53,7 @@ def test_workers_share_one_port_and_each_answers_calls(supervisor):
     workers = supervisor.ready["workers"]
     ports = {w["port"] for w in workers}  # each as the worker itself reported it
     assert len(ports) == 1 and sorted(w["worker_index"] for w in workers) == [0, 1]
+    _check_ready_file(supervisor)
     images = random_images(CONNECTIONS, seed=5)
     with ClassifierClient(supervisor.target, connections=CONNECTIONS) as client:  # each call on the next connection
         for i in range(CONNECTIONS):
@@ -64,9 +65,11 @@ def test_workers_share_one_port_and_each_answers_calls(supervisor):
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(GRACE + 30) == 0
     assert not any(_alive(pid) for pid in pids)
+    assert not supervisor.ready_path.exists()  # removed when stopping began
 
 
-def test_the_ready_file_lists_every_worker_once_all_are_serving(supervisor):
+def _check_ready_file(supervisor: ServerProcess) -> None:
+    """The supervisor's ready file, written once every worker is SERVING, lists every worker."""
     ready = supervisor.ready
     assert ready["pid"] == supervisor.pid and ready["port"] == supervisor.port
     assert sorted(w["pid"] for w in ready["workers"]) == sorted(_children(supervisor.pid))
@@ -80,9 +83,6 @@ def test_the_ready_file_lists_every_worker_once_all_are_serving(supervisor):
         with grpc.insecure_channel(supervisor.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    supervisor.send_signal(signal.SIGTERM)
-    assert supervisor.wait(GRACE + 30) == 0
-    assert not supervisor.ready_path.exists()  # removed when stopping began
 
 
 def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(supervisor):
