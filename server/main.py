@@ -114,7 +114,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             "pool_window": str(pooling.get("window", "")), "device": str(device)})
 
     gate = Gate(SERVICE_NAME)
-    # The metrics interceptor goes first, so calls refused by authentication or the drain gate are counted.
+    # The given interceptors (the metrics one by default) go first, so calls refused by authentication
+    # or the drain gate are counted.
     server = grpc.aio.server(interceptors=[*interceptors, *security_interceptors(config), gate], options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
