@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import grpc
@@ -26,24 +27,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _health(target: str) -> int | None:
+def _health(target: str, channel: grpc.Channel | None = None) -> int | None:
     """The health status, or None while the port does not answer yet."""
-    with grpc.insecure_channel(target) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-        except grpc.RpcError:
-            return None
+    if channel is None:
+        with grpc.insecure_channel(target) as channel:
+            return _health(target, channel)
+    try:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+    except grpc.RpcError:
+        return None
 
 
 def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(models_dir):
     port = _free_port()  # known in advance, so the port can be watched before the file exists
     server = ServerProcess(["--port", str(port), "--models-dir", str(models_dir), "--default-model", "tiny-max",
                             "--torch-threads", "1", "--warmup-batches", SLOW_WARMUP], wait=False)
+    # One channel, polled fast; short reconnect backoff, so it connects soon after the port is bound.
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+        ("grpc.max_reconnect_backoff_ms", 100)])
     try:
         seen = []
         while True:
             existed = server.ready_path.exists()  # looked at before asking: NOT_SERVING after means it was absent
-            status = _health(f"127.0.0.1:{port}")
+            status = _health(f"127.0.0.1:{port}", channel)
             seen.append(status)
             if status == NOT_SERVING:
                 assert not existed, "the ready file existed while the server was NOT_SERVING"
@@ -51,6 +58,7 @@ def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(models_dir
                 assert status == SERVING
                 break
             assert server.alive, server.log
+            time.sleep(0.01)
         assert NOT_SERVING in seen, seen  # the port was watched during warm-up, not only after it
         ready = server.wait_ready(10)
         assert ready == json.loads(server.ready_path.read_text())
@@ -66,6 +74,7 @@ def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(models_dir
         assert server.wait(30) == 0
         assert not server.ready_path.exists()  # removed when draining began: a stale file never claims SERVING
     finally:
+        channel.close()
         server.kill()
     assert not server.ready_path.parent.exists()  # the harness cleans up after itself
 
