@@ -38,9 +38,9 @@ def _health(target: str, channel: grpc.Channel | None = None) -> int | None:
         return None
 
 
-def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(models_dir):
+def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(tiny_models_dir):
     port = _free_port()  # known in advance, so the port can be watched before the file exists
-    server = ServerProcess(["--port", str(port), "--models-dir", str(models_dir), "--default-model", "tiny-max",
+    server = ServerProcess(["--port", str(port), "--models-dir", str(tiny_models_dir), "--default-model", "tiny-max",
                             "--torch-threads", "1", "--warmup-batches", SLOW_WARMUP], wait=False)
     # One channel, polled fast; short reconnect backoff, so it connects soon after the port is bound.
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
@@ -79,8 +79,8 @@ def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(models_dir
     assert not server.ready_path.parent.exists()  # the harness cleans up after itself
 
 
-def test_the_harness_stops_with_sigterm_and_is_a_context_manager(models_dir):
-    with ServerProcess(["--models-dir", str(models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
+def test_the_harness_stops_with_sigterm_and_is_a_context_manager(tiny_models_dir):
+    with ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
                         "--metrics-port", "-1", "--grace-period-seconds", "2"]) as server:
         assert _health(server.target) == SERVING
         assert server.metrics_ports == []  # metrics off

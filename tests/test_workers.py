@@ -41,9 +41,9 @@ def _ok_calls(server: ServerProcess, worker: int) -> float:
 
 
 @pytest.fixture()
-def supervisor(models_dir):
+def supervisor(tiny_models_dir):
     """``--workers 2`` on ephemeral ports; ready once every worker is SERVING."""
-    running = ServerProcess(["--workers", str(WORKERS), "--models-dir", str(models_dir), "--default-model", "tiny-max",
+    running = ServerProcess(["--workers", str(WORKERS), "--models-dir", str(tiny_models_dir), "--default-model", "tiny-max",
                              "--warmup-batches", "1", "--grace-period-seconds", str(GRACE)], start_timeout=120)
     yield running
     running.stop(timeout=GRACE + 30)
