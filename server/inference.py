@@ -15,7 +15,6 @@ this server can, and v2 clients read them from ModelMetadata.
 from __future__ import annotations
 
 import asyncio
-import logging
 import struct
 import time
 from dataclasses import dataclass
@@ -28,12 +27,11 @@ from grpc_health.v1 import health_pb2
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from cifar10_serving.server.batching import BatchResult
+from cifar10_serving.server.batching import BatchError, BatchResult
+from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
 from cifar10_serving.server.imaging import ImageError, decode_into
 from cifar10_serving.server.models import LoadedModel
-from cifar10_serving.server.service import ClassifierService, Rejection, _cancelled_code, _deadline, _quote
-
-log = logging.getLogger(__name__)
+from cifar10_serving.server.service import ClassifierService, _quote
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 SERVER_NAME = "cifar10-serving"
@@ -47,7 +45,6 @@ CLASSIFICATION = "classification"  # output parameter on probabilities: k -> BYT
 DATATYPE = "datatype"  # output parameter on a layer: "FP32" (the default) or "FP16", raw only
 IMAGE_DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
 FEATURE_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
-METHODS = ("ModelInfer", "ModelMetadata")  # the v2 values of the metrics' method label; the rest are probes
 _LENGTH = struct.Struct("<I")  # a raw BYTES element's length prefix
 
 
@@ -105,39 +102,23 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return v2.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
-        start = time.perf_counter()
-        label, code = self.classifier._model_label(request.name), grpc.StatusCode.OK
         try:
-            return self._metadata[self._resolve(request.name, request.version).name]
+            with Call(self.metrics, "ModelMetadata", self.classifier._model_label(request.name)):
+                return self._metadata[self._resolve(request.name, request.version).name]
         except Rejection as rejection:
-            code = rejection.code
             await context.abort(rejection.code, rejection.message)
-        finally:
-            self.classifier._observe("ModelMetadata", label, code, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
-        start = time.perf_counter()
-        label, code, images = self.classifier._model_label(request.model_name), grpc.StatusCode.OK, 0
-        in_flight = self.metrics.in_flight.labels("ModelInfer")
-        in_flight.inc()
+        deadline = deadline_of(context)
         try:
-            plan = self._plan(request)
-            images = _batch_size(plan.tensor)
-            return await self._infer(request, plan, _deadline(context))
+            with Call(self.metrics, "ModelInfer", self.classifier._model_label(request.model_name),
+                      deadline=deadline, in_flight=True) as call:
+                plan = self._plan(request)
+                call.images = _batch_size(plan.tensor)  # known once the shape is checked
+                return await self._infer(request, plan, deadline)
         except Rejection as rejection:
-            code = rejection.code
             await context.abort(rejection.code, rejection.message)
-        except asyncio.CancelledError:
-            code = _cancelled_code(context.time_remaining())
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("ModelInfer failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        finally:
-            in_flight.dec()
-            self.classifier._observe("ModelInfer", label, code, time.perf_counter() - start, images)
 
     async def _infer(self, request: v2.ModelInferRequest, plan: InferPlan,
                      deadline: float | None) -> v2.ModelInferResponse:
@@ -145,7 +126,10 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             images = self._decode(plan)  # a copy bounded by the batch limit: cheaper than a hop to a thread
         else:
             images = await asyncio.get_running_loop().run_in_executor(self.classifier._decode_pool, self._decode, plan)
-        result = await self.classifier._submit(plan.model, images, plan.layers, deadline)
+        try:
+            result = await self.classifier.batchers[plan.model.name].submit(images, plan.layers, deadline)
+        except BatchError as exc:
+            raise rejection_for(exc, plan.model.name) from None
         return respond(request, plan, result)
 
     # ------------------------------------------------------------------ plan
@@ -367,7 +351,7 @@ def _classification(model: LoadedModel, probabilities: np.ndarray, k: int) -> np
 def model_metadata(model: LoadedModel) -> v2.ModelMetadataResponse:
     """Inputs (send one of them) and outputs: probabilities, and every layer as an optional output."""
     tensor = v2.ModelMetadataResponse.TensorMetadata
-    layers = model.layer_shapes()
+    layers = {row["name"]: row["output_shape"] for row in model.metadata["layers"]}
     taken = {IMAGE, ENCODED_IMAGE, PROBABILITIES} & set(layers)
     if taken:
         raise ValueError(f"model {model.name!r}: layer names {sorted(taken)} are the v2 API's tensor names")

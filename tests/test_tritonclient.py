@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from cifar10_serving.client import ClassifierClient
-from tests.support import RunningServer, encode, make_config, random_images
+from cifar10_serving.server.process import ServerProcess
+from tests.support import encode, random_images
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "tritonclient_calls.py"
@@ -60,9 +61,10 @@ def triton_python() -> Path:
 
 @pytest.fixture(scope="module")
 def running(tiny_models_dir):
-    server = RunningServer(make_config(tiny_models_dir))
-    yield server
-    server.stop(grace=1.0)
+    """The server as its own process, as a Triton user would find it."""
+    with ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
+                        "--metrics-port", "-1", "--grace-period-seconds", "1"]) as server:
+        yield server
 
 
 def test_tritonclient_drives_the_v2_api(triton_python, running, tmp_path):
