@@ -30,7 +30,7 @@ from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_
 from cifar10_serving.server.batching import BatchError, BatchResult
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
 from cifar10_serving.server.imaging import ImageError, decode_into
-from cifar10_serving.server.models import LoadedModel
+from cifar10_serving.server.models import LoadedModel, ModelLoadError
 from cifar10_serving.server.service import ClassifierService, _quote
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
@@ -354,7 +354,7 @@ def model_metadata(model: LoadedModel) -> v2.ModelMetadataResponse:
     layers = {row["name"]: row["output_shape"] for row in model.metadata["layers"]}
     taken = {IMAGE, ENCODED_IMAGE, PROBABILITIES} & set(layers)
     if taken:
-        raise ValueError(f"model {model.name!r}: layer names {sorted(taken)} are the v2 API's tensor names")
+        raise ModelLoadError(f"model {model.name!r}: layer names {sorted(taken)} are the v2 API's tensor names")
     return v2.ModelMetadataResponse(
         name=model.name, versions=[model.version], platform=PLATFORM,
         inputs=[tensor(name=IMAGE, datatype="UINT8", shape=[-1, *model.input_shape]),
