@@ -44,7 +44,7 @@ class Metrics:
             "requests", "RPCs answered, by method, model and gRPC code.",
             ["method", "model", "code"], namespace=ns, registry=registry)
         self.images = Counter(
-            "images", "Images received in Classify requests, by model and outcome (ok or the gRPC code).",
+            "images", "Images received in classification requests (both APIs), by model and outcome (ok or the gRPC code).",
             ["model", "outcome"], namespace=ns, registry=registry)
         self.preprocess_seconds = Histogram(
             "preprocess_duration_seconds", "Decoding and validating one request's images.",
