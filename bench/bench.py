@@ -3,6 +3,7 @@
     python -m bench.bench                      # full sweep on the default model, CPU
     python -m bench.bench --quick              # a short run to see that it works
     python -m bench.bench --device cuda        # the GPU path (needs a CUDA machine)
+    python -m bench.bench --api own,v2         # the same sweep through the Open Inference Protocol too
 
 In the manner of Triton's perf_analyzer: a closed loop of N concurrent callers per level (1, 2, 4, ...,
 64), a warm-up window, then a fixed measurement window. For each level it reports throughput (req/s
@@ -13,8 +14,12 @@ batch the server's batcher formed (read from its /metrics). In the same run it m
   process with the server's thread count, at batch 1, 64 and each batch size the batcher formed;
 - the gRPC floor: the standard health Check rpc of the same server, same client, same concurrency.
 
+With ``--api own,v2`` each level runs through both APIs in turn, the own API's Classify and the
+Open Inference Protocol's ModelInfer (raw UINT8 ``image`` or BYTES ``encoded_image``, top-1 through
+the classification extension, as ``top_k=1`` is for Classify), against the same server and bounds.
+
 The bound for single-image requests is 1 / (1/raw + 1/floor). The server runs as a separate process
-(``python -m server``) on loopback; the load client is one Python grpc.aio process, as a real client
+(``python -m cifar10_serving.server``) on loopback; the load client is one Python grpc.aio process, as a real client
 would be. Writes a table to stdout and JSON and CSV under ``--out``.
 """
 
@@ -27,12 +32,9 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
+import struct
 import sys
-import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +45,9 @@ from PIL import Image
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
+from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from cifar10_serving.server.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
@@ -69,6 +74,7 @@ class Level:
     floor_req_per_s: float = 0.0
     bound_img_per_s: float = 0.0
     ratio: float = 0.0  # img/s over the bound (single) or over raw batch-64 (batch64)
+    api: str = "own"  # own (cifar10.v1.Classifier) or v2 (inference.GRPCInferenceService); "-" for the floor
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -91,6 +97,28 @@ def make_requests(kind: str, per_request: int, model: str) -> list[pb.ClassifyRe
     for i in range(len(images)):
         batch = [images[(i + j) % len(images)] for j in range(per_request)]
         out.append(pb.ClassifyRequest(model=model, images=batch, top_k=1))
+    return out
+
+
+def make_v2_requests(kind: str, per_request: int, model: str) -> list[v2.ModelInferRequest]:
+    """The same images as ``make_requests`` as ModelInfer requests: raw pixels as a UINT8 ``image``
+    tensor (N x 3 x 32 x 32), encoded files as a BYTES ``encoded_image`` tensor; top-1 strings back."""
+    arrays = _images()
+    files = [make_image(kind, a).encoded for a in arrays] if kind != "raw" else []
+    top1 = v2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")
+    top1.parameters["classification"].int64_param = 1
+    out = []
+    for i in range(len(arrays)):
+        picks = [(i + j) % len(arrays) for j in range(per_request)]
+        if kind == "raw":
+            pixels = np.ascontiguousarray(np.stack([arrays[k] for k in picks]).transpose(0, 3, 1, 2))
+            tensor = v2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=pixels.shape)
+            contents = pixels.tobytes()
+        else:
+            tensor = v2.ModelInferRequest.InferInputTensor(name="encoded_image", datatype="BYTES", shape=[per_request])
+            contents = b"".join(struct.pack("<I", len(files[k])) + files[k] for k in picks)
+        out.append(v2.ModelInferRequest(model_name=model, inputs=[tensor], outputs=[top1],
+                                        raw_input_contents=[contents]))
     return out
 
 
@@ -149,6 +177,19 @@ def unary_calls(stub, requests: list[pb.ClassifyRequest]):
     return make
 
 
+def v2_calls(stub, requests: list[v2.ModelInferRequest]):
+    counter = [0]
+
+    async def make():
+        async def call() -> int:
+            counter[0] += 1
+            request = requests[counter[0] % len(requests)]
+            await stub.ModelInfer(request, timeout=30)
+            return int(request.inputs[0].shape[0])
+        return call
+    return make
+
+
 def stream_calls(stub, requests: list[pb.ClassifyRequest]):
     streams = []
 
@@ -192,55 +233,27 @@ def health_calls(channel):
 
 
 # ----------------------------------------------------------------------------- the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _echo_problems(line: str) -> None:
+    """The server's warnings and errors go on to our stderr; the rest stays in its log."""
+    if " WARNING " in line or " ERROR " in line:
+        sys.stderr.write(line)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str, list[int]]:
-    """``python -m server`` on free ports; returns once every worker has said it is serving."""
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "cifar10_serving.server", "--port", str(port), "--metrics-port", str(metrics_port),
-           "--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
+def start_server(args) -> ServerProcess:
+    """The server on free ports; returns once every worker is serving (its ready file lists their ports)."""
+    cmd = ["--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
            "--torch-threads", str(args.torch_threads), "--workers", str(args.workers)]
     if args.models_dir:
         cmd += ["--models-dir", args.models_dir]
     if args.model:
         cmd += ["--default-model", args.model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    serving = threading.Semaphore(0)
-
-    def read() -> None:  # the log goes on to our stderr; the pipe never fills
-        for line in proc.stderr:
-            if " serving " in line:
-                serving.release()
-            elif " WARNING " in line or " ERROR " in line:
-                sys.stderr.write(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    for _ in range(args.workers):
-        if not serving.acquire(timeout=180):
-            proc.kill()
-            raise RuntimeError("server did not come up")
-    return proc, f"127.0.0.1:{port}", [metrics_port + i for i in range(args.workers)]
+    return ServerProcess(cmd, on_line=_echo_problems)
 
 
-def batch_stats(metrics_ports: list[int], model: str) -> tuple[float, float]:
+def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
     """(sum, count) of the batcher's batch-size histogram, over every worker."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = count = 0.0
-    for port in metrics_ports:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        for family in text_string_to_metric_families(body):
-            if family.name == "cifar10_batch_size_images":
-                for sample in family.samples:
-                    if sample.labels.get("model") == model and sample.name.endswith("_sum"):
-                        total += sample.value
-                    elif sample.labels.get("model") == model and sample.name.endswith("_count"):
-                        count += sample.value
-    return total, count
+    name = "cifar10_batch_size_images"
+    return (server.metric_sum(f"{name}_sum", model=model), server.metric_sum(f"{name}_count", model=model))
 
 
 # ----------------------------------------------------------------------------- the raw model
@@ -272,32 +285,43 @@ class RawModel:
 
 
 # ----------------------------------------------------------------------------- the run
-async def sweep(args, target: str, metrics_ports: list[int], model: str) -> list[Level]:
+async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
     # One connection per worker (SO_REUSEPORT spreads connections, not calls); callers take turns.
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
     levels: list[Level] = []
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(args.workers)]
+    channels = [grpc.aio.insecure_channel(server.target, options=options) for _ in range(args.workers)]
     try:
         stubs = [pb_grpc.ClassifierStub(channel) for channel in channels]
-        plans = [("floor", "health", spread([health_calls(channel) for channel in channels]))]
-        for kind in args.inputs:
-            requests = make_requests(kind, 1, model)
-            plans.append(("single", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+        v2_stubs = [v2_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
+        own, other = "own" in args.api, "v2" in args.api
+        plans = [("-", "floor", "health", spread([health_calls(channel) for channel in channels]))]
+        for kind in args.inputs:  # each level through one API, then the other: both see the same machine
+            if own:
+                requests = make_requests(kind, 1, model)
+                plans.append(("own", "single", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+            if other:
+                requests = make_v2_requests(kind, 1, model)
+                plans.append(("v2", "single", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
         for kind in args.inputs[:1]:
-            requests, singles = make_requests(kind, 64, model), make_requests(kind, 1, model)
-            plans.append(("batch64", kind, spread([unary_calls(stub, requests) for stub in stubs])))
-            plans.append(("stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
-        for mode, kind, make in plans:
+            if own:
+                requests, singles = make_requests(kind, 64, model), make_requests(kind, 1, model)
+                plans.append(("own", "batch64", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+            if other:
+                requests = make_v2_requests(kind, 64, model)
+                plans.append(("v2", "batch64", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
+            if own:  # the v2 API has no streams
+                plans.append(("own", "stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
+        for api, mode, kind, make in plans:
             concurrencies = args.batch_concurrency if mode == "batch64" else args.concurrency
             for c in concurrencies:
-                before = batch_stats(metrics_ports, model)
+                before = batch_stats(server, model)
                 result = await closed_loop(make, c, args.warmup, args.duration)
-                after = batch_stats(metrics_ports, model)
+                after = batch_stats(server, model)
                 count = after[1] - before[1]
                 mean_batch = (after[0] - before[0]) / count if count else 0.0
-                level = Level(mode, kind, c, mean_batch=mean_batch, **result)
+                level = Level(mode, kind, c, mean_batch=mean_batch, api=api, **result)
                 levels.append(level)
-                print(f"  {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
+                print(f"  {api:<3} {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
                       f"  p99 {level.p99_ms:6.2f} ms  batch {mean_batch:5.1f}  errors {level.errors}", flush=True)
     finally:
         for channel in channels:
@@ -358,11 +382,11 @@ def machine(args) -> dict:
 
 
 def table(levels: list[Level]) -> str:
-    head = (f"{'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
+    head = (f"{'api':<3} {'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
             f"{'p99ms':>7} {'err':>4} {'cli us/req':>10} {'batch':>6} {'raw img/s':>9} {'floor':>7} {'bound':>7} {'ratio':>6}")
     rows = [head, "-" * len(head)]
     for l in levels:
-        rows.append(f"{l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
+        rows.append(f"{l.api:<3} {l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
                     f"{l.p50_ms:>7.2f} {l.p90_ms:>7.2f} {l.p95_ms:>7.2f} {l.p99_ms:>7.2f} {l.errors:>4} "
                     f"{l.client_cpu_us_per_req:>10.0f} {l.mean_batch:>6.1f} {l.raw_img_per_s:>9.0f} "
                     f"{l.floor_req_per_s:>7.0f} {l.bound_img_per_s:>7.0f} {l.ratio:>6.2f}")
@@ -382,6 +406,7 @@ def parse_args(argv):
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--batch-concurrency", default="1,2,4", help="concurrency levels for 64-image requests")
     p.add_argument("--inputs", default="png,jpeg,raw", help="image encodings for single-image requests")
+    p.add_argument("--api", default="own", help="own, v2 (the Open Inference Protocol), or own,v2: both in one run")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per level before measuring")
     p.add_argument("--duration", type=float, default=5.0, help="measurement window per level, seconds")
     p.add_argument("--quick", action="store_true", help="1 s windows, fewer levels")
@@ -392,6 +417,9 @@ def parse_args(argv):
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.batch_concurrency = [int(c) for c in args.batch_concurrency.split(",")]
     args.inputs = args.inputs.split(",")
+    args.api = args.api.split(",")
+    if not args.api or set(args.api) - {"own", "v2"}:
+        p.error(f"--api takes own, v2 or own,v2, not {','.join(args.api)}")
     return args
 
 
@@ -399,12 +427,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     info = machine(args)
     print(f"machine: {json.dumps(info)}", flush=True)
-    proc, target, metrics_ports = start_server(args)
+    server = start_server(args)
     try:
-        levels = asyncio.run(sweep(args, target, metrics_ports, args.model))
+        levels = asyncio.run(sweep(args, server, args.model))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop(timeout=30)
     models_dir = Path(args.models_dir) if args.models_dir else ROOT / "model" / "artifacts"
     raw = RawModel(models_dir / f"{args.model}.pt", args.device, args.torch_threads)
     add_bounds(levels, raw, args.workers)
