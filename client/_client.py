@@ -28,6 +28,9 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 # fails calls it had not yet handed to a handler when the server stops that way: grpc/grpc#41785).
 # gRPC itself retries, and only while no response has begun; a call this client cancels is not retried.
 RETRYABLE_CODES = ("UNAVAILABLE", "CANCELLED")
+# Between attempts to reconnect to a replica that went away gRPC waits 1 s, then 1.6 times longer
+# each time, up to 120 s: a replica back from a restart would wait that long for calls again.
+BALANCED_MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 def retry_service_config(attempts: int, load_balancing: str | None = None) -> str:
@@ -158,6 +161,7 @@ class ClassifierClient:
     ``round_robin`` for several addresses and gRPC's own (``pick_first``: one connection to the
     first address that answers) otherwise; pass ``"round_robin"`` for a DNS name that resolves to
     every replica, such as a headless Kubernetes Service (``dns:///NAME.NAMESPACE.svc.cluster.local:50051``).
+    With ``round_robin`` a replica that went away is tried again at least every 2 s, not gRPC's 120 s.
     ``connections=N`` opens N connections and takes them in turn, call by call: a server started
     with ``--workers`` shares its port among processes by connection, so one connection reaches one.
     ``attempts``: how many times in all a unary call is sent when it fails UNAVAILABLE or CANCELLED
@@ -185,6 +189,8 @@ class ClassifierClient:
             opts.append(("grpc.enable_retries", 1))
         if attempts > 1 or load_balancing is not None:
             opts.append(("grpc.service_config", retry_service_config(attempts, load_balancing)))
+        if load_balancing == "round_robin" and "grpc.max_reconnect_backoff_ms" not in dict(options):
+            opts.append(("grpc.max_reconnect_backoff_ms", BALANCED_MAX_RECONNECT_BACKOFF_MS))
         if connections > 1:
             opts.append(("grpc.use_local_subchannel_pool", 1))  # else gRPC shares one connection among channels
         if credentials is not None:
