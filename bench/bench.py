@@ -14,7 +14,7 @@ batch the server's batcher formed (read from its /metrics). In the same run it m
 - the gRPC floor: the standard health Check rpc of the same server, same client, same concurrency.
 
 The bound for single-image requests is 1 / (1/raw + 1/floor). The server runs as a separate process
-(``python -m server``) on loopback; the load client is one Python grpc.aio process, as a real client
+(``python -m cifar10_serving.server``) on loopback; the load client is one Python grpc.aio process, as a real client
 would be. Writes a table to stdout and JSON and CSV under ``--out``.
 """
 
@@ -27,12 +27,8 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +39,7 @@ from PIL import Image
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
@@ -192,55 +189,27 @@ def health_calls(channel):
 
 
 # ----------------------------------------------------------------------------- the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _echo_problems(line: str) -> None:
+    """The server's warnings and errors go on to our stderr; the rest stays in its log."""
+    if " WARNING " in line or " ERROR " in line:
+        sys.stderr.write(line)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str, list[int]]:
-    """``python -m server`` on free ports; returns once every worker has said it is serving."""
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "cifar10_serving.server", "--port", str(port), "--metrics-port", str(metrics_port),
-           "--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
+def start_server(args) -> ServerProcess:
+    """The server on free ports; returns once every worker is serving (its ready file lists their ports)."""
+    cmd = ["--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
            "--torch-threads", str(args.torch_threads), "--workers", str(args.workers)]
     if args.models_dir:
         cmd += ["--models-dir", args.models_dir]
     if args.model:
         cmd += ["--default-model", args.model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    serving = threading.Semaphore(0)
-
-    def read() -> None:  # the log goes on to our stderr; the pipe never fills
-        for line in proc.stderr:
-            if " serving " in line:
-                serving.release()
-            elif " WARNING " in line or " ERROR " in line:
-                sys.stderr.write(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    for _ in range(args.workers):
-        if not serving.acquire(timeout=180):
-            proc.kill()
-            raise RuntimeError("server did not come up")
-    return proc, f"127.0.0.1:{port}", [metrics_port + i for i in range(args.workers)]
+    return ServerProcess(cmd, on_line=_echo_problems)
 
 
-def batch_stats(metrics_ports: list[int], model: str) -> tuple[float, float]:
+def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
     """(sum, count) of the batcher's batch-size histogram, over every worker."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = count = 0.0
-    for port in metrics_ports:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        for family in text_string_to_metric_families(body):
-            if family.name == "cifar10_batch_size_images":
-                for sample in family.samples:
-                    if sample.labels.get("model") == model and sample.name.endswith("_sum"):
-                        total += sample.value
-                    elif sample.labels.get("model") == model and sample.name.endswith("_count"):
-                        count += sample.value
-    return total, count
+    name = "cifar10_batch_size_images"
+    return (server.metric_sum(f"{name}_sum", model=model), server.metric_sum(f"{name}_count", model=model))
 
 
 # ----------------------------------------------------------------------------- the raw model
@@ -272,11 +241,11 @@ class RawModel:
 
 
 # ----------------------------------------------------------------------------- the run
-async def sweep(args, target: str, metrics_ports: list[int], model: str) -> list[Level]:
+async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
     # One connection per worker (SO_REUSEPORT spreads connections, not calls); callers take turns.
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
     levels: list[Level] = []
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(args.workers)]
+    channels = [grpc.aio.insecure_channel(server.target, options=options) for _ in range(args.workers)]
     try:
         stubs = [pb_grpc.ClassifierStub(channel) for channel in channels]
         plans = [("floor", "health", spread([health_calls(channel) for channel in channels]))]
@@ -290,9 +259,9 @@ async def sweep(args, target: str, metrics_ports: list[int], model: str) -> list
         for mode, kind, make in plans:
             concurrencies = args.batch_concurrency if mode == "batch64" else args.concurrency
             for c in concurrencies:
-                before = batch_stats(metrics_ports, model)
+                before = batch_stats(server, model)
                 result = await closed_loop(make, c, args.warmup, args.duration)
-                after = batch_stats(metrics_ports, model)
+                after = batch_stats(server, model)
                 count = after[1] - before[1]
                 mean_batch = (after[0] - before[0]) / count if count else 0.0
                 level = Level(mode, kind, c, mean_batch=mean_batch, **result)
@@ -399,12 +368,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     info = machine(args)
     print(f"machine: {json.dumps(info)}", flush=True)
-    proc, target, metrics_ports = start_server(args)
+    server = start_server(args)
     try:
-        levels = asyncio.run(sweep(args, target, metrics_ports, args.model))
+        levels = asyncio.run(sweep(args, server, args.model))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop(timeout=30)
     models_dir = Path(args.models_dir) if args.models_dir else ROOT / "model" / "artifacts"
     raw = RawModel(models_dir / f"{args.model}.pt", args.device, args.torch_threads)
     add_bounds(levels, raw, args.workers)

@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             elapsed = time.monotonic() - t0
             alive, after, peak = server.alive, server.memory(), server.memory("VmHWM")
         finally:
-            exit_seconds = server.stop()
+            exit_seconds = server.timed_stop()
         bad = {k: v for k, v in codes.items() if k not in ("OK", "INVALID_ARGUMENT", "NOT_FOUND")}
         server_crashes = sum(bad.values()) + (not alive)
         print(f"\nthrough the server: {sum(codes.values()):,} requests in {elapsed:.0f} s, by status: "

@@ -2,10 +2,12 @@
 
     python -m bench.metrics_overhead --models-dir DIR --default-model NAME [--rounds 5] [--calls 1000]
 
-Four variants of the real server: "off", with the Prometheus metrics replaced by no-ops and the
-gRPC metrics interceptor left out; "own", with the cifar10_* metrics but not the interceptor; "hop",
-"own" plus an interceptor that does nothing; "on", the server as shipped. They run at once, each in
-its own process, and one client sends them single-image Classify calls (the smallest request, so
+Four variants of the real server, made through ``create_server``'s ``metrics=`` and
+``interceptors=``: "off", with the Prometheus metrics replaced by no-ops and the gRPC metrics
+interceptor left out; "own", with the cifar10_* metrics but not the interceptor; "hop", "own" plus an
+interceptor that does nothing; "on", the server as shipped. The drain gate (and authentication, when
+configured) is in all four. They run at once, each in its own process (``--serve VARIANT`` followed by
+the server's own flags), and one client sends them single-image Classify calls (the smallest request, so
 the metrics are the largest share of it) one at a time, taking turns, so background load falls on
 all of them alike. Per variant it prints the median and p99 latency, the median of the per-call
 latency differences from "off", and the server's CPU time per request (user plus system, all
@@ -17,14 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import timeit
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -32,19 +31,28 @@ import numpy as np
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # No metrics; the cifar10_* metrics only; those and an interceptor that does nothing; everything, as shipped.
 VARIANTS = ("off", "own", "hop", "on")
 
 
 class _Null:
-    """Takes every metric call and does nothing."""
+    """Takes every metric call (``labels(...).observe(...)``, ``with ...time():``) and does nothing."""
 
     def labels(self, *args, **kwargs):
         return self
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
 
 
 class PassThrough(grpc.aio.ServerInterceptor):
@@ -55,8 +63,9 @@ class PassThrough(grpc.aio.ServerInterceptor):
 
 
 class NullMetrics:
-    def __init__(self, registry, max_batch_size: int = 64) -> None:
-        self.registry = registry
+    """In place of ``server.metrics.Metrics``: every series is a no-op."""
+
+    def __init__(self) -> None:
         self._null = _Null()
 
     def add_model(self, name, info) -> None:
@@ -67,29 +76,25 @@ class NullMetrics:
 
 
 # ----------------------------------------------------------------------------- the server side
-def serve(variant: str, models_dir: str, default_model: str, port_file: str) -> None:
-    import cifar10_serving.server.main as main
-    from cifar10_serving.server.config import ServerConfig
+def seams(variant: str) -> dict:
+    """``create_server`` keyword arguments for ``variant``."""
+    return {"off": {"metrics": NullMetrics(), "interceptors": ()},
+            "own": {"interceptors": ()},
+            "hop": {"interceptors": (PassThrough(),)},
+            "on": {}}[variant]
 
-    if variant == "off":
-        main.Metrics = NullMetrics
-    if variant in ("off", "own"):
-        real_server = grpc.aio.server
-        main.grpc.aio.server = lambda *args, interceptors=None, **kwargs: real_server(*args, **kwargs)
-    if variant == "hop":
-        main.grpc_metrics.interceptor = lambda registry: PassThrough()
-    config = ServerConfig(port=0, metrics_port=-1, models_dir=models_dir, default_model=default_model,
-                          log_level="WARNING")
 
-    async def run():
-        app = await main.create_server(config)
-        Path(port_file).write_text(str(app.port))
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await app.stop(1.0)
+def serve(variant: str, server_argv: list[str]) -> int:
+    """The real server (``server.main.serve``: signals, drain, ``--ready-file``) with ``variant``'s seams."""
+    import logging
 
-    asyncio.run(run())
+    from cifar10_serving.server.config import parse_config
+    from cifar10_serving.server.main import serve as serve_forever
+
+    config = parse_config(server_argv)
+    logging.basicConfig(level=config.log_level, stream=sys.stderr)
+    asyncio.run(serve_forever(config, **seams(variant)))
+    return 0
 
 
 # ----------------------------------------------------------------------------- the client side
@@ -106,27 +111,19 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def servers(args, tmp: Path):
+def servers(args):
     """One server process per variant, all running at once: {variant: (target, pid)}."""
-    procs = {}
-    try:
-        for variant in VARIANTS:
-            port_file = tmp / variant
-            procs[variant] = (subprocess.Popen(
-                [sys.executable, "-m", "bench.metrics_overhead", "--serve", variant, "--models-dir", args.models_dir,
-                 "--default-model", args.default_model, "--port-file", str(port_file)]), port_file)
-        deadline = time.monotonic() + 300
-        for variant, (proc, port_file) in procs.items():
-            while not port_file.exists() or not port_file.read_text():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the {variant} server did not start")
-                time.sleep(0.2)
-        yield {v: (f"127.0.0.1:{port_file.read_text()}", proc.pid) for v, (proc, port_file) in procs.items()}
-    finally:
-        for proc, _ in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs.values():
-            proc.wait(60)
+    flags = ["--models-dir", args.models_dir, "--default-model", args.default_model, "--metrics-port", "-1",
+             "--log-level", "WARNING", "--grace-period-seconds", "1"]
+    with ExitStack() as stack:
+        procs = {}
+        for variant in VARIANTS:  # all start at once; then each is waited for
+            procs[variant] = stack.enter_context(ServerProcess(
+                flags, command=[sys.executable, "-m", "bench.metrics_overhead", "--serve", variant], cwd=ROOT,
+                wait=False))
+        for proc in procs.values():
+            proc.wait_ready(300)
+        yield {v: (proc.target, proc.pid) for v, proc in procs.items()}
 
 
 def measure(targets: dict[str, tuple[str, int]], calls: int) -> dict[str, dict[str, float]]:
@@ -225,18 +222,18 @@ def interceptor_per_call() -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--serve"]:  # a server process: --serve VARIANT, then the server's own flags
+        if len(argv) < 2 or argv[1] not in VARIANTS:
+            p.error(f"--serve takes one of {', '.join(VARIANTS)}")
+        return serve(argv[1], argv[2:])
     p.add_argument("--models-dir", required=True)
     p.add_argument("--default-model", required=True)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=1000)
-    p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
-    p.add_argument("--port-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.serve:
-        serve(args.serve, args.models_dir, args.default_model, args.port_file)
-        return 0
     results = []
-    with tempfile.TemporaryDirectory() as tmp, servers(args, Path(tmp)) as targets:
+    with servers(args) as targets:
         for i in range(args.rounds):
             results.append(measure(targets, args.calls))
             print(f"round {i + 1}: " + "; ".join(

@@ -3,7 +3,7 @@
     python -m bench.overload                              # 256 callers for 20 s
     python -m bench.overload --callers 1024 --duration 60
 
-Three phases against one ``python -m server`` process: a baseline (a few callers), the overload
+Three phases against one ``python -m cifar10_serving.server`` process: a baseline (a few callers), the overload
 (``--callers`` closed-loop callers; a caller refused with RESOURCE_EXHAUSTED backs off
 exponentially from ``--backoff-ms`` and tries again, as a client should; ``--deadline-share`` of the requests carry a
 short deadline), and a recovery (the baseline load again). It prints, per phase, the answered
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         dropped = {r: server.metric_sum("cifar10_dropped_requests_total", reason=r) for r in ("deadline", "cancelled")}
     finally:
         stop_sampling.set()
-        exit_seconds = server.stop()
+        exit_seconds = server.timed_stop()
 
     overload = phases[1]
     answered_images = len(overload.latency["OK"]) * args.batch

@@ -1,89 +1,40 @@
-"""A ``python -m server`` process for the reliability commands (fuzz, overload, soak): start it on
-free ports, wait for SERVING, read its memory and metrics, stop it with SIGTERM."""
+"""The server process for the reliability commands (fuzz, overload, soak): the shared harness
+(``cifar10_serving.server.process``) plus what they read from /proc, and small reporting helpers."""
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Sequence
+
+from cifar10_serving.server import process
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 
-class ServerProcess:
-    def __init__(self, args: Sequence[str] = (), start_timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
-        self.log: list[str] = []
-        self._ready = threading.Event()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cifar10_serving.server", "--port", "0", "--metrics-port", "0", *args],
-            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(start_timeout):
-            self.kill()
-            raise RuntimeError("the server did not start:\n" + "".join(self.log[-20:]))
-        match = re.search(r"serving .* on \S+:(\d+) \(metrics on (\d+)", "".join(self.log))
-        self.target, self.metrics_port = f"127.0.0.1:{match.group(1)}", int(match.group(2))
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if " serving " in line:
-                self._ready.set()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+class ServerProcess(process.ServerProcess):
+    """A lone server on free ports (the pid read is the server's own: no ``--workers`` here)."""
 
     def memory(self, field: str = "VmRSS") -> int:
         """Resident bytes now (VmRSS), or the peak since ``reset_peak`` (VmHWM)."""
-        with open(f"/proc/{self.proc.pid}/status") as f:
+        with open(f"/proc/{self.pid}/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server has used so far."""
-        return cpu_seconds(self.proc.pid)
+        return cpu_seconds(self.pid)
 
     def reset_peak(self) -> None:
-        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
             f.write("5")
 
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        """Every sample of its /metrics, keyed by (name, sorted labels)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(body) for s in family.samples}
-
-    def metric_sum(self, name: str, **labels) -> float:
-        """The sum of ``name`` over the series whose labels include ``labels``."""
-        wanted = set(labels.items())
-        return sum(v for (n, ls), v in self.metrics().items() if n == name and wanted <= set(ls))
-
-    def stop(self, timeout: float = 60.0) -> float:
+    def timed_stop(self, timeout: float = 60.0) -> float:
         """SIGTERM, then the seconds it took to exit."""
         start = time.monotonic()
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.stop(timeout=timeout)
         return time.monotonic() - start
-
-    def kill(self) -> None:
-        if self.alive:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def machine() -> str:

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         windows = asyncio.run(soak(server, args))
         alive = server.alive
     finally:
-        exit_seconds = server.stop()
+        exit_seconds = server.timed_stop()
     total = sum(w.requests for w in windows)
     codes = sum((w.codes for w in windows), Counter())
     unexpected = sum((w.unexpected for w in windows), Counter())

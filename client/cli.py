@@ -1,8 +1,8 @@
 """Command line over the client library: ``cifar10-client`` (or ``python -m client``).
 
-    cifar10-client classify examples/cat.png             # top-5 table
-    cifar10-client classify examples/*.png --json        # for machines
-    cifar10-client classify examples/cat.png --features '*' --save-features maps/
+    cifar10-client classify examples/cat.jpg             # top-5 table
+    cifar10-client classify examples/*.jpg --json        # for machines
+    cifar10-client classify examples/cat.jpg --features '*' --save-features maps/
     cifar10-client layers                                # what each layer does to the volume
     cifar10-client models
     cifar10-client health                                # exit 0 only when SERVING

@@ -5,25 +5,36 @@
 
 For each artifact: parameters, FLOPs per image, file size, the validation accuracy stored in its
 metadata and the same figure re-computed now by loading the file with ``torch.jit.load`` alone and
-scoring the same seeded validation split, and raw CPU throughput at batch 1 and 64 (the server's
-optimisation applied, like the server). Prints a Markdown table.
+scoring the same seeded validation split, and raw CPU throughput at batch 1 and 64 (frozen, as the
+server serves it). Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from cifar10_serving.model.data import load_training_set, validation_split
-from cifar10_serving.model.export import read_metadata
-from cifar10_serving.model.train import DEFAULT_DATA, REPO
+from cifar10_serving.model.data import DEFAULT_DATA, REPO, load_training_set, validation_split
+from cifar10_serving.model.export import load_scripted
+from cifar10_serving.protos import artifact
+
 
 def load(path: Path):
-    module, metadata = read_metadata(path)
+    module, metadata = load_scripted(path)
     return module.eval(), metadata
+
+
+def as_served(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Frozen like the server's ``optimize_for_serving`` (batch norm folded into the convolutions),
+    keeping the names the format exports. (The server also saves and reloads the frozen module, for its
+    error messages rather than for speed; the model package does not import the server.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.freeze(module, preserved_attrs=list(artifact.EXPORTED_NAMES))
 
 
 def throughput(module, batch: int, seconds: float = 3.0) -> float:
@@ -63,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         _, val_idx = validation_split(data.labels, validation.get("images", 5000) // 10 or 500,
                                       validation.get("split_seed", 0))
         measured = accuracy(module, data.images[val_idx], data.labels[val_idx])
-        from cifar10_serving.server.models import optimize_for_serving  # the server's own optimisation, measured as served
-
-        served = optimize_for_serving(module)
+        served = as_served(module)
         training = meta.get("training", {})
         rows.append({
             "model": meta["name"], "pooling": f"{meta['pooling']['kind']} {meta['pooling']['window']}",

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout, when run from one
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.tar.gz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PYTHON_FORMAT_DIR = "cifar-10-batches-py"
 DECODE_CHUNK = 4096  # decode_jpeg takes a list; chunks keep peak memory of the byte tensors small

@@ -1,13 +1,15 @@
-"""Export a trained CifarNet as one self-describing TorchScript file.
+"""Export a trained CifarNet as one self-describing TorchScript file, and read such files back.
 
-The file holds weights, code and a ``metadata.json`` extra file (class names, input spec, pooling,
-every layer with its kind and output shape, training recipe, validation accuracy, dataset checksum),
-so the server needs ``torch.jit.load`` alone. Export is this one function, so another format
-(``torch.export``) can be added beside it without touching the rest.
+The file is an artifact as ``cifar10_serving.protos.artifact`` specifies: weights, code and a
+``metadata.json`` extra file (class names, input spec, pooling, every layer with its kind and output
+shape, training recipe, validation accuracy, dataset checksum), so the server needs ``torch.jit.load``
+alone. Export is this one function, so another format (``torch.export``) can be added beside it
+without touching the rest.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 from pathlib import Path
@@ -15,17 +17,18 @@ from typing import Any
 
 import torch
 
-from cifar10_serving.model.data import CLASSES
-from cifar10_serving.model.network import POOL_STRIDE, CifarNet, count_flops, describe_layers
-
-METADATA_FILE = "metadata.json"  # name of the extra file inside the TorchScript archive
-FORMAT_VERSION = 1  # bump when the metadata's meaning changes
+from cifar10_serving.model.data import CLASSES, DEFAULT_DATA, load_training_set, validation_split
+from cifar10_serving.model.evaluate import evaluate
+from cifar10_serving.model.network import POOL_STRIDE, CifarNet, NetConfig, count_flops, describe_layers
+from cifar10_serving.protos import artifact
 
 
 def build_metadata(net: CifarNet, name: str, version: str, **extra: Any) -> dict:
+    """The artifact metadata of ``net`` (format ``artifact.FORMAT_VERSION``); ``extra`` adds the
+    provenance keys (``dataset``, ``training``, ``validation``)."""
     cfg = net.config
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": artifact.FORMAT_VERSION,
         "name": name,
         "version": version,
         "class_names": list(CLASSES[: cfg.num_classes]),
@@ -49,7 +52,9 @@ def build_metadata(net: CifarNet, name: str, version: str, **extra: Any) -> dict
 
 
 def export_torchscript(net: CifarNet, path: str | Path, metadata: dict) -> Path:
-    """Scripts ``net`` (eval mode, on the CPU) and saves it with ``metadata`` embedded."""
+    """Scripts ``net`` (eval mode, on the CPU) and saves it with ``metadata`` embedded (checked first:
+    metadata the server would refuse raises ``artifact.ArtifactFormatError`` and nothing is written)."""
+    text = artifact.encode_metadata(metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = net.to("cpu", memory_format=torch.contiguous_format).eval()
@@ -58,26 +63,28 @@ def export_torchscript(net: CifarNet, path: str | Path, metadata: dict) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(net)
-        scripted.save(str(path), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+        scripted.save(str(path), _extra_files={artifact.METADATA_FILE: text})
     return path
 
 
-def read_metadata(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
-    """Loads an exported file on the CPU: the scripted module and its metadata."""
-    extra = {METADATA_FILE: ""}
+def load_scripted(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """An exported file on the CPU: the scripted module and its metadata, checked before the module
+    is loaded (``artifact.ArtifactFormatError`` for a file of another format)."""
+    metadata = artifact.read_metadata(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module, json.loads(extra[METADATA_FILE])
+        module = torch.jit.load(str(path), map_location="cpu")
+    return module, metadata
 
 
 def load_eager(path: str | Path) -> tuple[CifarNet, dict]:
     """An exported file rebuilt as an eager ``CifarNet`` (its architecture from the metadata, its
     weights from the archive), on the CPU, with the metadata."""
-    from cifar10_serving.model.network import NetConfig
-
-    scripted, metadata = read_metadata(path)
+    scripted, metadata = load_scripted(path)
+    if not isinstance(metadata.get("architecture"), dict):  # optional in the format, needed here
+        raise artifact.ArtifactFormatError(f"{path}: {artifact.METADATA_FILE} has no 'architecture' to rebuild "
+                                           f"the network from")
     arch = {**metadata["architecture"], "widths": tuple(metadata["architecture"]["widths"])}
     net = CifarNet(NetConfig(**arch))
     net.load_state_dict(scripted.state_dict())
@@ -89,9 +96,6 @@ def reexport(src: str | Path, dst: str | Path, name: str, data_source: str | Pat
     """Re-exports a trained file under ``name`` with this code: rebuilds the eager network from its
     metadata, loads its weights, re-scores the validation split on the CPU in float32 and writes the
     file with fresh metadata (the training record is kept). For shipping a sweep run as a named model."""
-    from cifar10_serving.model.data import load_training_set, validation_split
-    from cifar10_serving.model.train import evaluate
-
     net, old = load_eager(src)
     data = load_training_set(data_source, cache_dir=cache_dir)
     if data.sha256 != old["dataset"]["sha256"]:
@@ -109,10 +113,6 @@ def reexport(src: str | Path, dst: str | Path, name: str, data_source: str | Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from cifar10_serving.model.train import DEFAULT_DATA
-
     p = argparse.ArgumentParser(prog="python -m model.export",
                                 description="Re-export a trained file under another name, re-scored on the CPU.")
     p.add_argument("src")

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from cifar10_serving.model.data import load_training_set
+from cifar10_serving.model.data import DEFAULT_DATA, load_training_set
 from cifar10_serving.model.network import CifarNet, NetConfig
-from cifar10_serving.model.train import ARCHS, DEFAULT_DATA
+from cifar10_serving.model.train import ARCHS
 
 EPOCHS = 40
 # name -> model.train arguments (all at or under 150 MFLOP per image, both poolings are trained)

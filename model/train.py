@@ -24,14 +24,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from cifar10_serving.model.data import Dataset, load_training_set, validation_split
+from cifar10_serving.model.data import DEFAULT_DATA, Dataset, load_training_set, validation_split
+from cifar10_serving.model.evaluate import autocast, evaluate
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
 from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig
 
 log = logging.getLogger("model.train")
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.tar.gz"
 ARCHS = {  # named (widths, residual) plans; "base" is the <=150 MFLOP default, "small" the CPU-trainable one
     "small": ((32, 64, 128), False),  # 35 MFLOP per image
     "plain": ((64, 128, 256), False),  # 136 MFLOP per image
@@ -88,36 +87,6 @@ def augment(padded: Tensor, idx: Tensor, recipe: Recipe, gen: torch.Generator) -
 
 def reflect_pad(images: Tensor, pad: int) -> Tensor:
     return F.pad(images.float(), (pad,) * 4, mode="reflect").to(torch.uint8)
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.inference_mode()
-def evaluate(net: CifarNet, images: Tensor, labels: Tensor, device: torch.device, batch: int = 1000,
-             exact: bool = False) -> dict:
-    """Top-1 accuracy of the plain forward (what the service computes) and with flip test-time augmentation.
-
-    ``exact`` evaluates in float32 without TF32 (what the exported file computes on a CPU); otherwise bf16
-    on the GPU, which is faster and fine for the per-epoch lines."""
-    net.eval()
-    correct = correct_tta = 0
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    if exact:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    for start in range(0, len(images), batch):
-        x = images[start : start + batch].to(device).contiguous(memory_format=torch.channels_last)
-        y = labels[start : start + batch].to(device)
-        with autocast(device, enabled=not exact):
-            p = net(x).float()
-            p_tta = p + net(x.flip(3)).float()
-        correct += (p.argmax(1) == y).sum().item()
-        correct_tta += (p_tta.argmax(1) == y).sum().item()
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    return {"accuracy": correct / len(images), "accuracy_flip_tta": correct_tta / len(images)}
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    # bf16 on the GPU roughly doubles throughput; the CPU here has no fast bf16, so it stays fp32
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- distillation

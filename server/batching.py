@@ -14,16 +14,9 @@ runs the forward pass on a worker thread so the event loop stays free. Rules:
 - Forward passes run only at the batch sizes of a short ladder (``batch_ladder``): a batch of n
   images is padded with blank images up to the next rung, and warm-up runs every rung.
 
-Why the ladder: on the CPU, PyTorch runs convolutions through oneDNN, which compiles kernels for
-each input shape and keeps them in one process-wide cache of 1,024 entries. Passes at every size
-from 1 to 64, with and without feature maps, need 1,332 of them for small-max, so the cache
-thrashed: kernels were compiled and freed again all the time, and the churn fragmented the C heap.
-Under mixed load the server's resident memory grew for minutes (+67 MB in a 10-minute soak) while
-no live object, Python or C, grew. The 20 sizes of the ladder need 408 entries for the base
-architecture (models of one architecture share them), all made during warm-up. A first ladder of 11
-sizes (steps of 8 above 8) needed 219 but padded a pass by up to 45 %: at 32 callers, batches of 11
-and 21 images ran as 16 and 24, and the finer ladder serves 13-25 % more images per second at 8 and
-32 callers (2-core VM, base-max).
+Why the ladder: on the CPU, oneDNN compiles kernels per input shape into a bounded cache; passes at
+every size thrashed it, and the churn grew the server's memory (README, "Reliability", Memory). The
+throughput the finer ladder bought is in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -60,15 +53,19 @@ def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
     return (*rungs, max_batch_size)
 
 
-class QueueFull(Exception):
+class BatchError(Exception):
+    """A request the batcher could not serve; ``server.calls.rejection_for`` says what the caller gets."""
+
+
+class QueueFull(BatchError):
     pass
 
 
-class DeadlineExpired(Exception):
+class DeadlineExpired(BatchError):
     pass
 
 
-class ModelFailure(Exception):
+class ModelFailure(BatchError):
     def __init__(self, message: str, out_of_memory: bool) -> None:
         super().__init__(message)
         self.out_of_memory = out_of_memory
@@ -78,9 +75,6 @@ class ModelFailure(Exception):
 class BatchResult:
     probabilities: np.ndarray  # n x classes, float32
     features: dict[str, np.ndarray]  # layer -> n x shape, float32
-    queue_seconds: float
-    compute_seconds: float
-    batch_images: int  # images in the forward pass this request shared
 
 
 @dataclass
@@ -179,7 +173,7 @@ class Batcher:
                 continue
             finally:
                 self._busy = False
-            self._deliver(jobs, outcome, started)
+            self._deliver(jobs, outcome)
 
     async def _wait_for_company(self) -> None:
         first = self._queue[0]
@@ -240,7 +234,7 @@ class Batcher:
         return probs_np, feats_np, time.perf_counter() - t0
 
     # ------------------------------------------------------------------ results
-    def _deliver(self, jobs: list[_Job], outcome, started: float) -> None:
+    def _deliver(self, jobs: list[_Job], outcome) -> None:
         probs, feats, compute_seconds = outcome
         n_total = len(probs)
         self.metrics.compute_seconds.labels(self.model.name).observe(compute_seconds)
@@ -250,9 +244,7 @@ class Batcher:
             k = len(job.images)
             if not job.future.done():
                 job.future.set_result(BatchResult(
-                    probs[offset : offset + k],
-                    {name: feats[name][offset : offset + k] for name in job.layers},
-                    started - job.enqueued, compute_seconds, n_total))
+                    probs[offset : offset + k], {name: feats[name][offset : offset + k] for name in job.layers}))
             offset += k
 
     def _fail(self, jobs: list[_Job], exc: Exception) -> None:

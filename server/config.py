@@ -50,6 +50,7 @@ class ServerConfig:
     grace_period_seconds: float = 10.0  # in-flight calls may finish this long after SIGTERM
     warmup_batches: int = 1  # warm-up rounds per model before SERVING, each at every ladder size (a 2nd: no gain)
     log_level: str = "INFO"
+    ready_file: str = ""  # once SERVING, a JSON document (pid, ports, models, device) is written here; removed at stop
     # Security (README "Security"): all off by default, for a server on 127.0.0.1.
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the gRPC port speaks TLS only
     tls_key_file: str = ""  # PEM private key of tls_cert_file

@@ -1,24 +1,14 @@
 """gRPC's standard server metrics, under go-grpc-prometheus's names, from ``py-async-grpc-prometheus``.
 
-One server interceptor per server, on that server's registry, so servers never share state:
+One server interceptor per server, on that server's registry, so servers never share state. It
+counts ``grpc_server_started_total``, ``grpc_server_handled_total`` (by ``grpc_code``),
+``grpc_server_handling_seconds`` and the stream messages, each by ``grpc_type``, ``grpc_service`` and
+``grpc_method``; only registered methods get series, so a caller cannot grow the label set. Names
+are go-grpc-prometheus's because existing gRPC dashboards and alerts query them.
 
-- ``grpc_server_started_total``: calls that reached a registered method;
-- ``grpc_server_handled_total``: calls finished, by ``grpc_code``;
-- ``grpc_server_handling_seconds``: a histogram of time in the handler;
-- ``grpc_server_msg_received_total`` and ``grpc_server_msg_sent_total``: stream messages;
-
-each labelled ``grpc_type`` (UNARY, BIDI_STREAMING, ...), ``grpc_service`` and ``grpc_method``. Only
-methods the server registered get series (a call to an unknown method never reaches an interceptor's
-wrapper), so a caller cannot grow the label set. Calls cancelled by their caller or cut off by their
-deadline count as started but never as handled; streams written with ``context.write()`` (the
-health service's Watch) are not counted at all (see ``_Interceptor``). Names and labels are the ones go-grpc-prometheus
-made common, which existing gRPC dashboards and alerts already query.
-
-Why not gRPC's own OpenTelemetry plugin (``grpcio-observability``, gRFC A66): with ``grpc.aio``
-1.85 it deadlocks the whole process under load. Its export thread holds a C++ mutex while running
-Python code, and the asyncio server's thread, holding the GIL, waits on that mutex to record a
-finished call. A standalone server froze after about 600 calls from 16 client threads. It also
-records a request refused for its size as OK. The README's "Metrics and dashboard" section says more.
+Why not gRPC's own OpenTelemetry plugin (``grpcio-observability``): with ``grpc.aio`` it deadlocked
+the server under load. That, and what these numbers leave out (cancelled calls, streams written with
+``context.write()``), is in the README's "Why these gRPC metrics".
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own, larger limit
         raise ImageError(f"image {index}: declares more pixels than the limit of {max_pixels}; "
                          "refused from its header") from None
-    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+    except Exception as exc:  # a header PIL cannot parse: OSError, SyntaxError, ...
         raise ImageError(f"image {index}: not a decodable PNG or JPEG ({_reason(exc)})") from None
     w, h = img.size
     if w < 1 or h < 1 or w * h > max_pixels:
@@ -84,8 +84,8 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
 
 
 def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
-    """Decodes a JPEG with libjpeg-turbo through torchvision: about 3x faster than PIL for a 32x32
-    image (50 us against 150 us here). Its errors come back as RuntimeError (fuzzed: bench/fuzz.py)."""
+    """Decodes a JPEG with libjpeg-turbo through torchvision, faster than PIL at the model's size.
+    Its errors come back as RuntimeError (fuzzed: bench/fuzz.py)."""
     try:
         chw = _torch_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
     except RuntimeError as exc:
@@ -140,7 +140,7 @@ def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Scales the shorter side to the model's size and crops the centre (H x W x 3 uint8).
 
     It resizes only the centre box, straight to the output size: scaling the whole image first would
-    make a 16,777,216 x 1 PNG of 50 KB (within the pixel limit) into a 51 GB intermediate."""
+    turn a 16,777,216 x 1 image (within the pixel limit) into a 536,870,912 x 32 intermediate."""
     h, w = rgb.shape[:2]
     th, tw = size
     if (h, w) == (th, tw):

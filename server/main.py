@@ -1,19 +1,22 @@
-"""Start the CIFAR-10 gRPC server: ``python -m server`` (or ``cifar10-server``); ``--help`` lists the settings.
+"""Start the CIFAR-10 gRPC server: ``python -m cifar10_serving.server`` (or ``cifar10-server``); ``--help``
+lists the settings.
 
 ``create_server(config)`` loads every model in the models directory, starts gRPC (with the standard
 health and reflection services) and the Prometheus endpoint, warms the models up, and only then
-reports SERVING. ``App.stop(grace)`` drains: health goes NOT_SERVING, new calls get UNAVAILABLE,
-calls in flight finish within the grace period.
+reports SERVING; what a benchmark swaps (the metrics, the first interceptors) are its arguments.
+``App.stop(grace)`` drains: health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight
+finish within the grace period. ``serve`` adds the signals and the ``--ready-file``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import grpc
 import torch
@@ -30,7 +33,9 @@ from cifar10_serving.server.gate import Gate
 from cifar10_serving.server.health import DrainingHealthServicer
 from cifar10_serving.server.metrics import GpuMemoryCollector, Metrics, serve_metrics
 from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
-from cifar10_serving.server.security import SecurityConfigError, add_port, check_models_dir, interceptors
+from cifar10_serving.server.process import remove_ready_file, write_ready_file
+from cifar10_serving.server.security import SecurityConfigError, add_port, check_models_dir
+from cifar10_serving.server.security import interceptors as security_interceptors
 from cifar10_serving.server.service import ClassifierService
 from cifar10_serving.server.workers import supervise
 
@@ -51,6 +56,7 @@ class App:
     metrics: Metrics
     _metrics_http: object | None = None
     gate: Gate | None = None
+    device: str = ""
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains and stops: NOT_SERVING first, then in-flight calls get up to ``grace`` seconds."""
@@ -81,7 +87,12 @@ def set_threads(config: ServerConfig) -> int:
     return threads
 
 
-async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> App:
+async def create_server(config: ServerConfig, registry: CollectorRegistry | None = None, *,
+                        metrics: Metrics | None = None,
+                        interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None) -> App:
+    """The server, SERVING. ``metrics``: what the service and batchers record into (default
+    ``Metrics(registry)``); ``interceptors``: what runs first on every call, before authentication
+    and the drain gate (default: gRPC's standard server metrics on ``registry``; ``()`` for none)."""
     device = resolve_device(config.device)
     check_models_dir(config.models_dir)
     threads = set_threads(config)
@@ -89,7 +100,9 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     if config.default_model not in models:
         raise ModelLoadError(f"default model {config.default_model!r} is not among the loaded: {sorted(models)}")
     registry = registry if registry is not None else default_registry()
-    metrics = Metrics(registry, config.max_batch_size)
+    metrics = metrics if metrics is not None else Metrics(registry, config.max_batch_size)
+    if interceptors is None:
+        interceptors = [grpc_metrics.interceptor(registry)]
     if device.type == "cuda":
         registry.register(GpuMemoryCollector([device.index or 0]))
     batchers = {name: Batcher(model, metrics, config.max_batch_size, config.max_queue_delay_us,
@@ -101,8 +114,9 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             "pool_window": str(pooling.get("window", "")), "device": str(device)})
 
     gate = Gate(SERVICE_NAME)
-    # The metrics interceptor goes first, so calls refused by authentication or the drain gate are counted.
-    server = grpc.aio.server(interceptors=[grpc_metrics.interceptor(registry), *interceptors(config), gate], options=[
+    # The given interceptors (the metrics one by default) go first, so calls refused by authentication
+    # or the drain gate are counted.
+    server = grpc.aio.server(interceptors=[*interceptors, *security_interceptors(config), gate], options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         # Two servers on one port would split traffic silently; workers of --workers do it on purpose.
@@ -134,16 +148,32 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
              ", ".join(sorted(models)), config.host, port, metrics_port if metrics_port is not None else "off",
              device, threads, config.default_model,
              f", worker {config.worker_index}" if config.worker_index >= 0 else "")
-    return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate)
+    return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate,
+               device=str(device))
 
 
-async def serve(config: ServerConfig) -> None:
-    app = await create_server(config)
+def ready_document(app: App) -> dict[str, Any]:
+    """What ``--ready-file`` holds (server/process.py reads it); the supervisor of ``--workers`` adds ``workers``."""
+    config = app.config
+    return {"pid": os.getpid(), "host": config.host, "port": app.port,
+            "metrics_host": config.metrics_host or config.host,
+            "metrics_ports": [app.metrics_port] if app.metrics_port is not None else [],
+            "models": sorted(app.models), "default_model": config.default_model, "device": app.device,
+            "worker_index": config.worker_index}
+
+
+async def serve(config: ServerConfig, **seams) -> None:
+    """Runs until SIGTERM or SIGINT, then drains; ``seams`` go to ``create_server``."""
+    app = await create_server(config, **seams)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.ready_file:
+        write_ready_file(config.ready_file, ready_document(app))
     await stop.wait()
+    if config.ready_file:
+        remove_ready_file(config.ready_file)  # draining is not SERVING: nobody should start on this file now
     log.info("stopping: draining for up to %.1fs", config.grace_period_seconds)
     await app.stop()
     log.info("stopped")

@@ -3,7 +3,7 @@
 Names follow Prometheus conventions: the ``cifar10_`` namespace, base units (``_seconds``), ``_total``
 on counters, and only labels with bounded values (method, model name, gRPC status code, outcome).
 Latencies are histograms so they can be aggregated across replicas with ``histogram_quantile``.
-gRPC's own per-call metrics (``grpc_server_*``) come from gRPC's plugin, in ``server.grpc_metrics``.
+The per-call ``grpc_server_*`` series come from an interceptor, in ``server.grpc_metrics``.
 The README's "Metrics and dashboard" section lists every series with an example query.
 """
 
@@ -16,6 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 NAMESPACE = "cifar10"
 # From 100 us (a lone image on an idle CPU server) to 10 s (a full batch of large JPEGs under load).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The method label's values; server.calls refuses any other. Another API's methods go on this line.
+METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo")
 UNKNOWN_MODEL = "unknown"  # label for requests naming a model that is not loaded: keeps the set bounded
 DROP_REASONS = ("cancelled", "deadline")  # cifar10_dropped_requests_total{reason}
 FAILURE_REASONS = ("out_of_memory", "error")  # cifar10_batch_failures_total{reason}
@@ -113,5 +115,5 @@ class GpuMemoryCollector:
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):
     """Starts the /metrics HTTP endpoint in a daemon thread; returns (server, bound port)."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return server, server.server_port

@@ -1,4 +1,5 @@
-"""Loading model artifacts: self-describing TorchScript files, each with a ``metadata.json`` inside.
+"""Loading model artifacts: self-describing TorchScript files in the format
+``cifar10_serving.protos.artifact`` specifies, each with a ``metadata.json`` inside.
 
 Loading is this module's one function, ``load_artifact``, so another format could be added beside
 it. TorchScript files carry code: load only files you trust (the server reads its models directory
@@ -8,8 +9,6 @@ and nothing else).
 from __future__ import annotations
 
 import io
-import json
-import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,11 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
-
-METADATA_FILE = "metadata.json"
-ARTIFACT_SUFFIX = ".pt"
-FEATURES_METHOD = "forward_with_features"  # the exported method that also returns feature maps
+from cifar10_serving.protos import artifact
 
 
 class ModelLoadError(RuntimeError):
-    pass
+    """A model that cannot be served; the message names the file (or setting) and what is wrong."""
 
 
 @dataclass
@@ -44,9 +39,6 @@ class LoadedModel:
         self.class_names = list(self.metadata["class_names"])
         self.layer_names = [row["name"] for row in self.metadata["layers"]]
         self.input_shape = tuple(self.metadata["input"]["shape"][1:])
-
-    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {row["name"]: tuple(row["output_shape"]) for row in self.metadata["layers"]}
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -69,7 +61,7 @@ def optimize_for_serving(module: torch.jit.ScriptModule) -> torch.jit.ScriptModu
     crashes the same way, its modules cannot be reloaded, and it added ~12% at batch 64 at best."""
     with warnings.catch_warnings():  # deprecated with the rest of TorchScript in 2.14, still what we serve
         warnings.simplefilter("ignore", FutureWarning)
-        frozen = torch.jit.freeze(module, preserved_attrs=[FEATURES_METHOD, "layer_names"])
+        frozen = torch.jit.freeze(module, preserved_attrs=list(artifact.EXPORTED_NAMES))
         buffer = io.BytesIO()
         torch.jit.save(frozen, buffer)
         buffer.seek(0)
@@ -77,30 +69,38 @@ def optimize_for_serving(module: torch.jit.ScriptModule) -> torch.jit.ScriptModu
 
 
 def load_artifact(path: str | Path, device: torch.device, optimize: bool = True) -> LoadedModel:
-    """Loads one TorchScript file onto ``device`` in eval mode, with its embedded metadata."""
+    """Loads one artifact onto ``device`` in eval mode, with its embedded metadata. The metadata is
+    checked first, so a file of a format this server does not read is refused before its code loads;
+    every refusal is a ``ModelLoadError`` that names the file and the problem."""
     path = Path(path)
-    extra = {METADATA_FILE: ""}
+    try:
+        metadata = artifact.read_metadata(path)
+    except artifact.ArtifactFormatError as exc:
+        raise ModelLoadError(str(exc)) from exc
     try:
         with warnings.catch_warnings():
             # PyTorch 2.14 marks torch.jit.load deprecated; TorchScript is still this service's format.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError or its own types for a bad archive
         raise ModelLoadError(f"{path}: not a loadable TorchScript file: {exc}") from exc
-    if not extra[METADATA_FILE]:
-        raise ModelLoadError(f"{path}: no {METADATA_FILE} inside; export it with model.export")
-    try:
-        metadata = json.loads(extra[METADATA_FILE])
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: {METADATA_FILE} is not JSON: {exc}") from exc
-    for key in ("name", "class_names", "input", "layers"):
-        if key not in metadata:
-            raise ModelLoadError(f"{path}: {METADATA_FILE} lacks {key!r}")
+    check_module(module, metadata, path)
     module.eval()
     if optimize:
         module = optimize_for_serving(module)
-    return LoadedModel(metadata["name"], str(metadata.get("version", "")), path, module, metadata, device)
+    return LoadedModel(metadata["name"], metadata["version"], path, module, metadata, device)
+
+
+def check_module(module: torch.jit.ScriptModule, metadata: dict, path: Path) -> None:
+    """The module has what the format promises beside ``forward``, and its layers are the metadata's."""
+    if not hasattr(module, artifact.FEATURES_METHOD):
+        raise ModelLoadError(f"{path}: the module has no {artifact.FEATURES_METHOD} method")
+    names = list(getattr(module, artifact.LAYER_NAMES_ATTR, None) or [])
+    described = [row["name"] for row in metadata["layers"]]
+    if names != described:
+        raise ModelLoadError(f"{path}: the module's {artifact.LAYER_NAMES_ATTR} {names} are not the layers "
+                             f"{artifact.METADATA_FILE} describes {described}")
 
 
 def load_models_dir(models_dir: str | Path, device: torch.device, optimize: bool = True) -> dict[str, LoadedModel]:
@@ -109,11 +109,11 @@ def load_models_dir(models_dir: str | Path, device: torch.device, optimize: bool
     if not models_dir.is_dir():
         raise ModelLoadError(f"models directory {models_dir} does not exist")
     models: dict[str, LoadedModel] = {}
-    for path in sorted(models_dir.glob("*" + ARTIFACT_SUFFIX)):
+    for path in sorted(models_dir.glob("*" + artifact.ARTIFACT_SUFFIX)):
         model = load_artifact(path, device, optimize)
         if model.name in models:
             raise ModelLoadError(f"{path}: model name {model.name!r} also used by {models[model.name].path}")
         models[model.name] = model
     if not models:
-        raise ModelLoadError(f"no *{ARTIFACT_SUFFIX} model artifacts in {models_dir}")
+        raise ModelLoadError(f"no *{artifact.ARTIFACT_SUFFIX} model artifacts in {models_dir}")
     return models

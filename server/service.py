@@ -7,7 +7,6 @@ alone and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,35 +16,24 @@ import numpy as np
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.batching import Batcher, BatchResult, DeadlineExpired, ModelFailure, QueueFull
+from cifar10_serving.server.batching import Batcher, BatchError, BatchResult
+from cifar10_serving.server.calls import Call, Rejection, deadline_of, model_label, rejection_for
 from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.imaging import ImageError, decode_into, enum_name
-from cifar10_serving.server.metrics import UNKNOWN_MODEL, Metrics
+from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel
 from cifar10_serving.server.modelinfo import model_info
 
-log = logging.getLogger(__name__)
-
 ALL_LAYERS = "*"
 DEFAULT_TOP_K = 5
-DEADLINE_SLACK_SECONDS = 0.05  # a cancellation this close to the deadline is the deadline, seen from the caller
 STREAM_WINDOW = 64  # stream requests in progress at once; bounds a stream's memory, keeps answers in order
-# Decoding runs off the event loop: a 16-megapixel PNG of zeros is 50 KB on the wire and ~0.5 s of
-# decoding, and a request of 64 of them would otherwise stall every call, health checks included.
-# Two threads, so one such request cannot hold up all decoding.
+# Decoding runs off the event loop: a small PNG may declare millions of pixels, and a request of
+# them would otherwise stall every call, health checks included (README, "Reliability"). Two
+# threads, so one such request cannot hold up all decoding.
 DECODE_THREADS = 2
 RESIZE_MODES = frozenset(pb.ResizeMode.values())
 FEATURE_DTYPES = {pb.DTYPE_UNSPECIFIED: ("<f4", pb.DTYPE_FLOAT32), pb.DTYPE_FLOAT32: ("<f4", pb.DTYPE_FLOAT32),
                   pb.DTYPE_FLOAT16: ("<f2", pb.DTYPE_FLOAT16)}
-
-
-class Rejection(Exception):
-    """A request the service refuses, with the status code and message the caller gets."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -69,28 +57,16 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # ------------------------------------------------------------------ rpcs
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        start = time.perf_counter()
-        label, code = self._model_label(request.model), grpc.StatusCode.OK
-        in_flight = self.metrics.in_flight.labels("Classify")
-        in_flight.inc()
+        deadline = deadline_of(context)
         try:
-            return await self._classify(request, _deadline(context))
+            with Call(self.metrics, "Classify", self._model_label(request.model), len(request.images),
+                      deadline=deadline, in_flight=True):
+                return await self._classify(request, deadline)
         except Rejection as rejection:
-            code = rejection.code
             await context.abort(rejection.code, rejection.message)
-        except asyncio.CancelledError:
-            code = _cancelled_code(context.time_remaining())
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("Classify failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        finally:
-            in_flight.dec()
-            self._observe("Classify", label, code, time.perf_counter() - start, len(request.images))
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        deadline = _deadline(context)
+        deadline = deadline_of(context)
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
@@ -101,7 +77,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 await pending.put(None)
 
         reader = asyncio.ensure_future(read())
-        in_flight = self.metrics.in_flight.labels("ClassifyStream")
+        in_flight = self.metrics.in_flight.labels("ClassifyStream")  # counts the stream; its requests have Calls
         in_flight.inc()
         try:
             while (task := await pending.get()) is not None:
@@ -116,22 +92,19 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     task.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        start = time.perf_counter()
-        response = pb.ListModelsResponse(
-            models=[self._info(m) for m in self.models.values()], default_model=self.config.default_model)
-        self._observe("ListModels", "", grpc.StatusCode.OK, time.perf_counter() - start)
-        return response
+        try:
+            with Call(self.metrics, "ListModels", ""):  # names no model: the empty label
+                return pb.ListModelsResponse(models=[self._info(m) for m in self.models.values()],
+                                             default_model=self.config.default_model)
+        except Rejection as rejection:
+            await context.abort(rejection.code, rejection.message)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        start = time.perf_counter()
-        label, code = self._model_label(request.name), grpc.StatusCode.OK
         try:
-            return self._info(self._resolve(request.name))
+            with Call(self.metrics, "GetModelInfo", self._model_label(request.name)):
+                return self._info(self._resolve(request.name))
         except Rejection as rejection:
-            code = rejection.code
             await context.abort(rejection.code, rejection.message)
-        finally:
-            self._observe("GetModelInfo", label, code, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ the serving path
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
@@ -143,13 +116,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                                                                       plan.model)
         try:
             result = await self.batchers[plan.model.name].submit(images, plan.layers, deadline)
-        except QueueFull as exc:
-            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        except DeadlineExpired as exc:
-            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
-        except ModelFailure as exc:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.out_of_memory else grpc.StatusCode.INTERNAL
-            raise Rejection(code, f"model {plan.model.name!r} failed on this batch: {_summary(str(exc))}") from None
+        except BatchError as exc:
+            raise rejection_for(exc, plan.model.name) from None
         return self._respond(request, plan, result)
 
     def _plan(self, request: pb.ClassifyRequest) -> Plan:
@@ -218,25 +186,14 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                                    results=results)
 
     async def _stream_one(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
+        """One request of a stream: a refusal is this request's answer, and the stream goes on."""
         try:
-            return await self._classify(request, deadline)
-        except asyncio.CancelledError:  # the stream ended under this request: cancelled, or its deadline passed
-            code = _cancelled_code(None if deadline is None else deadline - time.monotonic())
-            raise
+            with Call(self.metrics, "ClassifyStream", self._model_label(request.model), len(request.images),
+                      deadline=deadline):
+                return await self._classify(request, deadline)
         except Rejection as rejection:
-            code = rejection.code
             return pb.ClassifyResponse(request_id=request.request_id,
                                        error=pb.Error(code=rejection.code.value[0], message=rejection.message))
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("ClassifyStream request failed")
-            return pb.ClassifyResponse(request_id=request.request_id,
-                                       error=pb.Error(code=code.value[0], message="internal error; see the server log"))
-        finally:
-            self._observe("ClassifyStream", self._model_label(request.model), code, time.perf_counter() - start,
-                          len(request.images))
 
     # ------------------------------------------------------------------ helpers
     def _resolve(self, name: str) -> LoadedModel:
@@ -247,41 +204,16 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return model
 
     def _model_label(self, name: str) -> str:
-        name = name or self.config.default_model
-        return name if name in self.models else UNKNOWN_MODEL
+        return model_label(name or self.config.default_model, self.models)
 
     def _info(self, model: LoadedModel) -> pb.ModelInfo:
         return model_info(model, is_default=model.name == self.config.default_model)
-
-    def _observe(self, method: str, model: str, code: grpc.StatusCode, seconds: float, images: int = 0) -> None:
-        self.metrics.request_seconds.labels(method, model, code.name).observe(seconds)
-        self.metrics.requests.labels(method, model, code.name).inc()
-        if images:
-            outcome = "ok" if code == grpc.StatusCode.OK else code.name
-            self.metrics.images.labels(model, outcome).inc(images)
-
-
-def _cancelled_code(remaining: float | None) -> grpc.StatusCode:
-    """What the caller of a cancelled handler saw, given the seconds left before its deadline.
-
-    A caller's deadline can reach the server as a cancellation just before the server's copy of the
-    deadline (which started when the request arrived) runs out, hence the slack.
-    """
-    expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def _quote(name: str, limit: int = 80) -> str:
     """A caller's string, quoted and cut short: the message travels in trailers, which gRPC caps at
     16 KiB; past that the caller gets RESOURCE_EXHAUSTED "Stream removed" instead of its error."""
     return repr(name if len(name) <= limit else name[: limit - 3] + "...")
-
-
-def _summary(text: str, limit: int = 300) -> str:
-    """The last line of an error: a TorchScript error's is the exception, the lines above it code."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = lines[-1] if lines else "unknown error"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _small_raw_only(request: pb.ClassifyRequest, model: LoadedModel) -> bool:
@@ -291,7 +223,3 @@ def _small_raw_only(request: pb.ClassifyRequest, model: LoadedModel) -> bool:
     limit = 4 * c * h * w  # float32 at the model's size
     return all(image.WhichOneof("data") == "raw" and len(image.raw.data) <= limit for image in request.images)
 
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining

@@ -1,34 +1,40 @@
 """``--workers N``: N server processes share one gRPC port, so that one Python process is not the limit.
 
 The supervisor (the process the user started) loads no model. It picks the port, starts N copies of
-``python -m server`` with the same settings, each told its ``--worker-index``, and waits:
+``python -m cifar10_serving.server`` with the same settings, each told its ``--worker-index`` and its
+own ready file, and waits:
 
 - every worker binds the gRPC port with SO_REUSEPORT; the kernel spreads *connections* (not calls)
   across them, so a client needs several connections to use several workers (one gRPC channel is
   one connection; a load balancer in front spreads calls);
 - worker i serves its own Prometheus endpoint on ``metrics_port + i`` (each its own scrape target,
-  the histograms aggregate with ``sum by``); with ``--metrics-port 0`` each picks a free port, and
-  each logs its ports in its "serving" line;
+  the histograms aggregate with ``sum by``); with ``--metrics-port 0`` each picks a free port;
+- once every worker is SERVING, the supervisor logs one "serving" line and writes ``--ready-file``
+  listing every worker's metrics port (removed again when it starts stopping);
 - SIGTERM or SIGINT to the supervisor is passed on: every worker drains as a lone server does;
 - a worker that dies on its own stops the rest, and the supervisor exits with status 1, for the
   process manager (Docker's restart policy, systemd) to restart the whole set.
 
-Why processes: on a GPU host the one server process, not the GPU, was the limit (bench/RESULTS.md);
-on the 2-core VM two workers of one torch thread each served 1.5 times the single-image throughput of
-one worker at 32 callers spread over two connections.
+Why processes: one server process, not the model, can be the limit; measurements are in
+bench/RESULTS.md ("Two worker processes").
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from cifar10_serving.server.config import ServerConfig, default_torch_threads
+from cifar10_serving.server.process import read_ready_file, remove_ready_file, write_ready_file
 
 log = logging.getLogger("server.workers")
 
@@ -45,13 +51,24 @@ def _reserve_port(host: str) -> socket.socket:
     return sock
 
 
-def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int) -> list[str]:
+def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int, ready_file: Path) -> list[str]:
     """The command line of worker ``index``: the user's flags, then the ones that make it a worker
     (argparse keeps the last value of a repeated flag)."""
     metrics_port = config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
     threads = config.torch_threads or default_torch_threads(config.workers)
     return [sys.executable, "-m", "cifar10_serving.server", *argv, "--workers", "1", "--worker-index", str(index),
-            "--port", str(port), "--metrics-port", str(metrics_port), "--torch-threads", str(threads)]
+            "--port", str(port), "--metrics-port", str(metrics_port), "--torch-threads", str(threads),
+            "--ready-file", str(ready_file)]
+
+
+def ready_document(config: ServerConfig, port: int, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The supervisor's ready file: a lone server's fields (server/main.py), every worker's metrics
+    ports, and each worker's own document under ``workers``."""
+    first = workers[0]
+    return {"pid": os.getpid(), "host": config.host, "port": port, "metrics_host": first["metrics_host"],
+            "metrics_ports": [p for w in workers for p in w["metrics_ports"]], "models": first["models"],
+            "default_model": first["default_model"], "device": first["device"], "worker_index": -1,
+            "workers": workers}
 
 
 def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
@@ -64,6 +81,8 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
         if not stopping:
             log.info("stopping: passing %s to %d workers", signal.Signals(signum).name, len(workers))
         stopping.append(signum)
+        if config.ready_file:
+            remove_ready_file(config.ready_file)  # stopping is not SERVING; also removed at exit
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)
@@ -71,10 +90,13 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # before any worker exists, so none is ever orphaned
         signal.signal(sig, stop)
     log.info("starting %d workers on %s:%d", config.workers, config.host, port)
+    ready_dir = Path(tempfile.mkdtemp(prefix="cifar10-workers-"))
+    ready_files = [ready_dir / f"worker-{i}.json" for i in range(config.workers)]
+    serving = False
     try:
         for i in range(config.workers):
             if not stopping:
-                workers.append(subprocess.Popen(worker_argv(argv, config, i, port)))
+                workers.append(subprocess.Popen(worker_argv(argv, config, i, port, ready_files[i])))
         while not stopping:
             failed = [w for w in workers if w.poll() is not None]
             if failed:
@@ -83,12 +105,30 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
                 stop(signal.SIGTERM, None)
                 _wait_all(workers, config.grace_period_seconds + EXIT_SLACK_SECONDS)
                 return 1
-            time.sleep(0.2)
+            if not serving:
+                serving = _announce_when_all_serving(config, port, ready_files)
+            time.sleep(0.1)
         _wait_all(workers, config.grace_period_seconds + EXIT_SLACK_SECONDS)
     finally:
+        if config.ready_file:
+            remove_ready_file(config.ready_file)
+        shutil.rmtree(ready_dir, ignore_errors=True)
         if reserved is not None:
             reserved.close()
     return 0 if all(w.returncode == 0 for w in workers) else 1
+
+
+def _announce_when_all_serving(config: ServerConfig, port: int, ready_files: list[Path]) -> bool:
+    """Once every worker has written its ready file: the one log line and ``--ready-file``. True once done."""
+    documents = [read_ready_file(path) for path in ready_files]
+    if any(d is None for d in documents):
+        return False
+    document = ready_document(config, port, documents)
+    log.info("serving on %s:%d with %d workers (metrics on %s)", config.host, port, len(documents),
+             ", ".join(map(str, document["metrics_ports"])) or "off")
+    if config.ready_file:
+        write_ready_file(config.ready_file, document)
+    return True
 
 
 def _wait_all(workers: list[subprocess.Popen], seconds: float) -> None:

@@ -6,7 +6,7 @@ from tests.support import RunningServer, export_tiny, make_config
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory):
+def tiny_models_dir(tmp_path_factory):
     """Two tiny models that differ only in pooling, like the shipped pair."""
     directory = tmp_path_factory.mktemp("models")
     export_tiny(directory, "tiny-max", pool="max")
@@ -15,15 +15,15 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models_dir):
-    running = RunningServer(make_config(models_dir))
+def tiny_server(tiny_models_dir):
+    running = RunningServer(make_config(tiny_models_dir))
     yield running
     running.stop(grace=1.0)
 
 
 @pytest.fixture()
-def client(server):
+def tiny_client(tiny_server):
     from cifar10_serving.client import ClassifierClient
 
-    with ClassifierClient(server.target, timeout=30) as c:
+    with ClassifierClient(tiny_server.target, timeout=30) as c:
         yield c

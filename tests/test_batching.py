@@ -17,8 +17,8 @@ from cifar10_serving.server.models import load_artifact
 
 
 @pytest.fixture(scope="module")
-def model(models_dir):
-    return load_artifact(models_dir / "tiny-max.pt", torch.device("cpu"))
+def model(tiny_models_dir):
+    return load_artifact(tiny_models_dir / "tiny-max.pt", torch.device("cpu"))
 
 
 def make(model, max_batch_size=8, delay_us=0, max_queue_images=256):

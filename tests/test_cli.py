@@ -15,17 +15,17 @@ from cifar10_serving.client.cli import main
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_classify_prints_a_table(server, capsys):
-    assert main(["--target", server.target, "classify", str(EXAMPLES / "cat.jpg"), "--top-k", "3"]) == 0
+def test_classify_prints_a_table(tiny_server, capsys):
+    assert main(["--target", tiny_server.target, "classify", str(EXAMPLES / "cat.jpg"), "--top-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("cat.jpg") and len(out) == 4
     assert all(line.strip().split()[1].endswith("%") for line in out[1:])
 
 
-def test_classify_json_for_every_example(server, capsys):
+def test_classify_json_for_every_example(tiny_server, capsys):
     images = sorted(str(p) for p in EXAMPLES.glob("*.jpg"))
     assert len(images) == 10
-    assert main(["--target", server.target, "classify", *images, "--json", "--model", "tiny-avg"]) == 0
+    assert main(["--target", tiny_server.target, "classify", *images, "--json", "--model", "tiny-avg"]) == 0
     answers = json.loads(capsys.readouterr().out)
     assert [a["image"] for a in answers] == images
     for a in answers:
@@ -33,9 +33,9 @@ def test_classify_json_for_every_example(server, capsys):
         assert a["label"] == a["top_k"][0]["label"] and len(a["top_k"]) == 5
 
 
-def test_save_features_writes_one_png_grid_per_layer(server, tmp_path, capsys):
+def test_save_features_writes_one_png_grid_per_layer(tiny_server, tmp_path, capsys):
     out = tmp_path / "maps"
-    assert main(["--target", server.target, "classify", str(EXAMPLES / "ship.jpg"), "--save-features", str(out),
+    assert main(["--target", tiny_server.target, "classify", str(EXAMPLES / "ship.jpg"), "--save-features", str(out),
                  "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)[0]
     saved = [Path(p) for p in answer["saved"]]
@@ -47,36 +47,36 @@ def test_save_features_writes_one_png_grid_per_layer(server, tmp_path, capsys):
     assert pool.mode == "L" and pool.width >= math.ceil(math.sqrt(c)) * w
 
 
-def test_layers_table_shows_pooling_halving_width_and_height(server, capsys):
-    assert main(["--target", server.target, "layers"]) == 0
+def test_layers_table_shows_pooling_halving_width_and_height(tiny_server, capsys):
+    assert main(["--target", tiny_server.target, "layers"]) == 0
     out = capsys.readouterr().out
     assert "pooling: max, window 2, stride 2" in out
     rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.startswith("  stage")}
     assert "4 x 32 x 32" in rows["stage1.conv1"] and "4 x 16 x 16" in rows["stage1.pool"]
-    assert main(["--target", server.target, "layers", "--json", "--model", "tiny-avg"]) == 0
+    assert main(["--target", tiny_server.target, "layers", "--json", "--model", "tiny-avg"]) == 0
     layers = json.loads(capsys.readouterr().out)
     assert {l["name"]: l["output_shape"] for l in layers}["stage1.pool"] == [4, 15, 15]
 
 
-def test_models_and_health(server, capsys):
-    assert main(["--target", server.target, "models", "--json"]) == 0
+def test_models_and_health(tiny_server, capsys):
+    assert main(["--target", tiny_server.target, "models", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert listing["default_model"] == "tiny-max" and {m["name"] for m in listing["models"]} == {"tiny-max", "tiny-avg"}
-    assert main(["--target", server.target, "health"]) == 0
+    assert main(["--target", tiny_server.target, "health"]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
 
 
-def test_errors_exit_non_zero_with_the_status(server, capsys, tmp_path):
+def test_errors_exit_non_zero_with_the_status(tiny_server, capsys, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image")
-    assert main(["--target", server.target, "classify", str(junk)]) == 2
+    assert main(["--target", tiny_server.target, "classify", str(junk)]) == 2
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err and "image 0" in err
-    assert main(["--target", server.target, "classify", str(EXAMPLES / "cat.jpg"), "--model", "nope"]) == 2
+    assert main(["--target", tiny_server.target, "classify", str(EXAMPLES / "cat.jpg"), "--model", "nope"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
-def test_python_dash_m_client_runs(server):
-    out = subprocess.run([sys.executable, "-m", "cifar10_serving.client", "--target", server.target, "health"],
+def test_python_dash_m_client_runs(tiny_server):
+    out = subprocess.run([sys.executable, "-m", "cifar10_serving.client", "--target", tiny_server.target, "health"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "SERVING"

@@ -103,8 +103,8 @@ def _health_check(target: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
-def test_the_health_check_passes_on_a_serving_server_and_fails_on_a_dead_port(server):
-    assert _health_check(server.target).returncode == 0
+def test_the_health_check_passes_on_a_serving_server_and_fails_on_a_dead_port(tiny_server):
+    assert _health_check(tiny_server.target).returncode == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"  # bound but not listening: connection refused

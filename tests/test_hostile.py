@@ -29,16 +29,16 @@ RNG = np.random.default_rng(12)
 
 
 @pytest.fixture(scope="module")
-def server(models_dir):
+def hostile_server(tiny_models_dir):
     registry = CollectorRegistry()
-    running = RunningServer(make_config(models_dir, max_receive_message_bytes=MAX_MESSAGE), registry)
+    running = RunningServer(make_config(tiny_models_dir, max_receive_message_bytes=MAX_MESSAGE), registry)
     yield running
     running.stop(grace=1.0)
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.target) as channel:
+def channel(hostile_server):
+    with grpc.insecure_channel(hostile_server.target) as channel:
         yield channel
 
 
@@ -89,6 +89,10 @@ CASES = {
     "raw bytes long": (_one(_raw([32, 32, 3], RAW_BYTES + b"\0")), INVALID, "3073 bytes"),
     "raw float32 with uint8 bytes": (_one(_raw([32, 32, 3], RAW_BYTES, dtype=pb.DTYPE_FLOAT32)), INVALID,
                                      "needs 12288"),
+    "empty image": (_one(pb.Image()), INVALID, "image 0"),
+    "raw four channels": (_one(_raw([32, 32, 4], bytes(32 * 32 * 4))), INVALID, "[32, 32, 4]"),
+    "wrong size with RESIZE_REJECT": (_one(_encoded(encode(random_images(1, size=48)[0])), resize=pb.RESIZE_REJECT),
+                                      INVALID, "48x48"),
     "raw rank 2": (_one(_raw([32, 96], RAW_BYTES)), INVALID, "[32, 96]"),
     "raw zero height": (_one(_raw([0, 32, 3], b"")), INVALID, "pixels"),
     "raw shape overflow": (_one(_raw([2**32 - 1, 2**32 - 1, 3], RAW_BYTES)), INVALID, "pixels"),
@@ -210,7 +214,7 @@ def test_a_stream_of_hostile_requests_answers_each_and_goes_on(channel):
     assert not answers[-1].HasField("error") and len(answers[-1].results) == 1
 
 
-def test_a_barrage_of_hostile_requests_leaves_memory_flat(server, channel):
+def test_a_barrage_of_hostile_requests_leaves_memory_flat(hostile_server, channel):
     def barrage():
         for request, _, _ in CASES.values():
             with pytest.raises(grpc.RpcError):

@@ -27,8 +27,8 @@ GRPC_METHODS = {
 
 
 @pytest.fixture(scope="module")
-def metered(models_dir):
-    running = RunningServer(make_config(models_dir, **HELD_CONFIG))  # each server builds a fresh registry
+def metered(tiny_models_dir):
+    running = RunningServer(make_config(tiny_models_dir, **HELD_CONFIG))  # each server builds a fresh registry
     yield running
     running.stop(grace=1.0)
 

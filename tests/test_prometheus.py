@@ -89,13 +89,13 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def scraped(models_dir, tmp_path_factory):
+def scraped(tiny_models_dir, tmp_path_factory):
     """A server, Prometheus scraping it, two rounds of traffic; returns (prometheus, job, what was sent)."""
-    server = RunningServer(make_config(models_dir, **HELD_CONFIG))
+    tiny_server = RunningServer(make_config(tiny_models_dir, **HELD_CONFIG))
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
     config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = SCRAPE_INTERVAL
     (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{server.app.metrics_port}"]}]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{tiny_server.app.metrics_port}"]}]
     prometheus = Prometheus(config, tmp_path_factory.mktemp("prometheus"))
     try:
         name = job["job_name"]
@@ -103,14 +103,14 @@ def scraped(models_dir, tmp_path_factory):
         sent = Sent()
         # Two rounds, a scrape between: a series first scraped after all its traffic would show no increase.
         for _ in range(2):
-            sent += send_mix(server)
+            sent += send_mix(tiny_server)
             total = sum(sent.requests.values())
             wait_for(lambda: prometheus.by("sum(cifar10_requests_total)") == Counter({(): total}),
                      "a scrape after the traffic")
         yield prometheus, name, sent
     finally:
         prometheus.stop()
-        server.stop(grace=1.0)
+        tiny_server.stop(grace=1.0)
 
 
 def by_labels(counts: Counter, *keep: int) -> Counter:

@@ -38,13 +38,13 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, server: bool = False):
+def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, tiny_server: bool = False):
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
+    if tiny_server:
         builder = builder.add_extension(x509.SubjectAlternativeName(
             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -75,7 +75,7 @@ def pki(tmp_path_factory):
         for role in ("server", "client"):
             key = ec.generate_private_key(ec.SECP256R1())
             name = f"{role}-of-{ca_name}"
-            files[name] = _write(d, name, _certificate(name, key, ca_name, ca_key, server=role == "server"), key)
+            files[name] = _write(d, name, _certificate(name, key, ca_name, ca_key, tiny_server=role == "server"), key)
     tokens = d / "tokens"
     tokens.write_text(f"# accepted bearer tokens\n{TOKENS[0]}\n\n  {TOKENS[1]}  \n")
     files["tokens"] = tokens
@@ -83,20 +83,20 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tls_token_server(models_dir, pki):
+def tls_token_server(tiny_models_dir, pki):
     """TLS, and every call but health needs one of TOKENS."""
     cert, key = pki["server-of-ca"]
-    running = RunningServer(make_config(models_dir, tls_cert_file=str(cert), tls_key_file=str(key),
+    running = RunningServer(make_config(tiny_models_dir, tls_cert_file=str(cert), tls_key_file=str(key),
                                         auth_token_file=str(pki["tokens"])))
     yield running
     running.stop(grace=1.0)
 
 
 @pytest.fixture(scope="module")
-def mtls_server(models_dir, pki):
+def mtls_server(tiny_models_dir, pki):
     """Mutual TLS: clients must show a certificate signed by "ca"."""
     cert, key = pki["server-of-ca"]
-    running = RunningServer(make_config(models_dir, tls_cert_file=str(cert), tls_key_file=str(key),
+    running = RunningServer(make_config(tiny_models_dir, tls_cert_file=str(cert), tls_key_file=str(key),
                                         tls_client_ca_file=str(pki["ca"])))
     yield running
     running.stop(grace=1.0)
@@ -218,7 +218,7 @@ def test_tls_and_token_settings_come_from_flags_and_environment(pki):
     assert ServerConfig().tls_cert_file == "" and ServerConfig().auth_token_file == ""  # off by default
 
 
-def test_inconsistent_or_unreadable_security_settings_fail_at_start(models_dir, pki, tmp_path):
+def test_inconsistent_or_unreadable_security_settings_fail_at_start(tiny_models_dir, pki, tmp_path):
     with pytest.raises(ValueError, match="go together"):
         ServerConfig(tls_cert_file="a.crt")
     with pytest.raises(ValueError, match="mutual TLS"):
@@ -231,19 +231,19 @@ def test_inconsistent_or_unreadable_security_settings_fail_at_start(models_dir, 
         load_tokens(str(tmp_path / "missing"))
     cert, _ = pki["server-of-ca"]
     with pytest.raises(SecurityConfigError, match="tls_key_file"):  # a certificate where the key belongs
-        server_credentials(make_config(models_dir, tls_cert_file=str(cert), tls_key_file=str(cert)))
+        server_credentials(make_config(tiny_models_dir, tls_cert_file=str(cert), tls_key_file=str(cert)))
 
 
-def test_a_models_directory_others_may_write_is_warned_about(models_dir, tmp_path, caplog):
+def test_a_models_directory_others_may_write_is_warned_about(tiny_models_dir, tmp_path, caplog):
     shared = tmp_path / "models"
     shared.mkdir()
     os.chmod(shared, 0o777)
     with caplog.at_level(logging.WARNING, logger="server.security"):
         check_models_dir(str(shared))
-        check_models_dir(str(models_dir))
+        check_models_dir(str(tiny_models_dir))
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and str(shared) in warned[0] and "run code" in warned[0]
-    assert not stat.S_IMODE(models_dir.stat().st_mode) & stat.S_IWOTH
+    assert not stat.S_IMODE(tiny_models_dir.stat().st_mode) & stat.S_IWOTH
 
 
 # ----------------------------------------------------------------------------- nothing is evaluated

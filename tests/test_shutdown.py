@@ -1,4 +1,4 @@
-"""SIGTERM while callers are sending, to a real ``python -m server`` process: every request is
+"""SIGTERM while callers are sending, to a real ``python -m cifar10_serving.server`` process: every request is
 answered correctly or rejected with a retry-able code (lost = 0), a request computing when the
 signal comes completes, health turns NOT_SERVING, and the process exits within its grace period.
 
@@ -9,14 +9,9 @@ call, so it is counted apart, and bounded: each caller has at most one call in f
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +22,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.faultmodel import SLOW, export_faulty, marked
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.process import ServerProcess
+from tests.faultmodel import SLOW, export_faulty, marked
 from tests.support import export_tiny, random_images
 
-ROOT = Path(__file__).resolve().parent.parent  # the tree under test: the subprocess imports this code
 GRACE = 20.0
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 NEVER_STARTED = grpc.StatusCode.CANCELLED  # after SIGTERM only: see the module docstring
@@ -40,41 +35,10 @@ UNARY_CALLERS, STREAM_CALLERS, BATCH = 6, 2, 8
 SLOW_UNITS = 50  # ~2 s of work on a 2-core CPU shared with a training job; 0.3 s or more anywhere
 
 
-class ServerProcess:
-    """``python -m server`` on ephemeral ports; its log is read on a thread so the pipe never fills."""
-
-    def __init__(self, models_dir: Path) -> None:
-        self.log: list[str] = []
-        self.ready = threading.Event()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cifar10_serving.server", "--port", "0", "--metrics-port", "0", "--models-dir", str(models_dir),
-             "--default-model", "tiny-max", "--grace-period-seconds", str(GRACE), "--torch-threads", "1",
-             "--warmup-batches", "1", "--max-batch-size", "16", "--max-queue-images", "4096"],
-            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(120):
-            self.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log))
-        match = re.search(r"serving .* on 127\.0\.0\.1:(\d+) \(metrics on (\d+)", "".join(self.log))
-        self.target, self.metrics_port = f"127.0.0.1:{match.group(1)}", int(match.group(2))
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if " serving " in line:
-                self.ready.set()
-
-    def metric(self, name: str, **labels) -> float:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        match = re.search(rf"^{name}{{{selector}}} (\S+)$", body, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+def start_server(models_dir: Path) -> ServerProcess:
+    return ServerProcess(["--models-dir", str(models_dir), "--default-model", "tiny-max",
+                          "--grace-period-seconds", str(GRACE), "--torch-threads", "1", "--warmup-batches", "1",
+                          "--max-batch-size", "16", "--max-queue-images", "4096"], start_timeout=120)
 
 
 @dataclass
@@ -109,7 +73,7 @@ def test_sigterm_under_load_loses_nothing(models):
     images = random_images(64, seed=31)
     with torch.no_grad():
         expected = direct(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).numpy()
-    server = ServerProcess(models)
+    server = start_server(models)
     try:
         _run(server, images, expected)
     finally:
@@ -145,7 +109,7 @@ def _run(server: ServerProcess, images: np.ndarray, expected: np.ndarray) -> Non
                 except grpc.RpcError as exc:
                     if exc.code() in RETRYABLE:
                         tally.add(retryable=1)
-                        if server.proc.poll() is not None:
+                        if not server.alive:
                             return  # the server is gone: a real client would now go elsewhere
                         time.sleep(0.01)  # back off, as a client should
                     elif exc.code() == NEVER_STARTED and signalled.is_set():
@@ -191,7 +155,7 @@ def _run(server: ServerProcess, images: np.ndarray, expected: np.ndarray) -> Non
                     unanswered = len(sent) - len(answered)
                 if code in RETRYABLE:
                     tally.add(retryable=unanswered)  # the stream's status tells the client to resend these
-                    if server.proc.poll() is not None:
+                    if not server.alive:
                         return
                     time.sleep(0.01)
                 elif code == NEVER_STARTED and signalled.is_set() and not answered:
@@ -234,21 +198,21 @@ def _run(server: ServerProcess, images: np.ndarray, expected: np.ndarray) -> Non
         time.sleep(0.01)
     slow = threading.Thread(target=slow_caller)
     slow.start()
-    while server.metric("cifar10_queue_wait_seconds_count", model="faulty") < 1:  # its forward pass began
+    while server.metric_sum("cifar10_queue_wait_seconds_count", model="faulty") < 1:  # its forward pass began
         assert time.monotonic() < deadline
         time.sleep(0.005)
     sigterm = time.monotonic()
     signalled.set()
-    server.proc.send_signal(signal.SIGTERM)
-    server.proc.wait(GRACE + 10)
+    server.send_signal(signal.SIGTERM)
+    server.wait(GRACE + 10)
     exit_seconds = time.monotonic() - sigterm
     stop.set()
     for thread in (*callers, slow, watcher):
         thread.join(60)
         assert not thread.is_alive()
 
-    log = "".join(server.log)
-    assert server.proc.returncode == 0, log
+    log = server.log
+    assert server.returncode == 0, log
     assert exit_seconds < GRACE, f"exit took {exit_seconds:.1f}s"
     # the request computing when the signal came was answered, correctly
     assert "response" in slow_result and slow_result["done"] > sigterm, slow_result

@@ -1,71 +1,30 @@
-"""``--workers``: real ``python -m server`` processes sharing one port, driven over real connections."""
+"""``--workers``: real ``python -m cifar10_serving.server`` processes sharing one port, driven over real connections."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
-from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.server.config import ServerConfig
+from cifar10_serving.server.process import ServerProcess
 from tests.support import random_images
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 CONNECTIONS = 16  # the kernel spreads connections at random: all 16 on one worker has odds of 2 in 65,536
 GRACE = 5.0
 
 
-class Supervisor:
-    """``python -m server --workers 2`` on ephemeral ports, its log read on a thread."""
-
-    def __init__(self, models_dir: Path) -> None:
-        self.log: list[str] = []
-        self.serving = threading.Semaphore(0)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cifar10_serving.server", "--workers", str(WORKERS), "--port", "0", "--metrics-port", "0",
-             "--models-dir", str(models_dir), "--default-model", "tiny-max", "--warmup-batches", "1",
-             "--grace-period-seconds", str(GRACE)],
-            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        threading.Thread(target=self._read, daemon=True).start()
-        for _ in range(WORKERS):
-            if not self.serving.acquire(timeout=120):
-                self.stop()
-                raise RuntimeError("the workers did not start:\n" + "".join(self.log))
-        lines = re.findall(r"serving .* on 127\.0\.0\.1:(\d+) \(metrics on (\d+).*worker (\d+)\)", "".join(self.log))
-        self.ports = {int(port) for port, _, _ in lines}
-        self.metrics_ports = [int(metrics) for _, metrics, _ in lines]
-        self.indexes = sorted(int(index) for _, _, index in lines)
-        self.target = f"127.0.0.1:{min(self.ports)}"
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if " serving " in line:
-                self.serving.release()
-
-    def workers(self) -> list[int]:
-        """The pids of the supervisor's children."""
-        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-            return [int(pid) for pid in f.read().split()]
-
-    def ok_calls(self, metrics_port: int) -> float:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        return sum(float(v) for v in re.findall(r'^cifar10_requests_total\{[^}]*code="OK"[^}]*\} (\S+)$', body, re.M))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
+def _children(pid: int) -> list[int]:
+    """The pids of a process's children: the supervisor's workers."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
 
 
 def _alive(pid: int) -> bool:
@@ -76,37 +35,65 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ok_calls(server: ServerProcess, worker: int) -> float:
+    return sum(v for (name, labels), v in server.metrics(worker).items()
+               if name == "cifar10_requests_total" and ("code", "OK") in labels)
+
+
 @pytest.fixture()
-def supervisor(models_dir):
-    running = Supervisor(models_dir)
+def supervisor(tiny_models_dir):
+    """``--workers 2`` on ephemeral ports; ready once every worker is SERVING."""
+    running = ServerProcess(["--workers", str(WORKERS), "--models-dir", str(tiny_models_dir), "--default-model", "tiny-max",
+                             "--warmup-batches", "1", "--grace-period-seconds", str(GRACE)], start_timeout=120)
     yield running
-    running.stop()
+    running.stop(timeout=GRACE + 30)
 
 
 def test_workers_share_one_port_and_each_answers_calls(supervisor):
-    assert len(supervisor.ports) == 1 and supervisor.indexes == [0, 1]
+    workers = supervisor.ready["workers"]
+    ports = {w["port"] for w in workers}  # each as the worker itself reported it
+    assert len(ports) == 1 and sorted(w["worker_index"] for w in workers) == [0, 1]
+    _check_ready_file(supervisor)
     images = random_images(CONNECTIONS, seed=5)
     with ClassifierClient(supervisor.target, connections=CONNECTIONS) as client:  # each call on the next connection
         for i in range(CONNECTIONS):
             assert len(client.classify([images[i]])) == 1
-    per_worker = [supervisor.ok_calls(port) for port in supervisor.metrics_ports]
+    per_worker = [_ok_calls(supervisor, i) for i in range(len(supervisor.metrics_ports))]
     assert sum(per_worker) == CONNECTIONS and all(n > 0 for n in per_worker), per_worker
 
-    workers = supervisor.workers()
-    supervisor.proc.send_signal(signal.SIGTERM)
-    assert supervisor.proc.wait(GRACE + 30) == 0
-    assert not any(_alive(pid) for pid in workers)
+    pids = _children(supervisor.pid)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(GRACE + 30) == 0
+    assert not any(_alive(pid) for pid in pids)
+    assert not supervisor.ready_path.exists()  # removed when stopping began
+
+
+def _check_ready_file(supervisor: ServerProcess) -> None:
+    """The supervisor's ready file, written once every worker is SERVING, lists every worker."""
+    ready = supervisor.ready
+    assert ready["pid"] == supervisor.pid and ready["port"] == supervisor.port
+    assert sorted(w["pid"] for w in ready["workers"]) == sorted(_children(supervisor.pid))
+    assert ready["models"] == ["tiny-avg", "tiny-max"] and ready["device"] == "cpu"
+    assert len(set(supervisor.metrics_ports)) == WORKERS
+    assert supervisor.metrics_ports == [p for w in ready["workers"] for p in w["metrics_ports"]]
+    for i in range(WORKERS):  # each worker's own endpoint, already serving
+        body = urllib.request.urlopen(supervisor.metrics_url(i), timeout=10).read().decode()
+        assert "cifar10_model_info" in body
+    for _ in range(4):  # new connections, spread across the workers: every one answers SERVING
+        with grpc.insecure_channel(supervisor.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(supervisor):
-    first, second = supervisor.workers()
+    first, second = _children(supervisor.pid)
     os.kill(first, signal.SIGKILL)
-    assert supervisor.proc.wait(GRACE + 30) == 1
+    assert supervisor.wait(GRACE + 30) == 1
     deadline = time.monotonic() + 10
     while _alive(second) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(second)
-    assert "worker 0 exited" in "".join(supervisor.log) or "worker 1 exited" in "".join(supervisor.log)
+    assert "worker 0 exited" in supervisor.log or "worker 1 exited" in supervisor.log
 
 
 def test_workers_and_connections_must_be_at_least_one():
