@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -328,7 +329,10 @@ def test_the_inference_service_avoids_what_knative_reserves(rendered):
 def _can_make_read_only_mounts() -> bool:
     if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
-    return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
+    with tempfile.TemporaryDirectory() as probe:  # unshare may work where mount does not (some sandboxes)
+        script = f"mount --bind {probe} {probe} && mount -o remount,ro,bind {probe} && ! touch {probe}/x 2>/dev/null"
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                              capture_output=True, timeout=10).returncode == 0
 
 
 @pytest.mark.skipif(not _can_make_read_only_mounts(), reason="needs root and unshare(1) to make a read-only mount namespace")
