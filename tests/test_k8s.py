@@ -351,14 +351,17 @@ def test_the_server_serves_from_a_read_only_root_with_only_the_temporary_directo
               f"touch {models}/probe 2>/dev/null && exit 5; "  # the models' directory must be read-only now
               f"exec env TMPDIR={scratch} {sys.executable} -m cifar10_serving.server --port {port} --metrics-port -1 "
               f"--models-dir {models} --default-model tiny-max --torch-threads 1 --grace-period-seconds 1")
+    # A process that imported torch has TORCHINDUCTOR_CACHE_DIR set (torch sets it): a pod does not.
+    environ = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    log = tmp_path / "server.log"  # a file, not a pipe that nobody reads until the end
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd="/",
-                            stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=environ)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 120
             while True:
-                assert proc.poll() is None, f"the server exited {proc.returncode}: {proc.stderr.read()[-2000:]}"
+                assert proc.poll() is None, f"the server exited {proc.returncode}: {log.read_text()[-2000:]}"
                 try:
                     if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
                         break
