@@ -3,6 +3,7 @@
     python -m bench.bench                      # full sweep on the default model, CPU
     python -m bench.bench --quick              # a short run to see that it works
     python -m bench.bench --device cuda        # the GPU path (needs a CUDA machine)
+    python -m bench.bench --api own,v2         # the same sweep through the Open Inference Protocol too
 
 In the manner of Triton's perf_analyzer: a closed loop of N concurrent callers per level (1, 2, 4, ...,
 64), a warm-up window, then a fixed measurement window. For each level it reports throughput (req/s
@@ -12,6 +13,10 @@ batch the server's batcher formed (read from its /metrics). In the same run it m
 - the raw model: the same TorchScript file, optimised the way the server does it, called in this
   process with the server's thread count, at batch 1, 64 and each batch size the batcher formed;
 - the gRPC floor: the standard health Check rpc of the same server, same client, same concurrency.
+
+With ``--api own,v2`` each level runs through both APIs in turn, the own API's Classify and the
+Open Inference Protocol's ModelInfer (raw UINT8 ``image`` or BYTES ``encoded_image``, top-1 through
+the classification extension, as ``top_k=1`` is for Classify), against the same server and bounds.
 
 The bound for single-image requests is 1 / (1/raw + 1/floor). The server runs as a separate process
 (``python -m cifar10_serving.server``) on loopback; the load client is one Python grpc.aio process, as a real client
@@ -27,6 +32,7 @@ import io
 import json
 import os
 import platform
+import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +45,8 @@ from PIL import Image
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
+from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +74,7 @@ class Level:
     floor_req_per_s: float = 0.0
     bound_img_per_s: float = 0.0
     ratio: float = 0.0  # img/s over the bound (single) or over raw batch-64 (batch64)
+    api: str = "own"  # own (cifar10.v1.Classifier) or v2 (inference.GRPCInferenceService); "-" for the floor
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -88,6 +97,28 @@ def make_requests(kind: str, per_request: int, model: str) -> list[pb.ClassifyRe
     for i in range(len(images)):
         batch = [images[(i + j) % len(images)] for j in range(per_request)]
         out.append(pb.ClassifyRequest(model=model, images=batch, top_k=1))
+    return out
+
+
+def make_v2_requests(kind: str, per_request: int, model: str) -> list[v2.ModelInferRequest]:
+    """The same images as ``make_requests`` as ModelInfer requests: raw pixels as a UINT8 ``image``
+    tensor (N x 3 x 32 x 32), encoded files as a BYTES ``encoded_image`` tensor; top-1 strings back."""
+    arrays = _images()
+    files = [make_image(kind, a).encoded for a in arrays] if kind != "raw" else []
+    top1 = v2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")
+    top1.parameters["classification"].int64_param = 1
+    out = []
+    for i in range(len(arrays)):
+        picks = [(i + j) % len(arrays) for j in range(per_request)]
+        if kind == "raw":
+            pixels = np.ascontiguousarray(np.stack([arrays[k] for k in picks]).transpose(0, 3, 1, 2))
+            tensor = v2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=pixels.shape)
+            contents = pixels.tobytes()
+        else:
+            tensor = v2.ModelInferRequest.InferInputTensor(name="encoded_image", datatype="BYTES", shape=[per_request])
+            contents = b"".join(struct.pack("<I", len(files[k])) + files[k] for k in picks)
+        out.append(v2.ModelInferRequest(model_name=model, inputs=[tensor], outputs=[top1],
+                                        raw_input_contents=[contents]))
     return out
 
 
@@ -142,6 +173,19 @@ def unary_calls(stub, requests: list[pb.ClassifyRequest]):
             request = requests[counter[0] % len(requests)]
             await stub.Classify(request, timeout=30)
             return len(request.images)
+        return call
+    return make
+
+
+def v2_calls(stub, requests: list[v2.ModelInferRequest]):
+    counter = [0]
+
+    async def make():
+        async def call() -> int:
+            counter[0] += 1
+            request = requests[counter[0] % len(requests)]
+            await stub.ModelInfer(request, timeout=30)
+            return int(request.inputs[0].shape[0])
         return call
     return make
 
@@ -248,15 +292,26 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
     channels = [grpc.aio.insecure_channel(server.target, options=options) for _ in range(args.workers)]
     try:
         stubs = [pb_grpc.ClassifierStub(channel) for channel in channels]
-        plans = [("floor", "health", spread([health_calls(channel) for channel in channels]))]
-        for kind in args.inputs:
-            requests = make_requests(kind, 1, model)
-            plans.append(("single", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+        v2_stubs = [v2_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
+        own, other = "own" in args.api, "v2" in args.api
+        plans = [("-", "floor", "health", spread([health_calls(channel) for channel in channels]))]
+        for kind in args.inputs:  # each level through one API, then the other: both see the same machine
+            if own:
+                requests = make_requests(kind, 1, model)
+                plans.append(("own", "single", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+            if other:
+                requests = make_v2_requests(kind, 1, model)
+                plans.append(("v2", "single", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
         for kind in args.inputs[:1]:
-            requests, singles = make_requests(kind, 64, model), make_requests(kind, 1, model)
-            plans.append(("batch64", kind, spread([unary_calls(stub, requests) for stub in stubs])))
-            plans.append(("stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
-        for mode, kind, make in plans:
+            if own:
+                requests, singles = make_requests(kind, 64, model), make_requests(kind, 1, model)
+                plans.append(("own", "batch64", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+            if other:
+                requests = make_v2_requests(kind, 64, model)
+                plans.append(("v2", "batch64", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
+            if own:  # the v2 API has no streams
+                plans.append(("own", "stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
+        for api, mode, kind, make in plans:
             concurrencies = args.batch_concurrency if mode == "batch64" else args.concurrency
             for c in concurrencies:
                 before = batch_stats(server, model)
@@ -264,9 +319,9 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
                 after = batch_stats(server, model)
                 count = after[1] - before[1]
                 mean_batch = (after[0] - before[0]) / count if count else 0.0
-                level = Level(mode, kind, c, mean_batch=mean_batch, **result)
+                level = Level(mode, kind, c, mean_batch=mean_batch, api=api, **result)
                 levels.append(level)
-                print(f"  {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
+                print(f"  {api:<3} {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
                       f"  p99 {level.p99_ms:6.2f} ms  batch {mean_batch:5.1f}  errors {level.errors}", flush=True)
     finally:
         for channel in channels:
@@ -327,11 +382,11 @@ def machine(args) -> dict:
 
 
 def table(levels: list[Level]) -> str:
-    head = (f"{'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
+    head = (f"{'api':<3} {'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
             f"{'p99ms':>7} {'err':>4} {'cli us/req':>10} {'batch':>6} {'raw img/s':>9} {'floor':>7} {'bound':>7} {'ratio':>6}")
     rows = [head, "-" * len(head)]
     for l in levels:
-        rows.append(f"{l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
+        rows.append(f"{l.api:<3} {l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
                     f"{l.p50_ms:>7.2f} {l.p90_ms:>7.2f} {l.p95_ms:>7.2f} {l.p99_ms:>7.2f} {l.errors:>4} "
                     f"{l.client_cpu_us_per_req:>10.0f} {l.mean_batch:>6.1f} {l.raw_img_per_s:>9.0f} "
                     f"{l.floor_req_per_s:>7.0f} {l.bound_img_per_s:>7.0f} {l.ratio:>6.2f}")
@@ -351,6 +406,7 @@ def parse_args(argv):
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--batch-concurrency", default="1,2,4", help="concurrency levels for 64-image requests")
     p.add_argument("--inputs", default="png,jpeg,raw", help="image encodings for single-image requests")
+    p.add_argument("--api", default="own", help="own, v2 (the Open Inference Protocol), or own,v2: both in one run")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per level before measuring")
     p.add_argument("--duration", type=float, default=5.0, help="measurement window per level, seconds")
     p.add_argument("--quick", action="store_true", help="1 s windows, fewer levels")
@@ -361,6 +417,9 @@ def parse_args(argv):
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.batch_concurrency = [int(c) for c in args.batch_concurrency.split(",")]
     args.inputs = args.inputs.split(",")
+    args.api = args.api.split(",")
+    if not args.api or set(args.api) - {"own", "v2"}:
+        p.error(f"--api takes own, v2 or own,v2, not {','.join(args.api)}")
     return args
 
 

@@ -25,7 +25,9 @@ def generate(out: Path) -> list[Path]:
     args = ["grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"]
     if protoc.main([*args, *PROTOS]) != 0:
         raise RuntimeError(f"protoc failed on {PROTOS}")
-    generated = sorted(p for p in out.rglob("*_pb2*.py*"))
+    # Only what protoc wrote: the output root may be the repository, whose .cache/ can hold whole
+    # virtual environments (their own *_pb2.py files and bytecode).
+    generated = sorted(p for p in (out / "protos").rglob("*_pb2*.py*") if p.suffix in (".py", ".pyi"))
     for path in generated:
         path.write_text(_relative_imports(path.read_text(), path.parent.relative_to(out).as_posix()))
     return generated

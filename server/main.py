@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server import grpc_metrics
+from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from cifar10_serving.server import grpc_metrics, inference
 from cifar10_serving.server.batching import Batcher
 from cifar10_serving.server.config import ServerConfig, default_torch_threads, parse_config
 from cifar10_serving.server.gate import Gate
@@ -42,6 +43,7 @@ from cifar10_serving.server.workers import supervise
 log = logging.getLogger("server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "cifar10.v1.Classifier"
+SERVICES = ("", SERVICE_NAME, inference.SERVICE_NAME)  # the names the health service answers for
 
 
 @dataclass
@@ -116,17 +118,21 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     gate = Gate(SERVICE_NAME)
     # The given interceptors (the metrics one by default) go first, so calls refused by authentication
     # or the drain gate are counted.
-    server = grpc.aio.server(interceptors=[*interceptors, *security_interceptors(config), gate], options=[
+    server = grpc.aio.server(interceptors=[*interceptors, *security_interceptors(config), gate,
+                                           Gate(inference.SERVICE_NAME)], options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         # Two servers on one port would split traffic silently; workers of --workers do it on purpose.
         ("grpc.so_reuseport", 1 if config.worker_index >= 0 else 0),
     ])
-    pb_grpc.add_ClassifierServicer_to_server(ClassifierService(config, models, batchers, metrics), server)
+    classifier = ClassifierService(config, models, batchers, metrics)
+    pb_grpc.add_ClassifierServicer_to_server(classifier, server)
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    for service in ("", SERVICE_NAME):
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(inference.InferenceService(classifier, health_servicer), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for service in SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = add_port(server, config)
     if port == 0:
@@ -142,7 +148,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     for batcher in batchers.values():
         await loop.run_in_executor(None, batcher.warm_up, config.warmup_batches)
         batcher.start()
-    for service in ("", SERVICE_NAME):
+    for service in SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (metrics on %s, device %s, %d torch threads, default model %s%s)",
              ", ".join(sorted(models)), config.host, port, metrics_port if metrics_port is not None else "off",

@@ -17,7 +17,8 @@ NAMESPACE = "cifar10"
 # From 100 us (a lone image on an idle CPU server) to 10 s (a full batch of large JPEGs under load).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The method label's values; server.calls refuses any other. Another API's methods go on this line.
-METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo")
+METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo",
+           "ModelInfer", "ModelMetadata")  # the Open Inference Protocol's (server.inference); its probes are not counted
 UNKNOWN_MODEL = "unknown"  # label for requests naming a model that is not loaded: keeps the set bounded
 DROP_REASONS = ("cancelled", "deadline")  # cifar10_dropped_requests_total{reason}
 FAILURE_REASONS = ("out_of_memory", "error")  # cifar10_batch_failures_total{reason}
@@ -43,7 +44,7 @@ class Metrics:
             "requests", "RPCs answered, by method, model and gRPC code.",
             ["method", "model", "code"], namespace=ns, registry=registry)
         self.images = Counter(
-            "images", "Images received in Classify requests, by model and outcome (ok or the gRPC code).",
+            "images", "Images received in classification requests (both APIs), by model and outcome (ok or the gRPC code).",
             ["model", "outcome"], namespace=ns, registry=registry)
         self.preprocess_seconds = Histogram(
             "preprocess_duration_seconds", "Decoding and validating one request's images.",

@@ -1,0 +1,380 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService``.
+
+Served beside ``cifar10.v1.Classifier`` on the same port, behind the same TLS, tokens and drain, and
+through the Classifier's own path: its model lookup, decode pool, batcher and metrics. A request is
+planned (model, version, input tensor, requested outputs), decoded to uint8 images, queued, and its
+outputs are built from the batch's result, in the request's encoding (raw bytes or typed contents).
+
+Tensor names are the own API's words, so one vocabulary serves both APIs: the input ``image`` (the
+model's own layout, N x 3 x 32 x 32) or ``encoded_image`` (PNG/JPEG files), the output
+``probabilities`` (``Result.probabilities``), and every layer by the name ListModels gives it
+(``stage1.pool``). Triton's ``INPUT__0`` style exists because its PyTorch backend cannot know names;
+this server can, and v2 clients read them from ModelMetadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from dataclasses import dataclass
+from importlib import metadata as package_metadata
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
+from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from cifar10_serving.server.batching import BatchError, BatchResult
+from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
+from cifar10_serving.server.imaging import ImageError, decode_into
+from cifar10_serving.server.models import LoadedModel, ModelLoadError
+from cifar10_serving.server.service import ClassifierService, _quote
+
+SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
+SERVER_NAME = "cifar10-serving"
+PLATFORM = "pytorch_torchscript"
+EXTENSIONS = ("classification",)  # Triton's: top-k as "score:index:label" strings
+
+IMAGE = "image"  # UINT8 (0..255) or FP32 (0..1), [N, 3, 32, 32], RGB, channels first
+ENCODED_IMAGE = "encoded_image"  # BYTES [N]: one PNG or JPEG file each, scaled and centre-cropped to 32x32
+PROBABILITIES = "probabilities"  # FP32 [N, classes]: softmax scores in class index order
+CLASSIFICATION = "classification"  # output parameter on probabilities: k -> BYTES [N, k], best first
+DATATYPE = "datatype"  # output parameter on a layer: "FP32" (the default) or "FP16", raw only
+IMAGE_DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+FEATURE_DTYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+_LENGTH = struct.Struct("<I")  # a raw BYTES element's length prefix
+
+
+@dataclass(frozen=True)
+class Output:
+    """One requested output: a tensor by name, the top-k strings of probabilities, or a layer."""
+
+    name: str
+    top_k: int = 0  # > 0: the classification extension's k
+    dtype: np.dtype = FEATURE_DTYPES["FP32"]
+
+
+@dataclass(frozen=True)
+class InferPlan:
+    model: LoadedModel
+    tensor: v2.ModelInferRequest.InferInputTensor
+    raw: bytes | None  # the input's raw contents; None: typed contents (and the answer typed too)
+    outputs: tuple[Output, ...]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs if o.name != PROBABILITIES)
+
+
+class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
+    """The v2 API over a ClassifierService: same models, batchers, decode pool and metrics."""
+
+    def __init__(self, classifier: ClassifierService, health) -> None:
+        self.classifier = classifier
+        self.config = classifier.config
+        self.metrics = classifier.metrics
+        self.health = health  # the standard health servicer: readiness follows it
+        self._metadata = {name: model_metadata(model) for name, model in classifier.models.items()}
+        try:
+            self._version = package_metadata.version(SERVER_NAME)
+        except package_metadata.PackageNotFoundError:  # running from a checkout that is not installed
+            self._version = "0+unknown"
+
+    # ------------------------------------------------------------------ health and metadata
+    async def ServerLive(self, request, context) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=await self._serving(""))
+
+    async def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
+        # A readiness probe wants a yes or no: a model or version that is not loaded is not ready.
+        try:
+            self._resolve(request.name, request.version)
+        except Rejection:
+            return v2.ModelReadyResponse(ready=False)
+        return v2.ModelReadyResponse(ready=await self._serving(SERVICE_NAME))
+
+    async def ServerMetadata(self, request, context) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
+        try:
+            with Call(self.metrics, "ModelMetadata", self.classifier._model_label(request.name)):
+                return self._metadata[self._resolve(request.name, request.version).name]
+        except Rejection as rejection:
+            await context.abort(rejection.code, rejection.message)
+
+    # ------------------------------------------------------------------ inference
+    async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
+        deadline = deadline_of(context)
+        try:
+            with Call(self.metrics, "ModelInfer", self.classifier._model_label(request.model_name),
+                      deadline=deadline, in_flight=True) as call:
+                plan = self._plan(request)
+                call.images = _batch_size(plan.tensor)  # known once the shape is checked
+                return await self._infer(request, plan, deadline)
+        except Rejection as rejection:
+            await context.abort(rejection.code, rejection.message)
+
+    async def _infer(self, request: v2.ModelInferRequest, plan: InferPlan,
+                     deadline: float | None) -> v2.ModelInferResponse:
+        if plan.tensor.name == IMAGE:
+            images = self._decode(plan)  # a copy bounded by the batch limit: cheaper than a hop to a thread
+        else:
+            images = await asyncio.get_running_loop().run_in_executor(self.classifier._decode_pool, self._decode, plan)
+        try:
+            result = await self.classifier.batchers[plan.model.name].submit(images, plan.layers, deadline)
+        except BatchError as exc:
+            raise rejection_for(exc, plan.model.name) from None
+        return respond(request, plan, result)
+
+    # ------------------------------------------------------------------ plan
+    def _resolve(self, name: str, version: str) -> LoadedModel:
+        model = self.classifier._resolve(name)
+        if version and version != model.version:
+            raise Rejection(grpc.StatusCode.NOT_FOUND, f"model {model.name!r} is loaded at version "
+                            f"{model.version!r}, not {_quote(version)}; send that version or none")
+        return model
+
+    def _plan(self, request: v2.ModelInferRequest) -> InferPlan:
+        model = self._resolve(request.model_name, request.model_version)
+        _no_parameters(request.parameters, "the request")
+        if len(request.inputs) != 1:
+            raise _invalid(f"{len(request.inputs)} input tensors; send one: {IMAGE!r} (UINT8 or FP32 "
+                           f"[N, {', '.join(map(str, model.input_shape))}]) or {ENCODED_IMAGE!r} (BYTES [N])")
+        tensor = request.inputs[0]
+        raw = None
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                raise _invalid(f"{len(request.raw_input_contents)} raw_input_contents for 1 input; send one per input")
+            if tensor.HasField("contents"):
+                raise _invalid(f"input {_quote(tensor.name)}: both raw_input_contents and typed contents; send one")
+            raw = request.raw_input_contents[0]
+        _no_parameters(tensor.parameters, f"input {_quote(tensor.name)}")
+        self._check_input(model, tensor)
+        return InferPlan(model, tensor, raw, self._outputs(model, request.outputs, typed=raw is None))
+
+    def _check_input(self, model: LoadedModel, tensor: v2.ModelInferRequest.InferInputTensor) -> None:
+        limit = self.config.max_batch_size
+        if tensor.name == IMAGE:
+            expected, dtypes = [-1, *model.input_shape], "UINT8 or FP32"
+            dtype_ok = tensor.datatype in IMAGE_DTYPES
+        elif tensor.name == ENCODED_IMAGE:
+            expected, dtypes = [-1], "BYTES"
+            dtype_ok = tensor.datatype == "BYTES"
+        else:
+            raise _invalid(f"model {model.name!r} has no input {_quote(tensor.name)}; "
+                           f"its inputs: {IMAGE!r}, {ENCODED_IMAGE!r}")
+        if not dtype_ok:
+            raise _invalid(f"input {tensor.name!r}: datatype {_quote(tensor.datatype)}; send {dtypes}")
+        shape = list(tensor.shape)
+        if len(shape) != len(expected) or shape[1:] != expected[1:]:
+            raise _invalid(f"input {tensor.name!r}: shape {shape}; expected {_dims(expected)}")
+        if not 1 <= shape[0] <= limit:
+            raise _invalid(f"input {tensor.name!r}: {shape[0]} images; send 1 to {limit}, split a larger batch")
+
+    def _outputs(self, model: LoadedModel, requested, typed: bool) -> tuple[Output, ...]:
+        if not requested:
+            return (Output(PROBABILITIES),)
+        outputs, seen = [], set()
+        for tensor in requested:
+            name, what = tensor.name, f"output {_quote(tensor.name)}"
+            if name in seen:
+                raise _invalid(f"{what} asked for twice")
+            seen.add(name)
+            params = dict(tensor.parameters)
+            if name == PROBABILITIES:
+                top_k = self._top_k(model, params.pop(CLASSIFICATION, None), what)
+                _no_parameters(params, what)
+                outputs.append(Output(name, top_k))
+            elif name in model.layer_names:
+                dtype = self._feature_dtype(params.pop(DATATYPE, None), what, typed)
+                if CLASSIFICATION in params:
+                    raise _invalid(f"{what}: {CLASSIFICATION!r} applies to {PROBABILITIES!r} only")
+                _no_parameters(params, what)
+                outputs.append(Output(name, dtype=dtype))
+            else:
+                raise _invalid(f"model {model.name!r} has no {what}; its outputs: {PROBABILITIES!r} and "
+                               f"its layers, {', '.join(model.layer_names)}")
+        return tuple(outputs)
+
+    @staticmethod
+    def _top_k(model: LoadedModel, param: v2.InferParameter | None, what: str) -> int:
+        if param is None:
+            return 0
+        kind = param.WhichOneof("parameter_choice")
+        classes = len(model.class_names)
+        if kind not in ("int64_param", "uint64_param") or not 1 <= getattr(param, kind) <= classes:
+            shown = getattr(param, kind) if kind else "unset"
+            raise _invalid(f"{what}: {CLASSIFICATION!r} is {shown}; send an integer 1 to {classes}")
+        return getattr(param, kind)
+
+    @staticmethod
+    def _feature_dtype(param: v2.InferParameter | None, what: str, typed: bool) -> np.dtype:
+        if param is None:
+            return FEATURE_DTYPES["FP32"]
+        value = param.string_param if param.WhichOneof("parameter_choice") == "string_param" else None
+        if value not in FEATURE_DTYPES:
+            raise _invalid(f"{what}: {DATATYPE!r} must be the string \"FP32\" or \"FP16\"")
+        if value == "FP16" and typed:
+            raise _invalid(f"{what}: FP16 travels only as raw contents; send the input as raw_input_contents")
+        return FEATURE_DTYPES[value]
+
+    async def _serving(self, service: str) -> bool:
+        response = await self.health.Check(health_pb2.HealthCheckRequest(service=service), None)
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, plan: InferPlan) -> np.ndarray:
+        start = time.perf_counter()
+        model, tensor = plan.model, plan.tensor
+        n = _batch_size(tensor)
+        if tensor.name == IMAGE:
+            images = _image_tensor(tensor, plan.raw, (n, *model.input_shape))
+        else:
+            files = _bytes_elements(tensor, plan.raw, n)
+            images = np.empty((n, *model.input_shape), dtype=np.uint8)
+            try:
+                for i, data in enumerate(files):
+                    decode_into(pb.Image(encoded=data), i, images[i], pb.RESIZE_CENTER_CROP, self.config.max_image_pixels)
+            except ImageError as exc:
+                raise _invalid(f"input {ENCODED_IMAGE!r}: {exc}") from None
+        self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
+        return images
+
+
+# ----------------------------------------------------------------------------- tensors in
+def _image_tensor(tensor, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The ``image`` input as uint8 N x C x H x W; FP32 in [0, 1] is rounded as the own API rounds it."""
+    dtype = IMAGE_DTYPES[tensor.datatype]
+    count = int(np.prod(shape))
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise _invalid(f"input {IMAGE!r}: raw contents are {len(raw)} bytes; shape {list(shape)} of "
+                           f"{tensor.datatype} needs {count * dtype.itemsize}")
+        array = np.frombuffer(raw, dtype=dtype)
+        if dtype == np.uint8:
+            array = array.copy()  # frombuffer's view of the request is read-only; the batcher's torch wants it writable
+    else:
+        field = "uint_contents" if dtype == np.uint8 else "fp32_contents"
+        values = getattr(tensor.contents, field)
+        if len(values) != count:
+            raise _invalid(f"input {IMAGE!r}: {len(values)} elements in contents.{field}; shape {list(shape)} "
+                           f"needs {count}")
+        if dtype == np.uint8:
+            wide = np.array(values, dtype=np.uint32)
+            if wide.max(initial=0) > 255:
+                raise _invalid(f"input {IMAGE!r}: UINT8 values must lie in 0..255")
+            array = wide.astype(np.uint8)
+        else:
+            array = np.array(values, dtype=dtype)
+    if array.dtype != np.uint8:
+        if not np.isfinite(array).all():
+            raise _invalid(f"input {IMAGE!r}: FP32 data holds NaN or Inf")
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise _invalid(f"input {IMAGE!r}: FP32 values must lie in [0, 1]")
+        array = np.rint(array * 255.0).astype(np.uint8)  # as server.imaging does for the own API's raw FLOAT32
+    return array.reshape(shape)
+
+
+def _bytes_elements(tensor, raw: bytes | None, n: int) -> list[bytes]:
+    """The elements of a BYTES input: typed ``bytes_contents``, or raw length-prefixed elements."""
+    if raw is None:
+        files = list(tensor.contents.bytes_contents)
+        if len(files) != n:
+            raise _invalid(f"input {ENCODED_IMAGE!r}: {len(files)} elements in contents.bytes_contents; "
+                           f"shape [{n}] needs {n}")
+        return files
+    files, offset = [], 0
+    for i in range(n):
+        if offset + _LENGTH.size > len(raw):
+            raise _invalid(f"input {ENCODED_IMAGE!r}: raw contents end before element {i} of {n} (each element is "
+                           "a 4-byte little-endian length, then that many bytes)")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += _LENGTH.size
+        if offset + length > len(raw):
+            raise _invalid(f"input {ENCODED_IMAGE!r}: element {i} declares {length} bytes; "
+                           f"{len(raw) - offset} remain in the raw contents")
+        files.append(raw[offset: offset + length])
+        offset += length
+    if offset != len(raw):
+        raise _invalid(f"input {ENCODED_IMAGE!r}: {len(raw) - offset} bytes after the last of {n} elements")
+    return files
+
+
+def _batch_size(tensor) -> int:
+    return int(tensor.shape[0]) if tensor.shape else 0
+
+
+# ----------------------------------------------------------------------------- tensors out
+def respond(request: v2.ModelInferRequest, plan: InferPlan, result: BatchResult) -> v2.ModelInferResponse:
+    """The requested outputs, in the order asked, as raw contents or typed as the input was sent."""
+    model = plan.model
+    response = v2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+    typed = plan.raw is None
+    for output in plan.outputs:
+        if output.name == PROBABILITIES and output.top_k:
+            datatype, array = "BYTES", _classification(model, result.probabilities, output.top_k)
+        elif output.name == PROBABILITIES:
+            datatype, array = "FP32", result.probabilities.astype("<f4", copy=False)
+        else:
+            array = result.features[output.name].astype(output.dtype, copy=False)
+            datatype = "FP16" if output.dtype == FEATURE_DTYPES["FP16"] else "FP32"
+        tensor = response.outputs.add(name=output.name, datatype=datatype, shape=array.shape)
+        if typed and datatype == "BYTES":
+            tensor.contents.bytes_contents.extend(array.ravel().tolist())
+        elif typed:
+            tensor.contents.fp32_contents.extend(array.ravel().tolist())
+        elif datatype == "BYTES":
+            response.raw_output_contents.append(b"".join(_LENGTH.pack(len(s)) + s for s in array.ravel()))
+        else:
+            response.raw_output_contents.append(array.tobytes())
+    return response
+
+
+def _classification(model: LoadedModel, probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Triton's classification extension: the k best classes of each image, best first, as
+    ``b"score:index:label"``; the score is the float32 probability's shortest exact decimal form."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]  # the own API's top_k order
+    rows = [[f"{probs[j]!s}:{j}:{model.class_names[j]}".encode() for j in best]  # !s: float32's own str
+            for probs, best in zip(probabilities, order)]
+    array = np.empty((len(rows), k), dtype=object)
+    array[:] = rows
+    return array
+
+
+# ----------------------------------------------------------------------------- metadata
+def model_metadata(model: LoadedModel) -> v2.ModelMetadataResponse:
+    """Inputs (send one of them) and outputs: probabilities, and every layer as an optional output."""
+    tensor = v2.ModelMetadataResponse.TensorMetadata
+    layers = {row["name"]: row["output_shape"] for row in model.metadata["layers"]}
+    taken = {IMAGE, ENCODED_IMAGE, PROBABILITIES} & set(layers)
+    if taken:
+        raise ModelLoadError(f"model {model.name!r}: layer names {sorted(taken)} are the v2 API's tensor names")
+    return v2.ModelMetadataResponse(
+        name=model.name, versions=[model.version], platform=PLATFORM,
+        inputs=[tensor(name=IMAGE, datatype="UINT8", shape=[-1, *model.input_shape]),
+                tensor(name=ENCODED_IMAGE, datatype="BYTES", shape=[-1])],
+        outputs=[tensor(name=PROBABILITIES, datatype="FP32", shape=[-1, len(model.class_names)]),
+                 *(tensor(name=name, datatype="FP32", shape=[-1, *shape]) for name, shape in layers.items())])
+
+
+# ----------------------------------------------------------------------------- helpers
+def _invalid(message: str) -> Rejection:
+    return Rejection(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _no_parameters(parameters, what: str) -> None:
+    """Parameters this server does not know are refused, so that a typo or an unsupported feature
+    (shared memory, sequences, priorities) does not pass unnoticed."""
+    if parameters:
+        names = ", ".join(_quote(name) for name in sorted(parameters))
+        raise _invalid(f"{what}: parameter {names} not offered by this server")
+
+
+def _dims(shape: list[int]) -> str:
+    return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"

@@ -1,0 +1,109 @@
+"""NVIDIA's real ``tritonclient`` against a real server: health, metadata, raw UINT8 and BYTES
+inference, top-k through the classification extension, a feature map of the metadata's shape, and
+errors as InferenceServerException with their status codes.
+
+tritonclient pins protobuf<7 and this project needs >=7, so it lives in a venv of its own, as a real
+user's would: ``$TRITONCLIENT_VENV``, or ``.cache/tritonclient-venv`` in the checkout, made with pip
+on first use (about a minute) and reused after. Without a package registry the test skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar10_serving.client import ClassifierClient
+from cifar10_serving.server.process import ServerProcess
+from tests.support import encode, random_images
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve().parent / "tritonclient_calls.py"
+REQUIREMENT = "tritonclient[grpc]"  # 2.73.0 when this was written; its own pins choose protobuf and grpcio
+INSTALL_TIMEOUT_SECONDS = 900  # a fresh venv and a cold pip cache on a slow link
+CALLS_TIMEOUT_SECONDS = 180
+
+
+def _venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _works(python: Path) -> bool:
+    if not python.exists():
+        return False
+    return subprocess.run([str(python), "-c", "import tritonclient.grpc"], capture_output=True, timeout=120).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def triton_python() -> Path:
+    """The python of a venv holding tritonclient: reused when it works, made when it does not."""
+    venv = Path(os.environ.get("TRITONCLIENT_VENV") or ROOT / ".cache" / "tritonclient-venv")
+    python = _venv_python(venv)
+    if _works(python):
+        return python
+    shutil.rmtree(venv, ignore_errors=True)  # a half-made one from an interrupted run
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", REQUIREMENT],
+                       check=True, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_SECONDS)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        shutil.rmtree(venv, ignore_errors=True)
+        tail = (getattr(exc, "stderr", "") or "").strip().splitlines()[-3:]
+        pytest.skip(f"could not make a venv with {REQUIREMENT} at {venv} (no package registry?): {' / '.join(tail)}")
+    return python
+
+
+@pytest.fixture(scope="module")
+def running(tiny_models_dir):
+    """The server as its own process, as a Triton user would find it."""
+    with ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
+                        "--metrics-port", "-1", "--grace-period-seconds", "1"]) as server:
+        yield server
+
+
+def test_tritonclient_drives_the_v2_api(triton_python, running, tmp_path):
+    images = random_images(3, seed=51)
+    np.save(tmp_path / "images.npy", np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    files = [encode(img) for img in images]
+    for i, data in enumerate(files):
+        (tmp_path / f"{i}.png").write_bytes(data)
+    done = subprocess.run([str(triton_python), str(SCRIPT), running.target, str(tmp_path)],
+                          capture_output=True, text=True, timeout=CALLS_TIMEOUT_SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads((tmp_path / "answers.json").read_text())
+
+    with ClassifierClient(running.target, timeout=30) as own:
+        info = own.model_info("tiny-max")
+        scores = np.stack([r.probabilities for r in own.classify(list(images))])
+        expected = own.classify(list(images), top_k=3, layers=["stage2.pool"])  # another graph: scores may differ by an ulp
+
+    assert (got["live"], got["ready"], got["model_ready"]) == (True, True, True)
+    assert got["server"]["name"] == "cifar10-serving" and got["server"]["extensions"] == ["classification"]
+    meta = got["metadata"]
+    assert meta["name"] == "tiny-max" and meta["versions"] == [info.version] and meta["platform"] == "pytorch_torchscript"
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [
+        ("image", "UINT8", [-1, 3, 32, 32]), ("encoded_image", "BYTES", [-1])]
+    shapes = {t["name"]: [int(d) for d in t["shape"]] for t in meta["outputs"]}  # int64 arrive as JSON strings
+    assert list(shapes) == ["probabilities", *(layer.name for layer in info.layers)]
+
+    np.testing.assert_array_equal(np.array(got["raw"], dtype=np.float32), scores)
+    assert got["raw_id"] == "raw-1"
+    for row, result in zip(got["top3"], expected):
+        parsed = [s.split(":") for s in row]
+        assert [(int(i), label) for _, i, label in parsed] == [(p.index, p.label) for p in result.top_k]
+        np.testing.assert_allclose([float(s) for s, _, _ in parsed], [p.probability for p in result.top_k], rtol=1e-6)
+    assert got["fmap_shape"] == [3, *shapes["stage2.pool"][1:]]
+    want = np.stack([r.feature_maps["stage2.pool"] for r in expected])
+    np.testing.assert_allclose(np.array(got["fmap"]).reshape(want.shape), want, atol=1e-6)
+
+    status, message = got["errors"]["bad_shape"]
+    assert status == "StatusCode.INVALID_ARGUMENT" and "input 'image'" in message
+    status, message = got["errors"]["unknown_model"]
+    assert status == "StatusCode.NOT_FOUND" and "resnet-9000" in message
+    np.testing.assert_array_equal(np.array(got["after"], dtype=np.float32), scores)

@@ -1,0 +1,68 @@
+"""Calls a server through NVIDIA's tritonclient, as a Triton user would; run by tests/test_tritonclient.py
+with the python of tritonclient's own venv (it pins protobuf<7, this project >=7), never imported.
+
+    python tests/tritonclient_calls.py TARGET DIR
+
+DIR holds images.npy (N x 3 x 32 x 32 uint8) and 0.png, 1.png, ...; what came back is written to
+DIR/answers.json for the test to check against the own API.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+MODEL = "tiny-max"
+TIMEOUT_SECONDS = 30.0
+
+
+def main(target: str, directory: Path) -> None:
+    images = np.load(directory / "images.npy")
+    files = sorted(directory.glob("*.png"), key=lambda p: int(p.stem))
+    answers = {}
+    with triton.InferenceServerClient(target) as client:
+        answers["live"] = client.is_server_live()
+        answers["ready"] = client.is_server_ready()
+        answers["model_ready"] = client.is_model_ready(MODEL)
+        answers["server"] = client.get_server_metadata(as_json=True)
+        answers["metadata"] = client.get_model_metadata(MODEL, as_json=True)
+
+        # Raw UINT8, the default output (the scores).
+        pixels = triton.InferInput("image", list(images.shape), "UINT8")
+        pixels.set_data_from_numpy(images)
+        result = client.infer(MODEL, [pixels], request_id="raw-1", client_timeout=TIMEOUT_SECONDS)
+        answers["raw"] = result.as_numpy("probabilities").tolist()
+        answers["raw_id"] = result.get_response().id
+
+        # Encoded files as BYTES; top-3 through the classification extension; one layer's feature map.
+        encoded = np.array([p.read_bytes() for p in files], dtype=np.object_)
+        blobs = triton.InferInput("encoded_image", [len(encoded)], "BYTES")
+        blobs.set_data_from_numpy(encoded)
+        outputs = [triton.InferRequestedOutput("probabilities", class_count=3),
+                   triton.InferRequestedOutput("stage2.pool")]
+        result = client.infer(MODEL, [blobs], outputs=outputs, client_timeout=TIMEOUT_SECONDS)
+        answers["top3"] = [[s.decode() for s in row] for row in result.as_numpy("probabilities")]
+        fmap = result.as_numpy("stage2.pool")
+        answers["fmap_shape"] = list(fmap.shape)
+        answers["fmap"] = fmap.astype(float).ravel().tolist()
+
+        # Errors come back as InferenceServerException with the gRPC status.
+        answers["errors"] = {}
+        bad = triton.InferInput("image", [1, 3, 31, 32], "UINT8")
+        bad.set_data_from_numpy(images[:1, :, :31])
+        for what, model, inputs in (("bad_shape", MODEL, [bad]), ("unknown_model", "resnet-9000", [pixels])):
+            try:
+                client.infer(model, inputs, client_timeout=TIMEOUT_SECONDS)
+                answers["errors"][what] = None
+            except InferenceServerException as exc:
+                answers["errors"][what] = [exc.status(), exc.message()]
+        # ... and the server goes on serving.
+        answers["after"] = client.infer(MODEL, [pixels], client_timeout=TIMEOUT_SECONDS).as_numpy("probabilities").tolist()
+    (directory / "answers.json").write_text(json.dumps(answers))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
