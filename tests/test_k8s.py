@@ -5,19 +5,22 @@ kustomization renders with `kubectl kustomize`, every built-in kind validates ag
 Kubernetes API schemas of KUBERNETES_VERSION (kubernetes-validate bundles them; custom resources
 have no schema there and are listed), and the ports, probes, grace periods, flags, image name and
 user agree with the server's own defaults, the Dockerfile and docker-compose.yml. One test runs the
-real server under a read-only root file system with only the manifests' writable directory.
+InferenceService's container as written, under a read-only root with only its writable directory.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -336,30 +339,41 @@ def _can_make_read_only_mounts() -> bool:
 
 
 @pytest.mark.skipif(not _can_make_read_only_mounts(), reason="needs root and unshare(1) to make a read-only mount namespace")
-def test_the_server_serves_from_a_read_only_root_with_only_the_temporary_directory_writable(tmp_path):
-    """What readOnlyRootFilesystem means, on this machine: every file system read-only in a private
-    mount namespace but one scratch directory, which TMPDIR names (torch writes there at import)."""
+def test_the_kserve_container_serves_both_protocols_from_a_read_only_root(rendered, tmp_path):
+    """The InferenceService's container as written (its flags and variables; on loopback, a free port
+    and the tiny model instead of 0.0.0.0:8081 and the bundled ones), with every file system read-only
+    in a private mount namespace but the directory its TMPDIR names: it reports SERVING on the
+    standard health service and ready on the Open Inference Protocol, on the one port KServe routes."""
+    from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
+    from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
+
+    (c,) = one(rendered["kserve"], "InferenceService")["spec"]["predictor"]["containers"]
     models, scratch = tmp_path / "models", tmp_path / "scratch"
     export_tiny(models, "tiny-max")
     scratch.mkdir()
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    port, metrics_port = ports
+    argv = [sys.executable, "-m", "cifar10_serving.server", *c["args"], "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(metrics_port), "--models-dir", str(models), "--default-model", "tiny-max"]
+    # A process that imported torch has TORCHINDUCTOR_CACHE_DIR set (torch sets it): a pod does not.
+    environ = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    environ |= env(c) | {"TMPDIR": str(scratch)}  # the emptyDir mounted where the container's TMPDIR points
     read_only = " ".join(sorted({"/", "/tmp", "/var/tmp", str(Path.home()), str(ROOT), sys.prefix}))
     script = (f"for d in {read_only}; do mount --bind $d $d && mount -o remount,ro,bind $d || exit 3; done; "
               f"mount --bind {scratch} {scratch} && mount -o remount,rw,bind {scratch} || exit 4; "
               f"touch {models}/probe 2>/dev/null && exit 5; "  # the models' directory must be read-only now
-              f"exec env TMPDIR={scratch} {sys.executable} -m cifar10_serving.server --port {port} --metrics-port -1 "
-              f"--models-dir {models} --default-model tiny-max --torch-threads 1 --grace-period-seconds 1")
-    # A process that imported torch has TORCHINDUCTOR_CACHE_DIR set (torch sets it): a pod does not.
-    environ = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+              f"exec {shlex.join(argv)}")
     log = tmp_path / "server.log"  # a file, not a pipe that nobody reads until the end
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd="/",
                             stdout=subprocess.DEVNULL, stderr=log.open("w"), env=environ)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 180
             while True:
                 assert proc.poll() is None, f"the server exited {proc.returncode}: {log.read_text()[-2000:]}"
                 try:
@@ -367,8 +381,13 @@ def test_the_server_serves_from_a_read_only_root_with_only_the_temporary_directo
                         break
                 except grpc.RpcError:
                     pass
-                assert time.monotonic() < deadline, "not SERVING within 120 s"
+                assert time.monotonic() < deadline, "not SERVING within 180 s"
                 time.sleep(0.5)
+            oip = v2_grpc.GRPCInferenceServiceStub(channel)
+            assert oip.ServerReady(v2.ServerReadyRequest(), timeout=10).ready
+            assert oip.ModelReady(v2.ModelReadyRequest(name="tiny-max"), timeout=10).ready
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert "cifar10_requests_total" in body
         assert any(p.name.startswith("torchinductor") for p in scratch.iterdir())  # why the directory is needed
     finally:
         proc.terminate()
