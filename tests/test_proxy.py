@@ -1,11 +1,11 @@
 """Replicas behind a real load balancer: REPLICAS real server processes on loopback behind a real
 Envoy configured from deploy/envoy/envoy.yaml, and the same replicas balanced by the client.
 
-Callers drive bounded load (CALLERS threads, closed loop) while the tests check that calls spread
-over every replica (each replica's own /metrics says how many it answered), that a rolling restart
-(SIGTERM, drain, exit, start again on the same port, SERVING) loses nothing, through Envoy and
-through client-side round robin alike, and that a replica killed with SIGKILL costs at most the
-calls in flight on it while the rest keeps serving. Envoy is not installed by the test extras:
+Callers drive bounded load (CALLERS threads, each sending its calls one after another, PAUSE_S
+apart) while the tests check that calls spread over every replica (each replica's own /metrics says
+how many it answered), that a rolling restart (SIGTERM, drain, exit, start again on the same port,
+SERVING) loses nothing, through Envoy and through client-side round robin alike, and that a replica
+killed with SIGKILL costs at most the calls in flight on it while the rest keeps serving. Envoy is not installed by the test extras:
 `bash .ci/proxy` installs it and runs this file; without it the module is skipped.
 """
 
