@@ -5,8 +5,9 @@ Callers drive bounded load (CALLERS threads, each sending its calls one after an
 apart) while the tests check that calls spread over every replica (each replica's own /metrics says
 how many it answered), that a rolling restart (SIGTERM, drain, exit, start again on the same port,
 SERVING) loses nothing, through Envoy and through client-side round robin alike, and that a replica
-killed with SIGKILL costs at most the calls in flight on it while the rest keeps serving. Envoy is not installed by the test extras:
-`bash .ci/proxy` installs it and runs this file; without it the module is skipped.
+killed with SIGKILL costs at most the calls in flight on it while the rest keeps serving. Envoy is
+not installed by the test extras: `bash .ci/proxy` installs it and runs this file; without it the
+module is skipped.
 """
 
 from __future__ import annotations
