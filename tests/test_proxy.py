@@ -76,10 +76,11 @@ class Envoy:
     def __init__(self, config: dict, workdir: Path) -> None:
         path, self.admin_path = workdir / "envoy.yaml", workdir / "admin-address"
         path.write_text(yaml.safe_dump(config))
+        self.log = open(workdir / "envoy.log", "w")
         self.proc = subprocess.Popen(
             [ENVOY, "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "--use-dynamic-base-id",
              "--admin-address-path", str(self.admin_path), "--log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=open(workdir / "envoy.log", "w"))
+            stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 30
         while not (self.admin_path.exists() and self.admin_path.read_text().strip()):
             assert self.proc.poll() is None, (workdir / "envoy.log").read_text()
@@ -94,14 +95,13 @@ class Envoy:
 
     def hosts(self) -> dict[int, dict]:
         """{replica port: {"healthy": bool, "rq_total": n, ...}} from the admin /clusters page."""
+        (cluster,) = json.loads(self.get("/clusters?format=json"))["cluster_statuses"]
         out: dict[int, dict] = {}
-        for (cluster,) in [json.loads(self.get("/clusters?format=json"))["cluster_statuses"]]:
-            for host in cluster["host_statuses"]:
-                port = host["address"]["socket_address"]["port_value"]
-                stats = {s["name"]: int(s.get("value", 0)) for s in host["stats"]}
-                health = host["health_status"]
-                stats["healthy"] = not health.get("failed_active_health_check") and health.get("eds_health_status") == "HEALTHY"
-                out[port] = stats
+        for host in cluster["host_statuses"]:
+            stats = {s["name"]: int(s.get("value", 0)) for s in host["stats"]}
+            health = host["health_status"]
+            stats["healthy"] = not health.get("failed_active_health_check") and health.get("eds_health_status") == "HEALTHY"
+            out[host["address"]["socket_address"]["port_value"]] = stats
         return out
 
     def counter(self, name: str) -> int:
@@ -121,6 +121,7 @@ class Envoy:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        self.log.close()
 
 
 def envoy_config(ports: list[int]) -> dict:
@@ -332,7 +333,7 @@ def report(title: str, **figures) -> None:
 
 
 # ----------------------------------------------------------------------------- the tests
-def test_the_config_is_the_one_described(cluster):
+def test_the_config_is_the_one_described():
     """What the rest relies on is in deploy/envoy/envoy.yaml itself, not added by this test."""
     config = yaml.safe_load(ENVOY_CONFIG.read_text())
     (cluster_config,) = config["static_resources"]["clusters"]
