@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import itertools
 import json
 import os
@@ -28,16 +29,50 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 # fails calls it had not yet handed to a handler when the server stops that way: grpc/grpc#41785).
 # gRPC itself retries, and only while no response has begun; a call this client cancels is not retried.
 RETRYABLE_CODES = ("UNAVAILABLE", "CANCELLED")
+# Between attempts to reconnect to a replica that went away gRPC waits 1 s, then 1.6 times longer
+# each time, up to 120 s: a replica back from a restart would wait that long for calls again.
+BALANCED_MAX_RECONNECT_BACKOFF_MS = 2000
 
 
-def retry_service_config(attempts: int) -> str:
+def retry_service_config(attempts: int, load_balancing: str | None = None) -> str:
     """The gRPC service config that retries Classify, ListModels and GetModelInfo up to ``attempts``
-    times in all (50 ms, then 100 ms, ... up to 500 ms apart, with gRPC's jitter)."""
-    return json.dumps({"methodConfig": [{
-        "name": [{"service": _SERVICE, "method": m} for m in ("Classify", "ListModels", "GetModelInfo")],
-        "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": list(RETRYABLE_CODES)},
-    }]})
+    times in all (50 ms, then 100 ms, ... up to 500 ms apart, with gRPC's jitter), and balances calls
+    with the ``load_balancing`` policy (``"round_robin"``, ``"pick_first"``; None: gRPC's default)."""
+    config: dict[str, Any] = {}
+    if load_balancing is not None:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    if attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": _SERVICE, "method": m} for m in ("Classify", "ListModels", "GetModelInfo")],
+            "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": list(RETRYABLE_CODES)},
+        }]
+    return json.dumps(config)
+
+
+def address_list_target(addresses: Sequence[str]) -> str:
+    """One gRPC target for several ``host:port`` addresses of replicas, all IPv4 or all IPv6
+    literals: ``["127.0.0.1:50061", "127.0.0.1:50062"]`` -> ``"ipv4:127.0.0.1:50061,127.0.0.1:50062"``.
+    Names need a resolver that returns every replica: a ``dns:///`` target (a headless Service)."""
+    if not addresses:
+        raise ValueError("no addresses given")
+    families = set()
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).version)
+            if not sep or not port.isdigit() or (":" in host and not host.startswith("[")):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address and port (127.0.0.1:50051, [::1]:50051); for host "
+                             "names use one target such as dns:///NAME:PORT whose name resolves to every replica") from None
+    if len(families) > 1:
+        raise ValueError(f"mix of IPv4 and IPv6 addresses: {list(addresses)}; gRPC takes one family per target")
+    return f"ipv{families.pop()}:" + ",".join(addresses)
+
+
+def _is_address_list(target: str) -> bool:
+    return target.startswith(("ipv4:", "ipv6:")) and "," in target
 
 
 class ClassifierError(Exception):
@@ -118,26 +153,45 @@ def _classification(result: pb.Result) -> Classification:
 
 
 class ClassifierClient:
-    """Talks to one server. ``with ClassifierClient("host:50051") as c: c.classify(["cat.png"])``.
+    """Talks to a server, or to several replicas. ``with ClassifierClient("host:50051") as c: c.classify(["cat.png"])``.
 
+    ``target`` is one gRPC target, or a list of replicas' ``host:port`` IP addresses, which gRPC
+    balances call by call (``round_robin``), skipping replicas it cannot reach or that are draining:
+    ``ClassifierClient(["10.0.0.5:50051", "10.0.0.6:50051"])`` is the same as the target
+    ``"ipv4:10.0.0.5:50051,10.0.0.6:50051"``. ``load_balancing`` names gRPC's policy: the default is
+    ``round_robin`` for several addresses and gRPC's own (``pick_first``: one connection to the
+    first address that answers) otherwise; pass ``"round_robin"`` for a DNS name that resolves to
+    every replica, such as a headless Kubernetes Service (``dns:///NAME.NAMESPACE.svc.cluster.local:50051``).
+    With ``round_robin`` a replica that went away is tried again at least every 2 s, not gRPC's 120 s.
     ``connections=N`` opens N connections and takes them in turn, call by call: a server started
     with ``--workers`` shares its port among processes by connection, so one connection reaches one.
     ``attempts``: how many times in all a unary call is sent when it fails UNAVAILABLE or CANCELLED
-    without the server having answered (``RETRYABLE_CODES``); 1 sends each call once. Streams are not
-    resent: resend the requests a stream did not answer.
+    without the server having answered (``RETRYABLE_CODES``); 1 sends each call once. A resent call
+    may go to another replica. Streams are not resent: resend the requests a stream did not answer.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0,
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = 30.0,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 options: Sequence[tuple[str, Any]] = (), connections: int = 1, attempts: int = 3) -> None:
+                 options: Sequence[tuple[str, Any]] = (), connections: int = 1, attempts: int = 3,
+                 load_balancing: str | None = None) -> None:
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
         if not 1 <= attempts <= 5:  # gRPC caps maxAttempts at 5
             raise ValueError(f"attempts must be 1 to 5, got {attempts}")
+        if not isinstance(target, str):
+            target = address_list_target(list(target))
+        if load_balancing is None and _is_address_list(target):
+            load_balancing = "round_robin"
+        if load_balancing not in (None, "round_robin", "pick_first"):
+            raise ValueError(f"load_balancing must be round_robin or pick_first, got {load_balancing!r}")
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *options]
         if attempts > 1:
-            opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(attempts))]
+            opts.append(("grpc.enable_retries", 1))
+        if attempts > 1 or load_balancing is not None:
+            opts.append(("grpc.service_config", retry_service_config(attempts, load_balancing)))
+        if load_balancing == "round_robin" and "grpc.max_reconnect_backoff_ms" not in dict(options):
+            opts.append(("grpc.max_reconnect_backoff_ms", BALANCED_MAX_RECONNECT_BACKOFF_MS))
         if connections > 1:
             opts.append(("grpc.use_local_subchannel_pool", 1))  # else gRPC shares one connection among channels
         if credentials is not None:

@@ -43,6 +43,7 @@ def serve():
         servers.append(server)
         return servicer, f"127.0.0.1:{port}"
 
+    start.servers = servers
     yield start
     for server in servers:
         server.stop(None)
@@ -80,3 +81,60 @@ def test_other_failures_are_not_retried(serve):
                 client.classify(IMAGES)
             assert info.value.code == expected
     assert servicer.calls == 2  # each sent once
+
+
+# ----------------------------------------------------------------------------- several replicas
+def test_a_list_of_replicas_is_balanced_call_by_call_and_a_stopped_one_is_skipped(serve):
+    (first, a), (second, b) = serve([]), serve([])
+    with ClassifierClient([a, b], timeout=10) as client:
+        assert client.target == f"ipv4:{a},{b}"
+        for _ in range(20):
+            assert client.classify(IMAGES)[0].label == "cat"
+        # round_robin takes the replicas in turn once both are connected; the first calls may find one still connecting
+        assert first.calls + second.calls == 20 and min(first.calls, second.calls) >= 8
+        servers = serve.servers
+        servers[0].stop(None)
+        before = second.calls
+        for _ in range(10):  # a call that meets the stopped replica fails UNAVAILABLE and is resent to the other
+            assert client.classify(IMAGES)[0].label == "cat"
+        assert second.calls - before == 10
+
+
+def test_an_address_list_target_gets_round_robin_and_a_single_address_gets_grpcs_default(serve):
+    (first, a), (second, b) = serve([]), serve([])
+    with ClassifierClient(f"ipv4:{a},{b}", timeout=10) as client:
+        for _ in range(10):
+            client.classify(IMAGES)
+    assert first.calls > 0 and second.calls > 0
+    first.calls = second.calls = 0
+    with ClassifierClient(f"ipv4:{a},{b}", timeout=10, load_balancing="pick_first") as client:
+        for _ in range(10):
+            client.classify(IMAGES)
+    assert sorted((first.calls, second.calls)) == [0, 10]  # one connection, to one replica
+
+
+@pytest.mark.parametrize("addresses, target", [
+    (["127.0.0.1:1", "127.0.0.2:2"], "ipv4:127.0.0.1:1,127.0.0.2:2"),
+    (["[::1]:1", "[::1]:2"], "ipv6:[::1]:1,[::1]:2"),
+])
+def test_address_lists_become_one_target(addresses, target):
+    from cifar10_serving.client._client import address_list_target
+
+    assert address_list_target(addresses) == target
+
+
+@pytest.mark.parametrize("addresses, message", [
+    ([], "no addresses"),
+    (["localhost:50051"], "not an IP address"),
+    (["127.0.0.1"], "not an IP address"),
+    (["::1:50051"], "not an IP address"),
+    (["127.0.0.1:1", "[::1]:2"], "mix of IPv4 and IPv6"),
+])
+def test_bad_address_lists_are_refused_with_what_to_do(addresses, message):
+    with pytest.raises(ValueError, match=message):
+        ClassifierClient(addresses)
+
+
+def test_an_unknown_balancing_policy_is_refused():
+    with pytest.raises(ValueError, match="load_balancing"):
+        ClassifierClient("127.0.0.1:1", load_balancing="least_request")
