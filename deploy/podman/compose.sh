@@ -6,8 +6,8 @@
 #   deploy/podman/compose.sh ps
 #   deploy/podman/compose.sh down
 #
-# CIFAR10_GRPC_PORT and CIFAR10_PROMETHEUS_PORT choose the loopback ports (50051, 9090);
-# COMPOSE_PROJECT_NAME the project (default: the checkout's folder name); PODMAN_COMPOSE the command.
+# Published on loopback: gRPC on 127.0.0.1:50051, Prometheus on 127.0.0.1:9090. -p NAME (or
+# COMPOSE_PROJECT_NAME) names the project (default: the checkout's folder); PODMAN_COMPOSE is the command.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -94,6 +94,13 @@ def test_the_server_is_not_root_and_cannot_change_its_code_or_models(container):
     assert writable.stdout.split() == ["False", "False"]
 
 
+def test_its_torch_is_the_cuda_build_the_gpu_override_needs(container):
+    # The same image serves on the CPU here and on an NVIDIA GPU under docker-compose.gpu.yml.
+    out = podman("exec", container.name, "python", "-c", "import torch; print(torch.__version__, torch.version.cuda)")
+    version, cuda = out.stdout.split()
+    assert version.startswith("2.14.1") and cuda != "None", out.stdout
+
+
 def test_sigterm_ends_it_within_the_grace_period_with_exit_code_0(container):
     grace = stop_grace_seconds()
     start = time.monotonic()
