@@ -17,10 +17,18 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 
 # A venv, so the steps are the same on either base (Debian's own Python refuses pip installs, PEP 668).
+# The dependencies first, from pyproject.toml alone, in their own layer: a change to the code or the
+# models (rebuild after training) then reinstalls the project, not torch.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python3 -m venv /opt/venv \
+    && python -c 'import tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; \
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["server"]))' > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/pyproject.toml /tmp/requirements.txt
+
 # Installed as root and run as another user: the server cannot rewrite its code or its models.
 COPY . /tmp/src
-RUN python3 -m venv /opt/venv \
-    && pip install "/tmp/src[server]" \
+RUN pip install "/tmp/src[server]" \
     && rm -rf /tmp/src \
     && useradd --create-home --uid 10001 classifier
 

@@ -165,17 +165,21 @@ def test_dockerfile_installs_the_package_with_the_server_extra_not_editable():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert "cifar10-serving[server]" in extras["test"]  # the README installs [test], which is [server] + tools
-    (run,) = instruction("RUN")
-    (copy,) = instruction("COPY")
-    source, target = copy.split()
-    assert source == "."
-    assert f'pip install "{target}[server]"' in run and "-e" not in run.split()
-    assert f"rm -rf {target}" in run  # the checkout is not left in the image's file system
+    (dependencies, package) = instruction("RUN")
+    (pyproject, checkout) = [copy.split() for copy in instruction("COPY")]
+    # First the dependencies, read from pyproject.toml alone (so code changes keep that layer) ...
+    assert pyproject == ["pyproject.toml", "/tmp/pyproject.toml"]
+    assert '["dependencies"] + p["optional-dependencies"]["server"]' in dependencies
+    assert "pip install -r /tmp/requirements.txt" in dependencies
+    # ... then the package itself, from the whole build context, not editable, the checkout removed after.
+    assert checkout[0] == "."
+    assert f'pip install "{checkout[1]}[server]"' in package and "-e" not in package.split()
+    assert f"rm -rf {checkout[1]}" in package
 
 
 def test_dockerfile_runs_as_a_user_it_makes_not_root():
     (user,) = instruction("USER")
-    assert user not in ("root", "0") and f"useradd --create-home --uid 10001 {user}" in instruction("RUN")[0]
+    assert user not in ("root", "0") and f"useradd --create-home --uid 10001 {user}" in instruction("RUN")[-1]
 
 
 def test_dockerfile_starts_the_server_on_all_interfaces_with_the_default_ports():

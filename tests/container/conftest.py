@@ -56,7 +56,7 @@ def run(argv: list[str], timeout: float, check: bool = True, **kwargs) -> subpro
     return out
 
 
-def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """podman with this machine's settings (deploy/podman/podman reads deploy/podman/containers.conf)."""
     return run([str(PODMAN_DIR / "podman"), *args], timeout=timeout, check=check)
 
@@ -75,7 +75,7 @@ def wait_healthy(container: str, seconds: float = HEALTHY_SECONDS) -> float:
     """Runs the image's health check (no systemd here to run it on a timer) until it passes; returns
     the seconds waited. Fails at once, with the container's log, if the container stops."""
     start = time.monotonic()
-    while podman("healthcheck", "run", container, check=False, timeout=60).returncode != 0:
+    while podman("healthcheck", "run", container, check=False).returncode != 0:
         if inspect(container, "{{.State.Running}}") != "true" or time.monotonic() - start > seconds:
             logs = podman("logs", container, check=False).stderr[-3000:]
             raise AssertionError(f"{container} not healthy after {time.monotonic() - start:.0f}s:\n{logs}")
