@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import shlex
 import socket
 import subprocess
 import sys

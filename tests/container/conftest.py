@@ -52,7 +52,8 @@ def pytest_terminal_summary(terminalreporter):
 def run(argv: list[str], timeout: float, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, argv))}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        command = " ".join(map(str, argv))
+        raise AssertionError(f"{command}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
 
 

@@ -70,7 +70,8 @@ class Stack:
                    env=self.env)
 
     def container(self, service: str) -> str:
-        (name,) = podman("ps", "--format", "{{.Names}}", "--filter", f"label=io.podman.compose.project={self.project}",
+        (name,) = podman("ps", "-a", "--format", "{{.Names}}",
+                         "--filter", f"label=io.podman.compose.project={self.project}",
                          "--filter", f"label=com.docker.compose.service={service}").stdout.split()
         return name
 
