@@ -1,9 +1,10 @@
 """The deployment files agree with each other and with the server's defaults.
 
-There is no Docker engine where these tests run, so they read docker-compose.yml, the GPU override,
-the Dockerfile, .dockerignore, deploy/prometheus.yml and Grafana's provisioning, and check the
-ports, paths, mounted files, scrape target and data source that tie them together. The classifier's
-health check is run for real, against a real server.
+These tests need no container engine: they read docker-compose.yml, the GPU override, the
+Dockerfile, .dockerignore, deploy/prometheus.yml and Grafana's provisioning, and check the ports,
+paths, mounted files, scrape target, data source, health check and stop grace that tie them
+together. The classifier's health check is run for real, against a real server.
+tests/container builds the image and runs it and the stack with podman.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import shlex
 import socket
 import subprocess
 import sys
@@ -44,6 +44,31 @@ def dockerfile() -> list[tuple[str, str]]:
 
 def instruction(name: str) -> list[str]:
     return [args for op, args in dockerfile() if op == name]
+
+
+def dockerfile_healthcheck() -> list[str]:
+    """The HEALTHCHECK's test as Docker stores it: ["CMD", argv...]."""
+    (check,) = instruction("HEALTHCHECK")
+    _, argv = check.split(" CMD ", 1)
+    return ["CMD", *json.loads(argv)]
+
+
+def dockerfile_healthcheck_options() -> dict[str, str]:
+    (check,) = instruction("HEALTHCHECK")
+    options, _ = check.split(" CMD ", 1)
+    return dict(option.removeprefix("--").split("=", 1) for option in options.split())
+
+
+def stop_grace_seconds() -> int:
+    """docker-compose.yml's stop_grace_period for the classifier, in seconds."""
+    grace = SERVICES["classifier"]["stop_grace_period"]
+    assert re.fullmatch(r"\d+s", grace), grace
+    return int(grace[:-1])
+
+
+def scripts() -> dict[str, str]:
+    """{installed command: "module:function"} from pyproject.toml."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
 def mounts(service: str) -> dict[str, str]:
@@ -93,14 +118,30 @@ def test_every_mounted_file_is_in_the_repository():
 def test_classifier_publishes_the_grpc_port_and_checks_health_through_the_client_cli():
     assert published("classifier") == {DEFAULTS.port: DEFAULTS.port}
     argv = SERVICES["classifier"]["healthcheck"]["test"][1:]
-    assert argv[:3] == ["python", "-m", "client"] and argv[-1] == "health"
+    assert scripts()[argv[0]] == "cifar10_serving.client.cli:main" and argv[-1] == "health"
     assert argv[argv.index("--target") + 1] == f"127.0.0.1:{DEFAULTS.port}"
 
 
+def test_compose_repeats_the_dockerfiles_health_check():
+    check = SERVICES["classifier"]["healthcheck"]
+    assert check["test"] == dockerfile_healthcheck()
+    options = dockerfile_healthcheck_options()
+    assert {key: check[key.replace("-", "_")] for key in options} == {
+        key: int(value) if key == "retries" else value for key, value in options.items()}
+
+
+def test_the_stop_grace_outlasts_the_servers_drain():
+    # docker stop sends SIGTERM, then SIGKILL after the grace: the server must finish its drain first.
+    assert stop_grace_seconds() > DEFAULTS.grace_period_seconds + 5  # + the few seconds shutdown itself takes
+    assert not instruction("STOPSIGNAL")  # SIGTERM, which the server handles
+
+
 def _health_check(target: str) -> subprocess.CompletedProcess:
-    argv = SERVICES["classifier"]["healthcheck"]["test"][2:]  # after "CMD", "python"
-    argv[argv.index("--target") + 1] = target
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    command, *args = SERVICES["classifier"]["healthcheck"]["test"][1:]  # after "CMD"
+    args[args.index("--target") + 1] = target
+    module, function = scripts()[command].split(":")  # the installed script, run by this Python
+    code = f"import sys; from {module} import {function}; sys.exit({function}(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 def test_the_health_check_passes_on_a_serving_server_and_fails_on_a_dead_port(tiny_server):
@@ -112,21 +153,40 @@ def test_the_health_check_passes_on_a_serving_server_and_fails_on_a_dead_port(ti
 
 
 # ----------------------------------------------------------------------------- Dockerfile
-def test_dockerfile_runs_the_readmes_install_without_the_test_tools():
-    (base,) = instruction("FROM")
-    assert re.fullmatch(r"python:3\.1[0-9]+-slim", base)
+def test_dockerfile_builds_on_the_official_python_image_by_default():
+    (arg,) = instruction("ARG")
+    name, default = arg.split("=", 1)
+    assert name == "BASE_IMAGE" and re.fullmatch(r"python:3\.1[0-9]+-slim", default)
+    assert instruction("FROM") == ["${BASE_IMAGE}"]
+
+
+def test_dockerfile_installs_the_package_with_the_server_extra_not_editable():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert "cifar10-serving[server]" in extras["test"]  # the README installs [test], which is [server] + tools
-    assert 'pip install -e ".[test]"' in (ROOT / "README.md").read_text()
-    assert any('pip install -e ".[server]"' in run for run in instruction("RUN"))
+    (dependencies, package) = instruction("RUN")
+    (pyproject, checkout) = [copy.split() for copy in instruction("COPY")]
+    # First the dependencies, read from pyproject.toml alone (so code changes keep that layer) ...
+    assert pyproject == ["pyproject.toml", "/tmp/pyproject.toml"]
+    assert '["dependencies"] + p["optional-dependencies"]["server"]' in dependencies
+    assert "pip install -r /tmp/requirements.txt" in dependencies
+    # ... then the package itself, from the whole build context, not editable, the checkout removed after.
+    assert checkout[0] == "."
+    assert f'pip install "{checkout[1]}[server]"' in package and "-e" not in package.split()
+    assert f"rm -rf {checkout[1]}" in package
+
+
+def test_dockerfile_runs_as_a_user_it_makes_not_root():
+    (user,) = instruction("USER")
+    assert user not in ("root", "0") and f"useradd --create-home --uid 10001 {user}" in instruction("RUN")[-1]
 
 
 def test_dockerfile_starts_the_server_on_all_interfaces_with_the_default_ports():
     (cmd,) = instruction("CMD")
     argv = json.loads(cmd)
-    assert argv == ["python", "-m", "server", "--host", "0.0.0.0"]
-    config = parse_config(argv[3:], environ={})
+    assert argv == ["cifar10-server", "--host", "0.0.0.0"]
+    assert scripts()[argv[0]] == "cifar10_serving.server.main:main"
+    config = parse_config(argv[1:], environ={})
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", DEFAULTS.port, DEFAULTS.metrics_port)
     exposed = {int(port) for line in instruction("EXPOSE") for port in line.split()}
     assert exposed == {config.port, config.metrics_port}
@@ -147,19 +207,23 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     return ignored
 
 
-def test_the_image_gets_the_code_and_models_and_not_the_data_cache():
-    (workdir,) = instruction("WORKDIR")
-    assert "COPY . ." in [f"COPY {args}" for args in instruction("COPY")]
+def test_the_build_gets_the_code_and_models_and_not_the_data_cache():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     models = DEFAULT_MODELS_DIR.relative_to(ROOT).as_posix()
-    assert models == "model/artifacts"  # in the image: /app/model/artifacts, next to /app/server
-    for kept in (f"{models}/base-max.pt", "server/main.py", "client/cli.py", "protos/cifar10/v1/classifier.proto",
-                 "model/network.py", "pyproject.toml", "README.md"):
+    assert models == "model/artifacts"  # in a checkout; installed, the package data next to the server's package
+    artifacts = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / models).iterdir())
+    assert any(a.endswith(".pt") for a in artifacts)
+    for kept in (*artifacts, "server/main.py", "client/cli.py", "protos/cifar10/v1/classifier.proto",
+                 "model/network.py", "pyproject.toml", "README.md"):  # README.md: pyproject's readme
         assert not _ignored(kept, patterns), kept
-    for dropped in (".git/HEAD", ".cache/cifar10/data.bin", "server/__pycache__/main.cpython-311.pyc"):
+    for dropped in (".git/HEAD", ".cache/cifar10/data.bin", "server/__pycache__/main.cpython-311.pyc",
+                    "cifar10_serving.egg-info/PKG-INFO", "tests/test_deploy.py"):
         assert _ignored(dropped, patterns), dropped
-    assert workdir == "/app"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for artifact in artifacts:  # the wheel carries every file of the models directory
+        relative = PurePosixPath(artifact).relative_to("model").as_posix()
+        assert any(fnmatch.fnmatch(relative, g) for g in package_data["cifar10_serving.model"]), artifact
 
 
 # ----------------------------------------------------------------------------- Prometheus
