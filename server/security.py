@@ -84,7 +84,11 @@ def load_tokens(path: str) -> list[str]:
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token."""
+    """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token.
+
+    The header is ``authorization: Bearer <token>``: the scheme in any case (RFC 7235), one or more
+    spaces before the token, and whitespace around the whole value ignored (HTTP trims it from any
+    field value); the token itself is compared exactly. A refused call's message is never read."""
 
     def __init__(self, tokens: Sequence[str], open_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
         self._tokens = [token.encode() for token in tokens]
@@ -104,26 +108,28 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if not values:
             return f"this server needs a bearer token: send metadata '{AUTH_HEADER}: {BEARER}<token>'"
         value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        if not value.startswith(BEARER):
+        scheme, _, given = value.strip().partition(" ")
+        if scheme.lower() != BEARER.strip().lower() or not given.strip():
             return f"the {AUTH_HEADER} metadata must be '{BEARER}<token>'"
-        given = value[len(BEARER):].strip().encode()
+        given_bytes = given.lstrip(" ").encode("latin-1")
         # Compare against every token in constant time, so timing tells nothing about any of them.
         accepted = False
         for token in self._tokens:
-            accepted |= hmac.compare_digest(given, token)
+            accepted |= hmac.compare_digest(given_bytes, token)
         return None if accepted else "bearer token not accepted"
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers ``code`` without running anything."""
+    """A handler that answers ``code`` without running anything or reading the request: it takes the
+    requests as a stream (on the wire a unary request is the same), so grpc.aio does not receive and
+    parse a message first, however large, and the client's is cut off by the status."""
 
-    async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
+    async def refuse(_request_iterator, context: grpc.aio.ServicerContext):
         await context.abort(code, message)
 
-    kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
     behaviours = dict.fromkeys(("unary_unary", "unary_stream", "stream_unary", "stream_stream"))
-    behaviours[kind] = refuse
-    return handler._replace(**behaviours)
+    behaviours["stream_stream" if handler.response_streaming else "stream_unary"] = refuse
+    return handler._replace(request_streaming=True, request_deserializer=None, **behaviours)
 
 
 def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
