@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,6 +30,7 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server import grpc_metrics
 from cifar10_serving.server.batching import Batcher
 from cifar10_serving.server.config import ServerConfig, default_torch_threads, parse_config
+from cifar10_serving.server.connections import close_port
 from cifar10_serving.server.gate import Gate
 from cifar10_serving.server.health import DrainingHealthServicer
 from cifar10_serving.server.metrics import GpuMemoryCollector, Metrics, serve_metrics
@@ -59,12 +61,19 @@ class App:
     device: str = ""
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains and stops: NOT_SERVING first, then in-flight calls get up to ``grace`` seconds."""
+        """Drains and stops: NOT_SERVING and new calls refused UNAVAILABLE first, in-flight calls get up
+        to ``grace`` seconds, then the port's connections are closed and gRPC is stopped."""
         grace = self.config.grace_period_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()  # health watches send NOT_SERVING and end
         if self.gate is not None:
-            self.gate.drain()  # streams answer what they have read and end with UNAVAILABLE
-        await self.server.stop(grace)
+            self.gate.drain()  # new calls: UNAVAILABLE; streams answer what they have read and end with UNAVAILABLE
+            await self.gate.idle(grace)
+            # A call gRPC has but no handler yet would be CANCELLED by server.stop (grpc/grpc#41785):
+            # close the connections first, so that a client sees UNAVAILABLE instead (server/connections.py).
+            listeners, connections = close_port(self.port)
+            log.debug("closed %d listening sockets and %d connections", listeners, connections)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         for batcher in self.batchers.values():
             await batcher.stop()
         if self._metrics_http is not None:

@@ -24,6 +24,7 @@ from typing import Sequence
 import grpc
 
 from cifar10_serving.server.config import ServerConfig
+from cifar10_serving.server.gate import refusing
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if problem is None or handler is None:
             return handler
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+        return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
 
     def _problem(self, metadata) -> str | None:
         values = [value for key, value in metadata if key == AUTH_HEADER]
@@ -117,19 +118,6 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         for token in self._tokens:
             accepted |= hmac.compare_digest(given_bytes, token)
         return None if accepted else "bearer token not accepted"
-
-
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler that answers ``code`` without running anything or reading the request: it takes the
-    requests as a stream (on the wire a unary request is the same), so grpc.aio does not receive and
-    parse a message first, however large, and the client's is cut off by the status."""
-
-    async def refuse(_request_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(code, message)
-
-    behaviours = dict.fromkeys(("unary_unary", "unary_stream", "stream_unary", "stream_stream"))
-    behaviours["stream_stream" if handler.response_streaming else "stream_unary"] = refuse
-    return handler._replace(request_streaming=True, request_deserializer=None, **behaviours)
 
 
 def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
