@@ -40,9 +40,9 @@ def _sockets_on_port(port: int) -> dict[int, str]:
     return found
 
 
-def _own_socket_fds() -> dict[int, int]:
-    """inode -> file descriptor of every socket this process holds."""
-    fds: dict[int, int] = {}
+def _own_socket_fds() -> dict[int, list[int]]:
+    """inode -> the file descriptors of every socket this process holds."""
+    fds: dict[int, list[int]] = {}
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
@@ -53,25 +53,32 @@ def _own_socket_fds() -> dict[int, int]:
         except OSError:
             continue  # closed meanwhile
         if target.startswith("socket:["):
-            fds[int(target[8:-1])] = int(name)
+            fds.setdefault(int(target[8:-1]), []).append(int(name))
     return fds
 
 
 def close_port(port: int) -> tuple[int, int]:
-    """Shuts down this process's listening socket on ``port``, then its connections there; the
-    file descriptors stay gRPC's to close. Returns (listeners, connections) shut down."""
+    """Closes this process's listening sockets on ``port``, then shuts down its connections there;
+    every file descriptor stays gRPC's to close. Returns (listeners, connections) closed."""
     on_port = _sockets_on_port(port)
     fds = _own_socket_fds()
     ours = {inode: fds[inode] for inode in on_port if inode in fds}
-    listeners = [fd for inode, fd in ours.items() if on_port[inode] == TCP_LISTEN]
-    connections = [fd for inode, fd in ours.items() if on_port[inode] != TCP_LISTEN]
+    listeners = [fds for inode, fds in ours.items() if on_port[inode] == TCP_LISTEN]
+    connections = [fds[0] for inode, fds in ours.items() if on_port[inode] != TCP_LISTEN]
     closed = [0, 0]
-    for i, group in enumerate((listeners, connections)):  # listeners first: no new connection meanwhile
-        for fd in group:
-            try:
-                with socket.socket(fileno=os.dup(fd)) as sock:  # a duplicate: gRPC's descriptor stays open
-                    sock.shutdown(socket.SHUT_RDWR)
-                closed[i] += 1
-            except OSError as exc:  # closed meanwhile, or not a socket any more
-                log.debug("cannot shut down fd %d: %s", fd, exc)
+    for descriptors in listeners:  # first: no new connection meanwhile
+        # A fresh unbound socket takes each descriptor's place, so the listening socket is closed (the
+        # port refuses connections) while gRPC's descriptors stay valid. shutdown() would close it
+        # too, but gRPC's acceptor then logs its failed accept() as an error.
+        with socket.socket() as placeholder:
+            for fd in descriptors:
+                os.dup2(placeholder.fileno(), fd)
+        closed[0] += 1
+    for fd in connections:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:  # a duplicate: gRPC's descriptor stays open
+                sock.shutdown(socket.SHUT_RDWR)  # FIN: the client sees the connection end
+            closed[1] += 1
+        except OSError as exc:  # closed meanwhile
+            log.debug("cannot shut down fd %d: %s", fd, exc)
     return closed[0], closed[1]
