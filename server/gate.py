@@ -8,13 +8,15 @@ It does two things the servicer cannot do from inside a handler:
   ends with UNAVAILABLE, and the client resends the rest (to another replica). Without this a busy
   stream is served until the grace period ends and is then cut off mid-request.
 - On drain, every new call but health's is answered UNAVAILABLE at once, by a handler: the server
-  keeps its port and connections while the calls in flight finish (``idle()`` says when), so no call
-  meets gRPC's own shutdown half-way (server/main.py ``App.stop``).
+  keeps its port and connections while the calls in flight finish (``idle()`` says when: a call
+  counts until gRPC has sent its status), so no call meets gRPC's own shutdown half-way
+  (server/main.py ``App.stop``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from dataclasses import dataclass
 
 import grpc
@@ -62,12 +64,10 @@ class Gate(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(self._open):
+        if handler is None:
             return handler
-        if self._draining is not None and self._draining.done():
+        if self._draining is not None and self._draining.done() and not details.method.startswith(self._open):
             return refusing(handler, grpc.StatusCode.UNAVAILABLE, REFUSE_MESSAGE)
-        if not details.method.startswith(self._prefix):
-            return handler
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
             wrapped = self._wrapped[details.method] = self._wrap(handler, details.method)
@@ -81,11 +81,11 @@ class Gate(grpc.aio.ServerInterceptor):
 
     @property
     def in_flight(self) -> int:
-        """Calls of the guarded service whose handler is running."""
+        """Calls that a handler has taken (refusals aside) and whose status gRPC has not yet sent."""
         return self._in_flight
 
     async def idle(self, timeout: float) -> bool:
-        """Waits up to ``timeout`` seconds for the guarded service to have no call running; True once it has."""
+        """Waits up to ``timeout`` seconds for no call to be in flight; True once none is."""
         if self._idle is None:
             self._idle = asyncio.Event()
         if self._in_flight == 0:
@@ -97,16 +97,21 @@ class Gate(grpc.aio.ServerInterceptor):
             return False
         return True
 
-    def _enter(self) -> None:
+    def _track(self, context: grpc.aio.ServicerContext) -> None:
+        # Done once gRPC has sent the status, not when the handler returns: the answer is sent after.
         self._in_flight += 1
+        context.add_done_callback(self._leave)
 
-    def _leave(self) -> None:
+    def _leave(self, _context=None) -> None:
         self._in_flight -= 1
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
     # ------------------------------------------------------------------ wrapping
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if not method.startswith(self._prefix):  # health, reflection: only counted
+            kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
+            return handler._replace(**{kind: self._counted(getattr(handler, kind))})
         message = method.rsplit("/", 1)[-1]
         parse = _lenient(handler.request_deserializer) if handler.request_deserializer else None
         if not handler.request_streaming and not handler.response_streaming:
@@ -116,28 +121,37 @@ class Gate(grpc.aio.ServerInterceptor):
                                     stream_stream=self._stream(handler.stream_stream, message))
         return handler  # this project has no half-streaming methods
 
+    def _counted(self, behaviour):
+        if inspect.isasyncgenfunction(behaviour):
+            async def stream(request_or_iterator, context: grpc.aio.ServicerContext):
+                self._track(context)
+                async for response in behaviour(request_or_iterator, context):
+                    yield response
+
+            return stream
+
+        async def call(request_or_iterator, context: grpc.aio.ServicerContext):
+            self._track(context)
+            return await behaviour(request_or_iterator, context)
+
+        return call
+
     def _unary(self, behaviour, method: str):
         async def call(request, context: grpc.aio.ServicerContext):
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"the {method} request is not a valid message: {request.reason}")
-            self._enter()
-            try:
-                return await behaviour(request, context)
-            finally:
-                self._leave()
+            self._track(context)
+            return await behaviour(request, context)
 
         return call
 
     def _stream(self, behaviour, method: str):
         async def call(request_iterator, context: grpc.aio.ServicerContext):
             end = _StreamEnd()
-            self._enter()
-            try:
-                async for response in behaviour(self._requests(request_iterator, end), context):
-                    yield response
-            finally:
-                self._leave()
+            self._track(context)
+            async for response in behaviour(self._requests(request_iterator, end), context):
+                yield response
             if end.error is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} stream: {end.error}")
             if end.cut:

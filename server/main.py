@@ -68,7 +68,9 @@ class App:
         await self.health.enter_graceful_shutdown()  # health watches send NOT_SERVING and end
         if self.gate is not None:
             self.gate.drain()  # new calls: UNAVAILABLE; streams answer what they have read and end with UNAVAILABLE
-            await self.gate.idle(grace)
+            if not await self.gate.idle(grace):
+                log.warning("%d calls still in flight after the %.1fs grace period: closing their connections",
+                            self.gate.in_flight, grace)
             # A call gRPC has but no handler yet would be CANCELLED by server.stop (grpc/grpc#41785):
             # close the connections first, so that a client sees UNAVAILABLE instead (server/connections.py).
             listeners, connections = close_port(self.port)
