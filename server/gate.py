@@ -1,6 +1,6 @@
 """The gate every call to one service passes through: a gRPC server interceptor.
 
-It does two things the servicer cannot do from inside a handler:
+It does what the servicer cannot do from inside a handler:
 
 - A message that does not parse as the method's request type is answered INVALID_ARGUMENT (plain
   grpcio answers UNKNOWN). In a stream, the requests before it are answered first.
@@ -51,8 +51,9 @@ class _StreamEnd:
 
 
 class Gate(grpc.aio.ServerInterceptor):
-    """Guards the methods of one service (``/package.Service/``); during a drain, refuses new calls
-    to any service but those under ``open_prefixes`` (health: probes must see NOT_SERVING)."""
+    """Guards the methods of one service (``/package.Service/``) and counts the calls of every
+    service in flight; during a drain, refuses new calls to any service but those under
+    ``open_prefixes`` (health: probes must see NOT_SERVING)."""
 
     def __init__(self, service_name: str, open_prefixes: tuple[str, ...] = ("/grpc.health.v1.Health/",)) -> None:
         self._prefix = f"/{service_name}/"
