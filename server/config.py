@@ -56,6 +56,13 @@ class ServerConfig:
     tls_key_file: str = ""  # PEM private key of tls_cert_file
     tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
     auth_token_file: str = ""  # accepted bearer tokens, one a line: every call but health must carry one
+    # Connections (README "Configuration"); 0 turns each off. Closing idle and old connections frees
+    # the sockets of clients that went away, and makes clients behind an L4 balancer reconnect and so
+    # spread over the replicas (one gRPC channel is one connection, pinned to one replica).
+    handshake_timeout_ms: int = 10_000  # no TLS handshake and HTTP/2 SETTINGS by then: closed (gRPC's own default: 120 s)
+    max_connection_idle_ms: int = 300_000  # no call for this long: GOAWAY, and closed
+    max_connection_age_ms: int = 600_000  # GOAWAY at this age (gRPC adds +-10% jitter), so clients rebalance
+    max_connection_age_grace_ms: int = 60_000  # after the age's GOAWAY, calls still open get this long; then closed
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -74,6 +81,10 @@ class ServerConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        for name in ("handshake_timeout_ms", "max_connection_idle_ms", "max_connection_age_ms",
+                     "max_connection_age_grace_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
 

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,6 +31,7 @@ from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_
 from cifar10_serving.server import grpc_metrics, inference
 from cifar10_serving.server.batching import Batcher
 from cifar10_serving.server.config import ServerConfig, default_torch_threads, parse_config
+from cifar10_serving.server.connections import close_port
 from cifar10_serving.server.gate import Gate
 from cifar10_serving.server.health import DrainingHealthServicer
 from cifar10_serving.server.metrics import GpuMemoryCollector, Metrics, serve_metrics
@@ -61,12 +63,21 @@ class App:
     device: str = ""
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains and stops: NOT_SERVING first, then in-flight calls get up to ``grace`` seconds."""
+        """Drains and stops: NOT_SERVING and new calls refused UNAVAILABLE first, in-flight calls get up
+        to ``grace`` seconds, then the port's connections are closed and gRPC is stopped."""
         grace = self.config.grace_period_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()  # health watches send NOT_SERVING and end
         if self.gate is not None:
-            self.gate.drain()  # streams answer what they have read and end with UNAVAILABLE
-        await self.server.stop(grace)
+            self.gate.drain()  # new calls: UNAVAILABLE; streams answer what they have read and end with UNAVAILABLE
+            if not await self.gate.idle(grace):
+                log.warning("%d calls still in flight after the %.1fs grace period: closing their connections",
+                            self.gate.in_flight, grace)
+            # A call gRPC has but no handler yet would be CANCELLED by server.stop (grpc/grpc#41785):
+            # close the connections first, so that a client sees UNAVAILABLE instead (server/connections.py).
+            listeners, connections = close_port(self.port)
+            log.debug("closed %d listening sockets and %d connections", listeners, connections)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         for batcher in self.batchers.values():
             await batcher.stop()
         if self._metrics_http is not None:
@@ -124,6 +135,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         # Two servers on one port would split traffic silently; workers of --workers do it on purpose.
         ("grpc.so_reuseport", 1 if config.worker_index >= 0 else 0),
+        *connection_options(config),
     ])
     classifier = ClassifierService(config, models, batchers, metrics)
     pb_grpc.add_ClassifierServicer_to_server(classifier, server)
@@ -132,22 +144,32 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(inference.InferenceService(classifier, health_servicer), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    for service in SERVICES:
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = add_port(server, config)
-    if port == 0:
-        raise OSError(f"cannot bind gRPC to {config.address}")
-
     metrics_http, metrics_port = None, None
-    if config.metrics_port >= 0:
-        metrics_http, metrics_port = serve_metrics(registry, config.metrics_host or config.host, config.metrics_port)
-    await server.start()
-
-    # Warm-up runs before SERVING: the first passes pay for allocation and kernel selection.
-    loop = asyncio.get_running_loop()
-    for batcher in batchers.values():
-        await loop.run_in_executor(None, batcher.warm_up, config.warmup_batches)
-        batcher.start()
+    try:
+        for service in SERVICES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = add_port(server, config)
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {config.address}")
+        if config.metrics_port >= 0:
+            metrics_http, metrics_port = serve_metrics(registry, config.metrics_host or config.host,
+                                                       config.metrics_port)
+        await server.start()
+        # Warm-up runs before SERVING: the first passes pay for allocation and kernel selection. One
+        # round at a time, so that a signal during warm-up (start-up is cancelled) waits for one round only.
+        loop = asyncio.get_running_loop()
+        for batcher in batchers.values():
+            for _ in range(config.warmup_batches):
+                await loop.run_in_executor(None, batcher.warm_up, 1)
+            batcher.start()
+    except BaseException:  # a signal (cancelled) or a failure mid-start: nothing stays open
+        await server.stop(0)
+        for batcher in batchers.values():
+            await batcher.stop()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
+        raise
     for service in SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (metrics on %s, device %s, %d torch threads, default model %s%s)",
@@ -156,6 +178,15 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
              f", worker {config.worker_index}" if config.worker_index >= 0 else "")
     return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate,
                device=str(device))
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's channel arguments for the connection limits in ``config``; a limit of 0 is left to gRPC (never)."""
+    limits = {"grpc.server_handshake_timeout_ms": config.handshake_timeout_ms,
+              "grpc.max_connection_idle_ms": config.max_connection_idle_ms,
+              "grpc.max_connection_age_ms": config.max_connection_age_ms,
+              "grpc.max_connection_age_grace_ms": config.max_connection_age_grace_ms}
+    return [(name, value) for name, value in limits.items() if value > 0]
 
 
 def ready_document(app: App) -> dict[str, Any]:
@@ -169,20 +200,64 @@ def ready_document(app: App) -> dict[str, Any]:
 
 
 async def serve(config: ServerConfig, **seams) -> None:
-    """Runs until SIGTERM or SIGINT, then drains; ``seams`` go to ``create_server``."""
-    app = await create_server(config, **seams)
+    """Runs until SIGTERM or SIGINT, then drains; ``seams`` go to ``create_server``. The signals are
+    caught from the start: one that comes while models load or warm up ends start-up cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if config.ready_file:
-        write_ready_file(config.ready_file, ready_document(app))
-    await stop.wait()
-    if config.ready_file:
-        remove_ready_file(config.ready_file)  # draining is not SERVING: nobody should start on this file now
-    log.info("stopping: draining for up to %.1fs", config.grace_period_seconds)
-    await app.stop()
-    log.info("stopped")
+        loop.add_signal_handler(sig, _on_signal, stop, sig)
+    watchdog = asyncio.ensure_future(_watch_parent(stop)) if config.worker_index >= 0 else None
+    try:
+        app = await _start_unless_stopped(config, stop, seams)
+        if app is None:
+            log.info("stopped during start-up")
+            return
+        if config.ready_file:
+            write_ready_file(config.ready_file, ready_document(app))
+        await stop.wait()
+        if config.ready_file:
+            remove_ready_file(config.ready_file)  # draining is not SERVING: nobody should start on this file now
+        log.info("stopping: draining for up to %.1fs", config.grace_period_seconds)
+        await app.stop()
+        log.info("stopped")
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("received %s", sig.name)
+    stop.set()
+
+
+async def _start_unless_stopped(config: ServerConfig, stop: asyncio.Event, seams) -> App | None:
+    """``create_server``, cancelled if ``stop`` is set first (it then closes what it opened): None."""
+    starting = asyncio.ensure_future(create_server(config, **seams))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if starting.done():
+        return starting.result()
+    log.info("stopping during start-up")
+    starting.cancel()
+    try:
+        await starting
+    except asyncio.CancelledError:
+        pass
+    return None
+
+
+async def _watch_parent(stop: asyncio.Event, every_seconds: float = 0.5) -> None:
+    """A worker of ``--workers`` stops when its supervisor is gone. PR_SET_PDEATHSIG (server/workers.py)
+    signals it when the thread that started it exits; this catches a parent that died otherwise."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(every_seconds)
+    log.warning("the supervisor (pid %d) is gone; stopping", parent)
+    stop.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from typing import Sequence
 import grpc
 
 from cifar10_serving.server.config import ServerConfig
+from cifar10_serving.server.gate import refusing
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,11 @@ def load_tokens(path: str) -> list[str]:
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token."""
+    """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token.
+
+    The header is ``authorization: Bearer <token>``: the scheme in any case (RFC 7235), one or more
+    spaces before the token, and whitespace around the whole value ignored (HTTP trims it from any
+    field value); the token itself is compared exactly. A refused call's message is never read."""
 
     def __init__(self, tokens: Sequence[str], open_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
         self._tokens = [token.encode() for token in tokens]
@@ -97,33 +102,22 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if problem is None or handler is None:
             return handler
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+        return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
 
     def _problem(self, metadata) -> str | None:
         values = [value for key, value in metadata if key == AUTH_HEADER]
         if not values:
             return f"this server needs a bearer token: send metadata '{AUTH_HEADER}: {BEARER}<token>'"
         value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        if not value.startswith(BEARER):
+        scheme, _, given = value.strip().partition(" ")
+        if scheme.lower() != BEARER.strip().lower() or not given.strip():
             return f"the {AUTH_HEADER} metadata must be '{BEARER}<token>'"
-        given = value[len(BEARER):].strip().encode()
+        given_bytes = given.lstrip(" ").encode("latin-1")
         # Compare against every token in constant time, so timing tells nothing about any of them.
         accepted = False
         for token in self._tokens:
-            accepted |= hmac.compare_digest(given, token)
+            accepted |= hmac.compare_digest(given_bytes, token)
         return None if accepted else "bearer token not accepted"
-
-
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers ``code`` without running anything."""
-
-    async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(code, message)
-
-    kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
-    behaviours = dict.fromkeys(("unary_unary", "unary_stream", "stream_unary", "stream_stream"))
-    behaviours[kind] = refuse
-    return handler._replace(**behaviours)
 
 
 def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:

@@ -13,7 +13,10 @@ own ready file, and waits:
   listing every worker's metrics port (removed again when it starts stopping);
 - SIGTERM or SIGINT to the supervisor is passed on: every worker drains as a lone server does;
 - a worker that dies on its own stops the rest, and the supervisor exits with status 1, for the
-  process manager (Docker's restart policy, systemd) to restart the whole set.
+  process manager (Docker's restart policy, systemd) to restart the whole set;
+- a supervisor that dies without passing anything on (``kill -9``, the OOM killer) takes its workers
+  with it: each gets SIGTERM from the kernel (Linux ``PR_SET_PDEATHSIG``) and drains, so nothing is
+  left serving on the port and a restarted supervisor can bind it again.
 
 Why processes: one server process, not the model, can be the limit; measurements are in
 bench/RESULTS.md ("Two worker processes").
@@ -21,6 +24,7 @@ bench/RESULTS.md ("Two worker processes").
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -39,6 +43,23 @@ from cifar10_serving.server.process import read_ready_file, remove_ready_file, w
 log = logging.getLogger("server.workers")
 
 EXIT_SLACK_SECONDS = 15.0  # beyond the grace period: model teardown, interpreter exit
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int):
+    """For ``preexec_fn``: in the forked child, before it runs the worker, ask the kernel for SIGTERM
+    when the parent dies; if the parent died before that took effect, exit at once instead."""
+
+    # Looked up here, in the parent: the child between fork and exec should only make the call.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def arm() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent is already gone: the signal will never come
+            os._exit(1)
+
+    return arm
 
 
 def _reserve_port(host: str) -> socket.socket:
@@ -96,7 +117,9 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     try:
         for i in range(config.workers):
             if not stopping:
-                workers.append(subprocess.Popen(worker_argv(argv, config, i, port, ready_files[i])))
+                # The death signal fires when the thread that forked exits: this one, the main thread.
+                workers.append(subprocess.Popen(worker_argv(argv, config, i, port, ready_files[i]),
+                                                preexec_fn=_die_with(os.getpid())))
         while not stopping:
             failed = [w for w in workers if w.poll() is not None]
             if failed:

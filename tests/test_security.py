@@ -168,6 +168,60 @@ def test_the_token_must_be_a_bearer_token(tls_token_server, pki):
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.fixture(scope="module")
+def token_server(tiny_models_dir, pki):
+    """Tokens without TLS (on loopback), and a small request limit."""
+    running = RunningServer(make_config(tiny_models_dir, auth_token_file=str(pki["tokens"]),
+                                        max_receive_message_bytes=SMALL_LIMIT))
+    yield running
+    running.stop(grace=1.0)
+
+
+SMALL_LIMIT = 1 << 20
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_surrounding_whitespace_is_ignored(token_server):
+    with grpc.insecure_channel(token_server.target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+
+        def code(value: str) -> grpc.StatusCode:
+            try:
+                stub.ListModels(pb.ListModelsRequest(), timeout=10, metadata=(("authorization", value),))
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        token = TOKENS[0]
+        for accepted in (f"bearer {token}", f"BEARER {token}", f"BeArEr {token}", f"  Bearer {token} ",
+                         f"Bearer    {token}"):  # RFC 7235: the scheme in any case, then 1*SP
+            assert code(accepted) == grpc.StatusCode.OK, accepted
+        for refused in (f"Bearer {token}x", f"Bearer {token[:-1]}", f"Bearer {token} extra",
+                        f"Bearer{token}", "Bearer", "Bearer   ", f"Basic {token}", f"Bear {token}"):
+            assert code(refused) == grpc.StatusCode.UNAUTHENTICATED, refused
+
+
+def test_a_call_without_a_token_is_refused_before_its_message_is_read(token_server):
+    """A request over the size limit: read, it would fail RESOURCE_EXHAUSTED; unread, UNAUTHENTICATED."""
+    big = pb.ClassifyRequest(images=[pb.Image(encoded=bytes(2 * SMALL_LIMIT))])
+    with grpc.insecure_channel(token_server.target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            for _ in range(3):  # and again on the same connection: the refusal left it usable
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Classify(big, timeout=30, metadata=metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.ClassifyStream(iter([big]), timeout=30))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        auth = (("authorization", f"Bearer {TOKENS[0]}"),)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(big, timeout=30, metadata=auth)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # with a token it is read, and too large
+        small = pb.ClassifyRequest(images=[pb.Image(raw=pb.RawTensor(shape=[32, 32, 3], layout=pb.LAYOUT_HWC,
+                                                                 data=IMAGE.tobytes()))])
+        assert len(stub.Classify(small, timeout=30, metadata=auth).results) == 1
+
+
 def test_reflection_needs_a_token(tls_token_server, pki):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
