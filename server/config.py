@@ -56,6 +56,9 @@ class ServerConfig:
     tls_key_file: str = ""  # PEM private key of tls_cert_file
     tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
     auth_token_file: str = ""  # accepted bearer tokens, one a line: every call but health must carry one
+    # Hostile load (README "Reliability"): memory for answers, and decoding.
+    answer_budget_bytes: int = 0  # answers computed but not yet sent, with their requests; 0: a quarter of the memory (server.budget)
+    max_request_pixels: int = 64 * MiB  # decoded pixels per request: 64 one-megapixel photos, or 4 images at max_image_pixels
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -74,6 +77,10 @@ class ServerConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.answer_budget_bytes < 0:
+            raise ValueError(f"answer_budget_bytes must be >= 0 (0: automatic), got {self.answer_budget_bytes}")
+        if self.max_request_pixels < 1:
+            raise ValueError(f"max_request_pixels must be at least 1, got {self.max_request_pixels}")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
 
