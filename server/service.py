@@ -19,6 +19,7 @@ import numpy as np
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server import answers
 from cifar10_serving.server.batching import Batcher, BatchError, BatchResult
 from cifar10_serving.server.budget import (AnswerBudget, OverBudget, Reservation, answer_bytes, default_budget_bytes,
                                            layer_elements)
@@ -66,6 +67,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels)
         self._respond_pool = ThreadPoolExecutor(RESPOND_THREADS, thread_name_prefix="respond")
         self._elements = {name: layer_elements(model.metadata) for name, model in models.items()}
+        self._encode_answers = answers.available()
 
     # ------------------------------------------------------------------ rpcs
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
@@ -222,10 +224,21 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
 
     async def _respond(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
+        """The answer. With feature maps it is built on a thread and, where the protobuf runtime
+        allows, already in wire format (``server.answers``): gRPC's serialising it on the loop is then
+        one copy. Either way it is what gRPC sends as a ClassifyResponse."""
         if not plan.layers:
             return self._build(request, plan, result)  # a few small messages: cheaper here than a hop
-        return await asyncio.get_running_loop().run_in_executor(self._respond_pool, self._build, request, plan,
-                                                                result, True)
+        build = self._encode if self._encode_answers else self._build
+        return await asyncio.get_running_loop().run_in_executor(self._respond_pool, build, request, plan, result, True)
+
+    def _encode(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult, _off_loop: bool = True):
+        model = plan.model
+        byte_order, dtype_enum = plan.feature_dtype
+        order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
+        maps = {name: np.ascontiguousarray(result.features[name], dtype=byte_order) for name in plan.layers}
+        return answers.encode_response(request.request_id, model.name, model.version, model.class_names,
+                                       result.probabilities, order, maps, dtype_enum)
 
     def _build(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult,
                off_loop: bool = False) -> pb.ClassifyResponse:
