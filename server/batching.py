@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 # How allocators say they ran out: CUDA raises torch.OutOfMemoryError ("out of memory"), the CPU
 # allocator a RuntimeError ("can't allocate memory"), and TorchScript wraps either in its own error.
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
-FEATURE_QUEUE_SHARE = 0.5  # of max_queue_images, for requests that ask for feature maps
+# Of max_queue_images, for requests that ask for feature maps: four full batches at the defaults keep
+# the model busy, and a plain request queued behind them waits for at most those four passes.
+FEATURE_QUEUE_SHARE = 0.25
 
 
 def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
