@@ -11,7 +11,7 @@ import time
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import StreamEnded, StreamReset, TrailersReceived, ResponseReceived
+from h2.events import ResponseReceived, StreamReset, TrailersReceived
 from h2.settings import SettingCodes
 
 
@@ -75,8 +75,6 @@ class WithholdingClient:
                         self.statuses[event.stream_id] = (int(headers["grpc-status"]), headers.get("grpc-message", ""))
                 elif isinstance(event, StreamReset):
                     self.reset.add(event.stream_id)
-                elif isinstance(event, StreamEnded):
-                    pass
             self._flush()
 
     def _flush(self) -> None:

@@ -5,6 +5,7 @@ request over the per-request pixel budget is refused from its headers."""
 from __future__ import annotations
 
 import os
+import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,6 @@ JPEG = pb.ClassifyRequest(images=[pb.Image(encoded=encode(random_images(1, seed=
 
 def _zeros_png(side: int) -> bytes:
     """A real side x side RGB PNG of zeros (every row filter byte and pixel 0)."""
-    import struct
-
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     pixels = zlib.compress(bytes((3 * side + 1) * side), 9)
     return PNG_SIGNATURE + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
