@@ -9,6 +9,8 @@ runs the forward pass on a worker thread so the event loop stays free. Rules:
   oldest request arrived (requests that queued during the previous pass have usually waited longer
   already, so they go at once).
 - The queue is bounded in images: a request that would overflow it fails at once (``QueueFull``).
+  Requests for feature maps may fill only ``FEATURE_QUEUE_SHARE`` of it: their answers cost far more
+  to build and send, and a queue full of them would refuse every plain request.
 - Cancelled requests and requests past their deadline are dropped before compute.
 - A forward pass that raises fails the requests of that batch only (``ModelFailure``).
 - Forward passes run only at the batch sizes of a short ladder (``batch_ladder``): a batch of n
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 # How allocators say they ran out: CUDA raises torch.OutOfMemoryError ("out of memory"), the CPU
 # allocator a RuntimeError ("can't allocate memory"), and TorchScript wraps either in its own error.
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
+# Of max_queue_images, for requests that ask for feature maps: four full batches at the defaults keep
+# the model busy, and a plain request queued behind them waits for at most those four passes.
+FEATURE_QUEUE_SHARE = 0.25
 
 
 def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
@@ -95,8 +100,11 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_us / 1e6
         self.max_queue_images = max_queue_images
+        # At least one full request, whatever the share.
+        self.max_queue_feature_images = max(max_batch_size, int(max_queue_images * FEATURE_QUEUE_SHARE))
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_images = 0
+        self._queued_feature_images = 0
         self._busy = False
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -142,10 +150,17 @@ class Batcher:
                 f"model {self.model.name!r} has {self._queued_images} images queued; the limit is "
                 f"{self.max_queue_images}. Retry with backoff"
             )
+        if layers and self._queued_feature_images + n > self.max_queue_feature_images:
+            raise QueueFull(
+                f"model {self.model.name!r} has {self._queued_feature_images} images queued for feature maps; "
+                f"the limit is {self.max_queue_feature_images}. Retry with backoff, or send fewer images"
+            )
         job = _Job(images, layers, deadline, asyncio.get_running_loop().create_future())
         job.arrived_idle = not self._busy and not self._queue
         self._queue.append(job)
         self._queued_images += n
+        if layers:
+            self._queued_feature_images += n
         self._queue_gauge.set(self._queued_images)
         self._wakeup.set()
         return await job.future  # cancelling the caller cancels the future: the job is then skipped
@@ -197,6 +212,8 @@ class Batcher:
         while self._queue and len(self._queue[0].images) <= room:
             job = self._queue.popleft()
             self._queued_images -= len(job.images)
+            if job.layers:
+                self._queued_feature_images -= len(job.images)
             if job.future.done():  # cancelled by its caller
                 self.metrics.dropped.labels(self.model.name, "cancelled").inc()
                 continue

@@ -63,6 +63,9 @@ class ServerConfig:
     max_connection_idle_ms: int = 300_000  # no call for this long: GOAWAY, and closed
     max_connection_age_ms: int = 600_000  # GOAWAY at this age (gRPC adds +-10% jitter), so clients rebalance
     max_connection_age_grace_ms: int = 60_000  # after the age's GOAWAY, calls still open get this long; then closed
+    # Hostile load (README "Reliability"): memory for answers, and decoding.
+    answer_budget_bytes: int = 0  # answers computed but not yet sent, with their requests; 0: a quarter of the memory (server.budget)
+    max_request_pixels: int = 64 * MiB  # decoded pixels per request: 64 one-megapixel photos, or 4 images at max_image_pixels
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -85,6 +88,10 @@ class ServerConfig:
                      "max_connection_age_grace_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if self.answer_budget_bytes < 0:
+            raise ValueError(f"answer_budget_bytes must be >= 0 (0: automatic), got {self.answer_budget_bytes}")
+        if self.max_request_pixels < 1:
+            raise ValueError(f"max_request_pixels must be at least 1, got {self.max_request_pixels}")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
 

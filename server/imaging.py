@@ -2,13 +2,16 @@
 
 Every failure raises ``ImageError`` with a message that names the image's index and says what to
 send instead; the service answers it as INVALID_ARGUMENT. Encoded images are refused from their
-header when they declare too many pixels, before any pixel is decoded.
+header when they declare too many pixels, before any pixel is decoded: ``open_image`` reads and
+checks the header, and its result's ``decode`` does the work (``server.decoding`` schedules it).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,19 +40,33 @@ class ImageError(ValueError):
     """A request image that cannot be classified; the message is meant for the caller."""
 
 
+@dataclass(frozen=True)
+class Opened:
+    """An image whose header has been read and checked: ``pixels`` is what decoding it produces
+    (after a JPEG's reduced-scale draft), known before any pixel is decoded."""
+
+    index: int
+    pixels: int
+    decode: Callable[[], np.ndarray]  # H x W x 3 uint8 at the model's size; raises ImageError
+
+
 def decode_into(image: pb.Image, index: int, out: np.ndarray, resize: int, max_pixels: int) -> None:
     """Writes ``image`` into ``out`` (uint8, 3 x H x W, the model's input size)."""
+    out[...] = open_image(image, index, out.shape[1:], resize, max_pixels).decode().transpose(2, 0, 1)
+
+
+def open_image(image: pb.Image, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> Opened:
+    """Reads and checks ``image``'s header (every check that needs no pixels); decoding is left to
+    the result's ``decode``, so a caller can weigh the work first."""
     kind = image.WhichOneof("data")
     if kind == "encoded":
-        rgb = _decode_encoded(image.encoded, index, out.shape[1:], resize, max_pixels)
-    elif kind == "raw":
-        rgb = _decode_raw(image.raw, index, out.shape[1:], resize, max_pixels)
-    else:
-        raise ImageError(f"image {index}: empty; set Image.encoded (PNG/JPEG bytes) or Image.raw")
-    out[...] = rgb.transpose(2, 0, 1)
+        return _open_encoded(image.encoded, index, tuple(size), resize, max_pixels)
+    if kind == "raw":
+        return _open_raw(image.raw, index, tuple(size), resize, max_pixels)
+    raise ImageError(f"image {index}: empty; set Image.encoded (PNG/JPEG bytes) or Image.raw")
 
 
-def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> np.ndarray:
+def _open_encoded(data: bytes, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> Opened:
     if not data:
         raise ImageError(f"image {index}: encoded bytes are empty")
     try:
@@ -70,17 +87,22 @@ def _decode_encoded(data: bytes, index: int, size: tuple[int, int], resize: int,
             f"image {index}: {img.format} has mode {img.mode!r}; expected 8-bit RGB (3 channels, no alpha)"
         )
     _check_size(index, img.format, (h, w), size, resize)
-    if (h, w) == tuple(size) and img.format == "JPEG":
+    if (h, w) == size and img.format == "JPEG":
         # PNG stays with PIL: torchvision 0.29's decode_png segfaults on any libpng error, so one
         # truncated or corrupt 32x32 PNG killed the whole server (pytorch/vision#3613 is that kind).
-        return _decode_native(data, index, img.format)
+        return Opened(index, w * h, lambda: _decode_native(data, index, img.format))
     if img.format == "JPEG":
         img.draft("RGB", (size[1], size[0]))  # let libjpeg decode at a reduced scale: far less work
-    try:
-        img = img.convert("RGB")  # decodes
-    except Exception as exc:
-        raise ImageError(f"image {index}: {img.format} is truncated or corrupt ({_reason(exc)})") from None
-    return _fit(np.asarray(img), size)
+    dw, dh = img.size
+
+    def decode() -> np.ndarray:
+        try:
+            rgb = img.convert("RGB")  # decodes
+        except Exception as exc:
+            raise ImageError(f"image {index}: {img.format} is truncated or corrupt ({_reason(exc)})") from None
+        return _fit(np.asarray(rgb), size)
+
+    return Opened(index, dw * dh, decode)
 
 
 def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
@@ -93,7 +115,7 @@ def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
     return chw.permute(1, 2, 0).numpy()
 
 
-def _decode_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> np.ndarray:
+def _open_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> Opened:
     dtype = RAW_DTYPES.get(raw.dtype)
     if dtype is None:
         raise ImageError(
@@ -116,16 +138,20 @@ def _decode_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: in
             f"{np.dtype(dtype).name} needs {expected_bytes}"
         )
     _check_size(index, "raw image", (h, w), size, resize)
-    array = np.frombuffer(raw.data, dtype=dtype).reshape(shape)
-    if channel_axis == 0:
-        array = array.transpose(1, 2, 0)
-    if array.dtype != np.uint8:
-        if not np.isfinite(array).all():
-            raise ImageError(f"image {index}: raw FLOAT32 data holds NaN or Inf")
-        if array.min() < 0.0 or array.max() > 1.0:
-            raise ImageError(f"image {index}: raw FLOAT32 values must lie in [0, 1]")
-        array = np.rint(array * 255.0).astype(np.uint8)
-    return _fit(np.ascontiguousarray(array), size)
+
+    def decode() -> np.ndarray:
+        array = np.frombuffer(raw.data, dtype=dtype).reshape(shape)
+        if channel_axis == 0:
+            array = array.transpose(1, 2, 0)
+        if array.dtype != np.uint8:
+            if not np.isfinite(array).all():
+                raise ImageError(f"image {index}: raw FLOAT32 data holds NaN or Inf")
+            if array.min() < 0.0 or array.max() > 1.0:
+                raise ImageError(f"image {index}: raw FLOAT32 values must lie in [0, 1]")
+            array = np.rint(array * 255.0).astype(np.uint8)
+        return _fit(np.ascontiguousarray(array), size)
+
+    return Opened(index, h * w, decode)
 
 
 def _check_size(index: int, what: str, hw: tuple[int, int], size: tuple[int, int], resize: int) -> None:

@@ -14,7 +14,7 @@ this server can, and v2 clients read them from ModelMetadata.
 
 from __future__ import annotations
 
-import asyncio
+import math
 import struct
 import time
 from dataclasses import dataclass
@@ -28,8 +28,10 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.batching import BatchError, BatchResult
+from cifar10_serving.server.budget import OverBudget, Reservation, answer_bytes
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
-from cifar10_serving.server.imaging import ImageError, decode_into
+from cifar10_serving.server.decoding import DecodeExpired
+from cifar10_serving.server.imaging import ImageError
 from cifar10_serving.server.models import LoadedModel, ModelLoadError
 from cifar10_serving.server.service import ClassifierService, _quote
 
@@ -116,16 +118,35 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                       deadline=deadline, in_flight=True) as call:
                 plan = self._plan(request)
                 call.images = _batch_size(plan.tensor)  # known once the shape is checked
-                return await self._infer(request, plan, deadline)
+                reservation = self._reserve(request, plan)
+                try:
+                    response = await self._infer(request, plan, deadline)
+                except BaseException:
+                    reservation.release()
+                    raise
         except Rejection as rejection:
             await context.abort(rejection.code, rejection.message)
+        # Held until gRPC has written the answer or the call has ended, as for Classify.
+        context.add_done_callback(lambda _context: reservation.release())
+        return response
+
+    def _reserve(self, request: v2.ModelInferRequest, plan: InferPlan) -> Reservation:
+        """The answer budget, as the own API reserves it (server/budget.py); feature maps counted
+        at float32, the largest type an output may ask for."""
+        model, n = plan.model, _batch_size(plan.tensor)
+        elements = sum(self.classifier._elements[model.name][name] for name in plan.layers)
+        nbytes = (2 * request.ByteSize() + n * math.prod(model.input_shape)
+                  + answer_bytes(n, elements, len(plan.layers), 4, len(model.class_names)))
+        advice = (f"request fewer layer outputs (this asks for {len(plan.layers)}), FP16 ones, or fewer images"
+                  if plan.layers else "send fewer images per request")
+        try:
+            return self.classifier.budget.reserve(nbytes, features=bool(plan.layers), model=model.name, advice=advice)
+        except OverBudget as exc:
+            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
 
     async def _infer(self, request: v2.ModelInferRequest, plan: InferPlan,
                      deadline: float | None) -> v2.ModelInferResponse:
-        if plan.tensor.name == IMAGE:
-            images = self._decode(plan)  # a copy bounded by the batch limit: cheaper than a hop to a thread
-        else:
-            images = await asyncio.get_running_loop().run_in_executor(self.classifier._decode_pool, self._decode, plan)
+        images = await self._decode(plan, deadline)
         try:
             result = await self.classifier.batchers[plan.model.name].submit(images, plan.layers, deadline)
         except BatchError as exc:
@@ -229,22 +250,24 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
     # ------------------------------------------------------------------ decode
-    def _decode(self, plan: InferPlan) -> np.ndarray:
-        start = time.perf_counter()
+    async def _decode(self, plan: InferPlan, deadline: float | None) -> np.ndarray:
+        """Raw tensors here (a copy bounded by the batch limit); encoded files on the Classifier's
+        fair, abandonable decode lanes (server/decoding.py)."""
         model, tensor = plan.model, plan.tensor
         n = _batch_size(tensor)
         if tensor.name == IMAGE:
+            start = time.perf_counter()
             images = _image_tensor(tensor, plan.raw, (n, *model.input_shape))
-        else:
-            files = _bytes_elements(tensor, plan.raw, n)
-            images = np.empty((n, *model.input_shape), dtype=np.uint8)
-            try:
-                for i, data in enumerate(files):
-                    decode_into(pb.Image(encoded=data), i, images[i], pb.RESIZE_CENTER_CROP, self.config.max_image_pixels)
-            except ImageError as exc:
-                raise _invalid(f"input {ENCODED_IMAGE!r}: {exc}") from None
-        self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
-        return images
+            self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
+            return images
+        files = [pb.Image(encoded=data) for data in _bytes_elements(tensor, plan.raw, n)]
+        try:
+            return await self.classifier.decoder.decode(files, model.name, model.input_shape,
+                                                        pb.RESIZE_CENTER_CROP, deadline)
+        except ImageError as exc:
+            raise _invalid(f"input {ENCODED_IMAGE!r}: {exc}") from None
+        except DecodeExpired as exc:
+            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- tensors in

@@ -22,6 +22,7 @@ METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo", "Explain"
 UNKNOWN_MODEL = "unknown"  # label for requests naming a model that is not loaded: keeps the set bounded
 DROP_REASONS = ("cancelled", "deadline")  # cifar10_dropped_requests_total{reason}
 FAILURE_REASONS = ("out_of_memory", "error")  # cifar10_batch_failures_total{reason}
+ABANDON_REASONS = ("cancelled", "deadline")  # cifar10_decode_abandoned_total{reason}
 
 
 def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -69,6 +70,18 @@ class Metrics:
         self.queue_images = Gauge(
             "queue_images", "Images waiting in the batching queue, by model.", ["model"], namespace=ns,
             registry=registry)
+        self.answer_budget = Gauge(
+            "answer_budget_bytes", "The answer budget: bytes that answers not yet sent, and their requests, may hold.",
+            namespace=ns, registry=registry)
+        self.answer_budget_in_use = Gauge(
+            "answer_budget_in_use_bytes", "Bytes of the answer budget reserved now: answers being computed or not yet "
+            "sent, and their requests.", namespace=ns, registry=registry)
+        self.answer_budget_refusals = Counter(
+            "answer_budget_refusals", "Requests refused RESOURCE_EXHAUSTED because their answer did not fit the budget, "
+            "by model.", ["model"], namespace=ns, registry=registry)
+        self.decode_abandoned = Counter(
+            "decode_abandoned", "Requests whose decoding stopped before the end because the caller had gone, by model "
+            "and reason (cancelled or deadline).", ["model", "reason"], namespace=ns, registry=registry)
         self.model_info = Info(
             "model", "One series per loaded model: version, pooling and device.", ["model"], namespace=ns,
             registry=registry)
@@ -87,6 +100,9 @@ class Metrics:
             self.dropped.labels(name, reason)
         for reason in FAILURE_REASONS:
             self.batch_failures.labels(name, reason)
+        self.answer_budget_refusals.labels(name)
+        for reason in ABANDON_REASONS:
+            self.decode_abandoned.labels(name, reason)
 
 
 class GpuMemoryCollector:

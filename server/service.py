@@ -1,12 +1,15 @@
-"""The Classifier gRPC service: validate, decode, queue, batch, infer, postprocess, respond.
+"""The Classifier gRPC service: validate, reserve, decode, queue, batch, infer, postprocess, respond.
 
 Every bad input maps to one status code with a message a caller can act on; a bad request fails
-alone and the server keeps serving.
+alone and the server keeps serving. Each request reserves the memory its answer will hold from the
+server's answer budget (``server.budget``) before any work, and gives it back once the answer has
+been written or the call has ended, so answers nobody reads cannot grow the server without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,9 +19,13 @@ import numpy as np
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server import answers
 from cifar10_serving.server.batching import Batcher, BatchError, BatchResult
+from cifar10_serving.server.budget import (AnswerBudget, OverBudget, Reservation, answer_bytes, default_budget_bytes,
+                                           layer_elements)
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, model_label, rejection_for
 from cifar10_serving.server.config import ServerConfig
+from cifar10_serving.server.decoding import DecodeExpired, Decoder
 from cifar10_serving.server.explain import Explainer
 from cifar10_serving.server.imaging import ImageError, decode_into, enum_name
 from cifar10_serving.server.metrics import Metrics
@@ -27,11 +34,14 @@ from cifar10_serving.server.modelinfo import model_info
 
 ALL_LAYERS = "*"
 DEFAULT_TOP_K = 5
-STREAM_WINDOW = 64  # stream requests in progress at once; bounds a stream's memory, keeps answers in order
-# Decoding runs off the event loop: a small PNG may declare millions of pixels, and a request of
-# them would otherwise stall every call, health checks included (README, "Reliability"). Two
-# threads, so one such request cannot hold up all decoding.
-DECODE_THREADS = 2
+# Stream requests in progress at once, which keeps answers in order; their bytes are bounded by the
+# answer budget, which every request of every stream reserves from.
+STREAM_WINDOW = 64
+# Answers with feature maps are built on this thread, off the event loop: thousands of messages
+# for one answer would hold the loop, and every call's progress and health check with it, for tens
+# of milliseconds. One thread: more would only compete with the loop for the GIL.
+RESPOND_THREADS = 1
+NO_RESERVATION = Reservation(None, 0)
 RESIZE_MODES = frozenset(pb.ResizeMode.values())
 FEATURE_DTYPES = {pb.DTYPE_UNSPECIFIED: ("<f4", pb.DTYPE_FLOAT32), pb.DTYPE_FLOAT32: ("<f4", pb.DTYPE_FLOAT32),
                   pb.DTYPE_FLOAT16: ("<f2", pb.DTYPE_FLOAT16)}
@@ -54,7 +64,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.models = models
         self.batchers = batchers
         self.metrics = metrics
-        self._decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self.budget = AnswerBudget(config.answer_budget_bytes or default_budget_bytes(), metrics)
+        self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels)
+        self._respond_pool = ThreadPoolExecutor(RESPOND_THREADS, thread_name_prefix="respond")
+        self._elements = {name: layer_elements(model.metadata) for name, model in models.items()}
+        self._encode_answers = answers.available()
         self.explainer = Explainer(config, metrics, self._resolve, self._model_label)
 
     # ------------------------------------------------------------------ rpcs
@@ -63,9 +77,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         try:
             with Call(self.metrics, "Classify", self._model_label(request.model), len(request.images),
                       deadline=deadline, in_flight=True):
-                return await self._classify(request, deadline)
+                response, reservation = await self._classify(request, deadline)
         except Rejection as rejection:
             await context.abort(rejection.code, rejection.message)
+        # The answer is held until gRPC has written it (within the client's flow-control window) or
+        # the call has ended: grpc.aio runs done callbacks only after its last send completes.
+        context.add_done_callback(lambda _context: reservation.release())
+        return response
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
         deadline = deadline_of(context)
@@ -81,17 +99,22 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         reader = asyncio.ensure_future(read())
         in_flight = self.metrics.in_flight.labels("ClassifyStream")  # counts the stream; its requests have Calls
         in_flight.inc()
+        reservation = NO_RESERVATION
         try:
             while (task := await pending.get()) is not None:
-                yield await task
+                response, reservation = await task
+                yield response
+                reservation.release()  # gRPC asks for the next answer only once this one is written
             await reader  # surfaces a broken request stream
         finally:
+            reservation.release()  # the stream ended while its answer was being written
             in_flight.dec()
             reader.cancel()
             while not pending.empty():
                 task = pending.get_nowait()
                 if task is not None:
                     task.cancel()
+                    task.add_done_callback(_release_result)  # an answer that was ready but never written
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         try:
@@ -112,18 +135,41 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return await self.explainer.Explain(request, context)  # a path of its own, apart from the batcher's
 
     # ------------------------------------------------------------------ the serving path
-    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    async def _classify(self, request: pb.ClassifyRequest,
+                        deadline: float | None) -> tuple[pb.ClassifyResponse, Reservation]:
+        """The answer, and its reservation from the answer budget, which the caller releases once
+        the answer is written (released here if anything fails)."""
         plan = self._plan(request)
-        if _small_raw_only(request, plan.model):
-            images = self._decode(request, plan.model)  # microseconds: cheaper than a hop to a decode thread
-        else:
-            images = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, request,
-                                                                      plan.model)
+        reservation = self._reserve(request, plan)
         try:
-            result = await self.batchers[plan.model.name].submit(images, plan.layers, deadline)
-        except BatchError as exc:
-            raise rejection_for(exc, plan.model.name) from None
-        return self._respond(request, plan, result)
+            images = await self._decode(request, plan, deadline)
+            try:
+                result = await self.batchers[plan.model.name].submit(images, plan.layers, deadline)
+            except BatchError as exc:
+                raise rejection_for(exc, plan.model.name) from None
+            return await self._respond(request, plan, result), reservation
+        except BaseException:
+            reservation.release()
+            raise
+
+    def _reserve(self, request: pb.ClassifyRequest, plan: Plan) -> Reservation:
+        """Reserves what the request will hold: itself (gRPC's bytes and the parsed message), its
+        decoded images and its answer; RESOURCE_EXHAUSTED at once when that does not fit."""
+        model = plan.model
+        n = len(request.images)
+        elements = sum(self._elements[model.name][name] for name in plan.layers)
+        itemsize = np.dtype(plan.feature_dtype[0]).itemsize
+        nbytes = (2 * request.ByteSize() + n * math.prod(model.input_shape)
+                  + answer_bytes(n, elements, len(plan.layers), itemsize, len(model.class_names)))
+        if plan.layers:
+            cheaper = "" if itemsize == 2 else ", feature_dtype=FLOAT16"
+            advice = f"ask for fewer feature_layers (this asks for {len(plan.layers)}){cheaper}, or fewer images per request"
+        else:
+            advice = "send fewer images per request"
+        try:
+            return self.budget.reserve(nbytes, features=bool(plan.layers), model=model.name, advice=advice)
+        except OverBudget as exc:
+            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
 
     def _plan(self, request: pb.ClassifyRequest) -> Plan:
         model = self._resolve(request.model)
@@ -165,32 +211,62 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         order = {name: i for i, name in enumerate(model.layer_names)}
         return tuple(sorted(names, key=order.__getitem__))
 
-    def _decode(self, request: pb.ClassifyRequest, model: LoadedModel) -> np.ndarray:
-        start = time.perf_counter()
-        images = np.empty((len(request.images), *model.input_shape), dtype=np.uint8)
+    async def _decode(self, request: pb.ClassifyRequest, plan: Plan, deadline: float | None) -> np.ndarray:
+        """The request's images as the model's input; encoded and large ones on ``self.decoder``'s threads."""
+        model = plan.model
         try:
-            for i, image in enumerate(request.images):
-                decode_into(image, i, images[i], request.resize, self.config.max_image_pixels)
+            if _small_raw_only(request, model):  # microseconds: cheaper than a hop to a decode thread
+                start = time.perf_counter()
+                images = np.empty((len(request.images), *model.input_shape), dtype=np.uint8)
+                for i, image in enumerate(request.images):
+                    decode_into(image, i, images[i], request.resize, self.config.max_image_pixels)
+                self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
+                return images
+            return await self.decoder.decode(request.images, model.name, model.input_shape, request.resize, deadline)
         except ImageError as exc:
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
-        return images
+        except DecodeExpired as exc:
+            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
 
-    def _respond(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
+    async def _respond(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
+        """The answer. With feature maps it is built on a thread and, where the protobuf runtime
+        allows, already in wire format (``server.answers``): gRPC's serialising it on the loop is then
+        one copy. Either way it is what gRPC sends as a ClassifyResponse."""
+        if not plan.layers:
+            return self._build(request, plan, result)  # a few small messages: cheaper here than a hop
+        build = self._encode if self._encode_answers else self._build
+        return await asyncio.get_running_loop().run_in_executor(self._respond_pool, build, request, plan, result, True)
+
+    def _encode(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult, _off_loop: bool = True):
         model = plan.model
         byte_order, dtype_enum = plan.feature_dtype
         order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
+        maps = {name: np.ascontiguousarray(result.features[name], dtype=byte_order) for name in plan.layers}
+        return answers.encode_response(request.request_id, model.name, model.version, model.class_names,
+                                       result.probabilities, order, maps, dtype_enum)
+
+    def _build(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult,
+               off_loop: bool = False) -> pb.ClassifyResponse:
+        model = plan.model
+        byte_order, dtype_enum = plan.feature_dtype
+        order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
+        # One conversion per layer, not per image; a no-op for float32 on a little-endian host.
+        maps = {name: np.ascontiguousarray(result.features[name], dtype=byte_order) for name in plan.layers}
         results = []
         for i, probs in enumerate(result.probabilities):
             top = [pb.Prediction(label=model.class_names[j], index=int(j), probability=float(probs[j])) for j in order[i]]
-            maps = [pb.FeatureMap(layer=name, shape=result.features[name][i].shape, dtype=dtype_enum,
-                                  data=result.features[name][i].astype(byte_order).tobytes())
-                    for name in plan.layers]
-            results.append(pb.Result(probabilities=probs.tolist(), top_k=top, feature_maps=maps))
+            features = [pb.FeatureMap(layer=name, shape=array.shape[1:], dtype=dtype_enum, data=array[i].tobytes())
+                        for name, array in maps.items()]
+            results.append(pb.Result(probabilities=probs.tolist(), top_k=top, feature_maps=features))
+            if off_loop:
+                # Hands the GIL over now, not when the interpreter's switch interval ends: the event
+                # loop then waits for at most one image's messages each time it needs the GIL.
+                time.sleep(0)
         return pb.ClassifyResponse(request_id=request.request_id, model=model.name, model_version=model.version,
                                    results=results)
 
-    async def _stream_one(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    async def _stream_one(self, request: pb.ClassifyRequest,
+                          deadline: float | None) -> tuple[pb.ClassifyResponse, Reservation]:
         """One request of a stream: a refusal is this request's answer, and the stream goes on."""
         try:
             with Call(self.metrics, "ClassifyStream", self._model_label(request.model), len(request.images),
@@ -198,7 +274,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 return await self._classify(request, deadline)
         except Rejection as rejection:
             return pb.ClassifyResponse(request_id=request.request_id,
-                                       error=pb.Error(code=rejection.code.value[0], message=rejection.message))
+                                       error=pb.Error(code=rejection.code.value[0], message=rejection.message)), \
+                NO_RESERVATION
 
     # ------------------------------------------------------------------ helpers
     def _resolve(self, name: str) -> LoadedModel:
@@ -219,6 +296,12 @@ def _quote(name: str, limit: int = 80) -> str:
     """A caller's string, quoted and cut short: the message travels in trailers, which gRPC caps at
     16 KiB; past that the caller gets RESOURCE_EXHAUSTED "Stream removed" instead of its error."""
     return repr(name if len(name) <= limit else name[: limit - 3] + "...")
+
+
+def _release_result(task: asyncio.Task) -> None:
+    """Gives back the reservation of a stream request's answer that was never written."""
+    if not task.cancelled() and task.exception() is None:
+        task.result()[1].release()
 
 
 def _small_raw_only(request: pb.ClassifyRequest, model: LoadedModel) -> bool:
