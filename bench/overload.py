@@ -20,7 +20,6 @@ import asyncio
 import threading
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import grpc
 import numpy as np

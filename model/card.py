@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             "train_s": training.get("seconds"), "hardware": training.get("hardware"),
             "command": training.get("command"), "data": meta.get("dataset", {}).get("source"),
         })
-    print(f"| model | pooling | params | MFLOP/img | file MB | val acc (metadata) | val acc (re-run) | "
-          f"val acc flip-TTA | CPU img/s b1 | CPU img/s b64 | training |")
+    print("| model | pooling | params | MFLOP/img | file MB | val acc (metadata) | val acc (re-run) | "
+          "val acc flip-TTA | CPU img/s b1 | CPU img/s b64 | training |")
     print("|" + " --- |" * 11)
     for r in rows:
         print(f"| {r['model']} | {r['pooling']} | {r['params']:,} | {r['mflop']:.1f} | {r['mb']:.2f} | "
