@@ -8,6 +8,8 @@ keeps. A residual stage (``residual=True``) adds ``conv3 -> bn3 -> act3`` and th
 act1's output back (a skip connection around conv2 and conv3, as in airbench96); the pooling layer stays
 where it was. The head pools each channel to one value, flattens the volume and a fully connected layer
 maps it to the ten classes; ``forward`` returns their softmax.
+With ``whiten=True`` a frozen 2x2 patch-whitening convolution and a GELU (the ``stem``) come before
+the first stage, as in airbench; without it the stem is empty and the network is as it always was.
 
 The network takes uint8 images N x 3 x 32 x 32 and normalises them itself, so no caller carries the
 dataset's mean and std. It is written to be compiled by ``torch.jit.script``.
