@@ -8,6 +8,8 @@ keeps. A residual stage (``residual=True``) adds ``conv3 -> bn3 -> act3`` and th
 act1's output back (a skip connection around conv2 and conv3, as in airbench96); the pooling layer stays
 where it was. The head pools each channel to one value, flattens the volume and a fully connected layer
 maps it to the ten classes; ``forward`` returns their softmax.
+With ``whiten=True`` a frozen 2x2 patch-whitening convolution and a GELU (the ``stem``) come before
+the first stage, as in airbench; without it the stem is empty and the network is as it always was.
 
 The network takes uint8 images N x 3 x 32 x 32 and normalises them itself, so no caller carries the
 dataset's mean and std. It is written to be compiled by ``torch.jit.script``.
@@ -23,6 +25,8 @@ from torch.nn import functional as F
 
 POOL_KINDS = ("max", "avg", "conv")  # "conv": a learned stride-2 convolution in place of pooling
 POOL_STRIDE = 2  # every downsampling layer halves (about) width and height
+WHITEN_PATCH = 2  # airbench's patch side: 2x2 patches of 3 channels give 12 directions to whiten
+WHITEN_EPS = 5e-4  # airbench's floor under the eigenvalues, so near-constant directions are not blown up
 
 # Per-channel statistics of the CIFAR-10 training split, on the 0..255 scale.
 CIFAR10_MEAN = (125.307, 122.950, 113.865)
@@ -38,6 +42,7 @@ class NetConfig:
     num_classes: int = 10
     in_size: int = 32  # input height and width
     in_channels: int = 3
+    whiten: bool = False  # a frozen 2x2 patch-whitening conv + GELU before stage 1 (airbench); off in old files
 
     def __post_init__(self) -> None:
         if self.pool not in POOL_KINDS:
@@ -48,7 +53,7 @@ class NetConfig:
             raise ValueError(f"widths must be positive integers, got {self.widths!r}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes!r}")
-        size = self.in_size
+        size = self.in_size - (WHITEN_PATCH - 1 if self.whiten else 0)  # the whitening conv has no padding
         for _ in self.widths:
             size = pooled_size(size, self.pool_size)
             if size < 1:
@@ -88,6 +93,30 @@ def make_downsample(kind: str, window: int, channels: int) -> nn.Module:
     if kind == "conv":
         return nn.Conv2d(channels, channels, window, stride=POOL_STRIDE, bias=False)
     raise ValueError(f"unknown pool kind {kind!r}; expected one of {POOL_KINDS}")
+
+
+class PatchWhitening(nn.Conv2d):
+    """A frozen 2x2 convolution (no padding) whose filters whiten the input's 2x2 patches, as in airbench:
+    the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue), then the same filters
+    negated, so the GELU after it keeps both signs of each direction. Fitted once from training
+    images (``fit``), never trained: the weight has ``requires_grad`` off and no optimizer sees it."""
+
+    def __init__(self, c_in: int, patch: int = WHITEN_PATCH) -> None:
+        super().__init__(c_in, 2 * c_in * patch * patch, patch, bias=False)
+        self.weight.requires_grad_(False)
+
+    @torch.jit.unused
+    def fit(self, x: Tensor, eps: float = WHITEN_EPS) -> None:
+        """Sets the filters from normalised images ``x`` (N x C x H x W, float)."""
+        c, k = self.in_channels, self.kernel_size[0]
+        patches = x.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+        # the second moment, uncentred as in airbench: the inputs are already normalised to mean 0
+        cov = patches.T.double() @ patches.double() / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0)  # largest first
+        filters = filters.reshape(c * k * k, c, k, k).to(self.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(torch.cat([filters, -filters]))
 
 
 class Stage(nn.Sequential):
@@ -182,6 +211,11 @@ class CifarNet(nn.Module):
         self.config = config
         self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
         c_in = config.in_channels
+        stem: List[Tuple[str, nn.Module]] = []
+        if config.whiten:
+            stem = [("whiten", PatchWhitening(c_in)), ("act", nn.GELU())]
+            c_in = 2 * c_in * WHITEN_PATCH * WHITEN_PATCH
+        self.stem = nn.Sequential(OrderedDict(stem))  # empty without whitening: old files load unchanged
         stages = []
         kind = ResidualStage if config.residual else Stage
         for i, width in enumerate(config.widths):
@@ -197,11 +231,12 @@ class CifarNet(nn.Module):
     @torch.jit.unused
     def named_layers(self) -> List[Tuple[str, nn.Module]]:
         """(name, module) for every layer in order; names drop the ``stages.`` container prefix."""
-        groups = [*self.stages.named_children(), ("head", self.head), ("classifier", self.classifier)]
+        groups = [("stem", self.stem), *self.stages.named_children(), ("head", self.head), ("classifier", self.classifier)]
         return [(f"{group}.{name}", module) for group, block in groups for name, module in block.named_children()]
 
     def logits(self, x: Tensor) -> Tensor:
         x = self.normalize(x)
+        x = self.stem(x)
         x = self.stages(x)
         x = self.head(x)
         return self.classifier(x)
@@ -218,6 +253,12 @@ class CifarNet(nn.Module):
                 raise ValueError("unknown layer: " + name)
         features: Dict[str, Tensor] = {}
         x = self.normalize(x)
+        i = 0
+        for layer in self.stem:
+            x = layer(x)
+            if self.layer_names[i] in layers:
+                features[self.layer_names[i]] = x
+            i += 1
         for block in self.stages:
             x = block.forward_features(x, layers, features)
         i = len(self.layer_names) - len(self.head) - len(self.classifier)
@@ -243,7 +284,13 @@ def describe_layers(net: CifarNet) -> List[dict]:
         c, h, w = shape
         flops = 0
         row: dict = {"name": name}
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, PatchWhitening):
+            h, w = h - module.kernel_size[0] + 1, w - module.kernel_size[0] + 1
+            c_in, c = c, module.out_channels
+            flops = 2 * c_in * c * module.kernel_size[0] ** 2 * h * w
+            kind = "patch_whitening"  # a frozen conv
+            row.update(kernel=module.kernel_size[0], stride=1, padding=0)
+        elif isinstance(module, nn.Conv2d):
             k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
             h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
             c_in, c = c, module.out_channels
@@ -281,6 +328,13 @@ def describe_layers(net: CifarNet) -> List[dict]:
         rows.append(row)
         shape = shape_out if len(shape_out) == 3 else (shape_out[0], 1, 1)
     return rows
+
+
+def fit_whitening(net: CifarNet, images: Tensor) -> None:
+    """Fits ``net``'s patch-whitening layer (if it has one) to uint8 training images N x 3 x H x W."""
+    if net.config.whiten:
+        with torch.no_grad():
+            net.stem.whiten.fit(net.normalize(images.to(net.normalize.mean.device)))
 
 
 def count_flops(net: CifarNet) -> int:

@@ -24,12 +24,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from cifar10_serving.model.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from cifar10_serving.model.data import DEFAULT_DATA, Dataset, load_training_set, validation_split
+from cifar10_serving.model.ema import EMA
 from cifar10_serving.model.evaluate import autocast, evaluate
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
-from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig
+from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig, fit_whitening
 
 log = logging.getLogger("model.train")
+WHITEN_FIT_IMAGES = 5000  # airbench fits its whitening layer on 5,000 training images; the estimate is settled by then
 
 ARCHS = {  # named (widths, residual) plans; "base" is the <=150 MFLOP default, "small" the CPU-trainable one
     "small": ((32, 64, 128), False),  # 35 MFLOP per image
@@ -57,6 +60,8 @@ class Recipe:
     kd_weight: float = 0.0  # with a teacher: loss = (1 - w) * label loss + w * distillation loss
     kd_temperature: float = 4.0
     teacher_tta: bool = False  # the teacher's logits are the mean over the image and its mirror image
+    ema_decay: float = 0.0  # 0: off; else the exported weights are an exponential moving average (model/ema.py)
+    ema_every: int = 1  # optimizer steps between EMA updates
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -99,8 +104,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
 # ----------------------------------------------------------------------------- training
 def make_optimizer(net: CifarNet, recipe: Recipe) -> torch.optim.Optimizer:
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
+    trained = [p for p in net.parameters() if p.requires_grad]  # the frozen whitening layer stays out
+    decay = [p for p in trained if p.ndim > 1]
+    no_decay = [p for p in trained if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
 
@@ -112,7 +118,11 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, full: bool, progress: bool,
-          teacher: CifarNet | None = None) -> dict:
+          teacher: CifarNet | None = None, fit_whiten: bool = True, checkpoint_dir: str | Path | None = None,
+          resume: bool = False, stop_after: int | None = None) -> dict:
+    """Trains ``net`` in place. With ``checkpoint_dir`` saves a checkpoint after every epoch; ``resume``
+    continues from the last one there; ``stop_after`` ends the run after that epoch (training in pieces).
+    With EMA on, ``net`` ends holding the averaged weights."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     train_idx, val_idx = validation_split(data.labels, recipe.val_per_class, recipe.seed)
@@ -121,11 +131,29 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
     padded = reflect_pad(data.images, recipe.translate_px).to(device)  # 150 MB on the GPU: augment there
     labels = data.labels.to(device)
     net.to(device, memory_format=torch.channels_last)
+    if fit_whiten:  # from un-augmented training images only, never the validation split
+        fit_whitening(net, data.images[train_idx[:WHITEN_FIT_IMAGES]])
     opt = make_optimizer(net, recipe)
+    ema = EMA(net, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
     steps_per_epoch = (len(train_idx) + recipe.batch_size - 1) // recipe.batch_size
     total, warmup = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
-    history, step, t_train = [], 0, 0.0
-    for epoch in range(1, recipe.epochs + 1):
+    history, step, t_train, first_epoch = [], 0, 0.0, 1
+    saved = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    if resume and saved is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir}")
+    if saved is not None:
+        if saved["recipe"] != asdict(recipe) or saved["config"] != net.config.to_dict() or saved["full"] != full:
+            raise ValueError(f"{checkpoint_dir}: the checkpoint was written by a run with another recipe, network "
+                             f"or split; resume with the same flags (checkpoint recipe: {saved['recipe']})")
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        gen.set_state(saved["data_generator"])
+        set_rng_states(saved["rng"])
+        history, step, t_train, first_epoch = saved["history"], saved["step"], saved["train_seconds"], saved["epoch"] + 1
+        log.info("resumed from %s after epoch %d (step %d)", checkpoint_dir, saved["epoch"], step)
+    for epoch in range(first_epoch, recipe.epochs + 1):
         net.train()
         t0 = time.perf_counter()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
@@ -153,6 +181,8 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update(net)
             loss_sum += loss.detach() * len(idx)
             step += 1
         if device.type == "cuda":
@@ -163,12 +193,26 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
                "images_per_second": len(train_idx) / seconds}
         if not full:
             exact = epoch == recipe.epochs  # the last line is the figure the metadata records
-            row.update(evaluate(net, data.images[val_idx], data.labels[val_idx], device, exact=exact))
+            scored = net if ema is None else ema.module  # the weights that would be exported
+            row.update(evaluate(scored, data.images[val_idx], data.labels[val_idx], device, exact=exact))
         history.append(row)
         val = f" val {100 * row['accuracy']:.2f}% (flip-TTA {100 * row['accuracy_flip_tta']:.2f}%)" if not full else ""
         log.info("epoch %d/%d loss %.4f%s %.0f img/s %.1fs", epoch, recipe.epochs, row["loss"], val,
                  row["images_per_second"], seconds)
-    return {"history": history, "train_seconds": t_train, "train_images": len(train_idx),
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, {
+                "epoch": epoch, "step": step, "history": history, "train_seconds": t_train,
+                "recipe": asdict(recipe), "config": net.config.to_dict(), "full": full,
+                "model": net.state_dict(), "optimizer": opt.state_dict(),
+                "ema": None if ema is None else ema.state_dict(),
+                "data_generator": gen.get_state(), "rng": rng_states()})
+        if stop_after is not None and epoch >= stop_after and epoch < recipe.epochs:
+            log.info("stopped after epoch %d of %d; continue with --resume", epoch, recipe.epochs)
+            break
+    if ema is not None:
+        net.load_state_dict(ema.module.state_dict())
+    return {"finished": history[-1]["epoch"] == recipe.epochs if history else False,
+            "history": history, "train_seconds": t_train, "train_images": len(train_idx),
             "validation_images": 0 if full else len(val_idx)}
 
 
@@ -211,6 +255,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--widths", default=None, help="comma-separated widths; overrides --arch")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="residual stages (conv3 and a skip connection); default: the arch's")
+    p.add_argument("--whiten", action="store_true",
+                   help="a frozen 2x2 patch-whitening first layer, fitted to the training images (airbench)")
+    p.add_argument("--ema", type=float, default=Recipe.ema_decay, metavar="DECAY",
+                   help="export an exponential moving average of the weights with this decay per update (0: off)")
+    p.add_argument("--ema-every", type=int, default=Recipe.ema_every, metavar="STEPS", help="steps between EMA updates")
+    p.add_argument("--checkpoint-dir", default=None, help="save a checkpoint here after every epoch")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                   help="stop after this epoch (with --checkpoint-dir; train the rest later with --resume)")
     p.add_argument("--teacher", default=None, help="exported model to distil from (knowledge distillation)")
     p.add_argument("--kd-weight", type=float, default=0.9, help="weight of the distillation loss, with --teacher")
     p.add_argument("--kd-temperature", type=float, default=Recipe.kd_temperature)
@@ -238,6 +291,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.teacher_tta and not args.teacher:
         p.error("--teacher-tta needs --teacher")
+    if (args.resume or args.stop_after is not None) and not args.checkpoint_dir:
+        p.error("--resume and --stop-after need --checkpoint-dir")
+    if not 0.0 <= args.ema < 1.0:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
     return args
 
 
@@ -254,23 +311,28 @@ def main(argv: list[str] | None = None) -> int:
         widths = tuple(int(w) for w in args.widths.split(","))
     if args.residual is not None:
         residual = args.residual
+    torch.manual_seed(args.seed)  # the initial weights too, so two runs with the same flags start alike
     if args.init:  # fine-tuning: the network and its weights come from the file
         net, init_meta = load_eager(args.init)
     else:
         net, init_meta = CifarNet(NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths,
-                                            residual=residual)), None
+                                            residual=residual, whiten=args.whiten)), None
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     warmup_epochs=args.warmup_epochs, teacher_tta=args.teacher_tta,
                     translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
                     val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
-                    kd_temperature=args.kd_temperature)
+                    kd_temperature=args.kd_temperature, ema_decay=args.ema, ema_every=args.ema_every)
     teacher, teacher_meta = None, None
     if args.teacher:  # rebuilt as an eager network, so autocast applies to it
         teacher, teacher_meta = load_eager(args.teacher)
         teacher = teacher.to(device, memory_format=torch.channels_last).eval()
     data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
     log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, net.config)
-    result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress, teacher=teacher)
+    result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress, teacher=teacher,
+                   fit_whiten=not args.init, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                   stop_after=args.stop_after)
+    if not result["finished"]:  # a piece of a run: the checkpoint holds it, there is no model to export yet
+        return 0
     final = result["history"][-1]
     out = Path(args.out)
     name = args.name or out.stem

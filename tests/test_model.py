@@ -249,3 +249,18 @@ def test_tiny_training_run_lowers_the_loss_and_exports_a_loadable_file(tmp_path)
     for name, value in start_state.items():
         if "running_" not in name and "num_batches" not in name:
             assert torch.equal(tuned_state[name], value), name
+
+
+@pytest.mark.parametrize("pool_size", [2, 3])
+def test_conv_downsampling_is_a_learned_strided_conv_named_in_the_layer_table(tmp_path, pool_size):
+    module, meta = _load(export_tiny(tmp_path, "c", pool="conv", pool_size=pool_size, residual=True))
+    rows = {row["name"]: row for row in meta["layers"]}
+    for i, width in enumerate(TINY_WIDTHS, start=1):
+        row = rows[f"stage{i}.pool"]
+        assert row["kind"] == "conv_downsample" and (row["kernel"], row["stride"], row["padding"]) == (pool_size, 2, 0)
+        assert row["flops"] == 2 * width * width * pool_size ** 2 * row["output_shape"][1] * row["output_shape"][2]
+        weight = module.state_dict()[f"stages.stage{i}.pool.weight"]
+        assert tuple(weight.shape) == (width, width, pool_size, pool_size)  # depth unchanged, learned
+    # against the pooled network of the same widths: the extra parameters are exactly those filters
+    _, pooled = _load(export_tiny(tmp_path, "m", pool="max", pool_size=pool_size, residual=True))
+    assert meta["parameters"] - pooled["parameters"] == sum(w * w * pool_size ** 2 for w in TINY_WIDTHS)

@@ -1,0 +1,228 @@
+"""The training recipe's building blocks: resume from a checkpoint, EMA weights, the frozen
+patch-whitening layer (tiny widths, synthetic data, a few seconds on one CPU thread)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cifar10_serving.model.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from cifar10_serving.model.data import PYTHON_FORMAT_DIR
+from cifar10_serving.model.ema import EMA
+from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
+from cifar10_serving.model.network import CifarNet, NetConfig, describe_layers, fit_whitening
+from cifar10_serving.model.train import Recipe, main, make_optimizer
+from cifar10_serving.protos.artifact import METADATA_FILE
+from tests.support import TINY_WIDTHS
+
+
+@pytest.fixture
+def deterministic():
+    """One thread and deterministic kernels, so two runs over the same steps give the same bits."""
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.set_num_threads(threads)
+
+
+def _smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """uint8 images with neighbouring pixels and channels correlated, as in real photographs."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, 8, 8, generator=gen) * 200 + torch.rand(n, 3, 8, 8, generator=gen) * 40
+    fine = F.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+    return (fine + torch.rand(n, 3, 32, 32, generator=gen) * 40).clamp(0, 255).to(torch.uint8)
+
+
+def _python_format(root: Path, per_class: int = 40) -> Path:
+    """A CIFAR-10 Python-format folder of synthetic images whose class shows in their colour."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), per_class)
+    base = rng.integers(0, 256, (10, 3))
+    images = np.clip(base[labels][:, :, None, None] + rng.integers(-40, 41, (len(labels), 3, 32, 32)), 0, 255)
+    folder = root / PYTHON_FORMAT_DIR
+    folder.mkdir(parents=True)
+    for i, (chunk, lab) in enumerate(zip(np.array_split(images.astype(np.uint8), 5), np.array_split(labels, 5)), 1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": chunk.reshape(len(chunk), -1), b"labels": lab.tolist()}, f)
+    return root
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("extra", [[], ["--whiten", "--ema", "0.8", "--ema-every", "2"]], ids=["plain", "whiten-ema"])
+def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, deterministic, extra):
+    root = _python_format(tmp_path / "data")
+    common = ["--data", str(root), "--widths", "4,8,8", "--residual", "--epochs", "4", "--batch-size", "64",
+              "--lr", "0.2", "--val-per-class", "5", "--threads", "1", "--no-progress", *extra]
+    whole, pieces = tmp_path / "whole.pt", tmp_path / "pieces.pt"
+    assert main([*common, "--out", str(whole)]) == 0
+    ckpt = tmp_path / "ckpt"
+    assert main([*common, "--checkpoint-dir", str(ckpt), "--stop-after", "2", "--out", str(pieces)]) == 0
+    assert not pieces.exists()  # half a run exports nothing
+    saved = load_checkpoint(ckpt)  # weights-only loadable
+    assert saved["epoch"] == 2 and len(saved["history"]) == 2
+    assert [p.name for p in ckpt.iterdir()] == [CHECKPOINT_FILE]  # the temporary file was renamed away
+    assert main([*common, "--checkpoint-dir", str(ckpt), "--resume", "--out", str(pieces)]) == 0
+
+    a, meta_a = load_eager(whole)
+    b, meta_b = load_eager(pieces)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert meta_a["validation"]["accuracy"] == meta_b["validation"]["accuracy"]
+    history = json.loads(pieces.with_suffix(".json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert load_checkpoint(ckpt)["epoch"] == 4
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, deterministic):
+    root = _python_format(tmp_path / "data", per_class=10)
+    common = ["--data", str(root), "--widths", "4,8,8", "--epochs", "2", "--batch-size", "64", "--val-per-class", "2",
+              "--threads", "1", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "m.pt")]
+    assert main([*common, "--stop-after", "1"]) == 0
+    with pytest.raises(ValueError, match="another recipe"):
+        main([*common, "--resume", "--lr", "0.1"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        main([*common[:-4], "--checkpoint-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt"), "--resume"])
+
+
+def test_resume_without_a_checkpoint_dir_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--resume", "--out", str(tmp_path / "m.pt")])
+
+
+# ----------------------------------------------------------------------------- EMA
+def test_ema_update_rule_by_hand():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    w0 = [p.detach().clone() for p in net.parameters()]
+    ema = EMA(net, decay=0.75, every=2)
+    w1 = [torch.randn_like(p) for p in w0]
+    with torch.no_grad():
+        for p, v in zip(net.parameters(), w1):
+            p.copy_(v)
+        net.train()(torch.randn(8, 2))  # moves BN's running statistics
+    ema.update(net)  # step 1 of 2: nothing yet
+    for avg, v in zip(ema.module.parameters(), w0):
+        assert torch.equal(avg, v)
+    ema.update(net)
+    expected = [0.75 * a + 0.25 * b for a, b in zip(w0, w1)]
+    for avg, v in zip(ema.module.parameters(), expected):
+        torch.testing.assert_close(avg, v, rtol=0, atol=1e-6)
+    for avg, b in zip(ema.module.buffers(), net.buffers()):  # buffers copied, not averaged
+        assert torch.equal(avg, b)
+    w2 = [torch.randn_like(p) for p in w0]
+    with torch.no_grad():
+        for p, v in zip(net.parameters(), w2):
+            p.copy_(v)
+    ema.update(net)
+    ema.update(net)
+    for avg, e, v in zip(ema.module.parameters(), expected, w2):
+        torch.testing.assert_close(avg, 0.75 * e + 0.25 * v, rtol=0, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+@pytest.mark.parametrize("decay,every", [(0.0, 1), (1.0, 1), (0.9, 0)])
+def test_ema_bad_settings_raise_value_error(decay, every):
+    with pytest.raises(ValueError, match="EMA"):
+        EMA(nn.Linear(2, 2), decay, every)
+
+
+# ----------------------------------------------------------------------------- patch whitening
+def _whitened_net(seed: int = 0) -> tuple[CifarNet, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = CifarNet(NetConfig(widths=TINY_WIDTHS, residual=True, whiten=True))
+    images = _smooth_images(64)
+    fit_whitening(net, images)
+    return net, images
+
+
+def test_whitening_layer_shapes_and_layer_table():
+    net, images = _whitened_net()
+    rows = {row["name"]: row for row in describe_layers(net)}
+    assert list(rows)[:3] == ["stem.whiten", "stem.act", "stage1.conv1"]
+    assert rows["stem.whiten"]["kind"] == "patch_whitening" and rows["stem.whiten"]["output_shape"] == [24, 31, 31]
+    assert rows["stage1.pool"]["output_shape"] == [TINY_WIDTHS[0], 15, 15]
+    probs, feats = net.eval().forward_with_features(images[:3], list(net.layer_names))
+    assert probs.shape == (3, 10)
+    for name, row in rows.items():
+        assert tuple(feats[name].shape) == (3, *row["output_shape"]), name
+
+
+def test_whitened_patches_have_identity_covariance_on_the_fitting_data():
+    net, images = _whitened_net()
+    with torch.no_grad():
+        x = net.normalize(images)
+        out = F.conv2d(x, net.stem.whiten.weight[:12])  # the first half; the second is its negative
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = flat.T @ flat / len(flat)
+    off_diagonal = cov - torch.diag(cov.diag())
+    assert off_diagonal.abs().max() < 1e-4  # decorrelated exactly, up to float32 rounding
+    # unit variance but for WHITEN_EPS, which shrinks a direction of variance v to v / (v + eps)
+    assert 0.95 < cov.diag().min() and cov.diag().max() < 1.0 + 1e-4
+    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    raw = patches.T @ patches / len(patches)
+    assert (raw - torch.eye(12, dtype=torch.float64)).abs().max() > 0.5  # the data was far from white
+    torch.testing.assert_close(net.stem.whiten.weight[12:], -net.stem.whiten.weight[:12])
+
+
+def test_whitening_weights_stay_frozen_through_a_training_step():
+    net, images = _whitened_net()
+    opt = make_optimizer(net, Recipe(lr=0.5))
+    frozen = net.stem.whiten.weight
+    assert not frozen.requires_grad
+    assert all(p is not frozen for group in opt.param_groups for p in group["params"])
+    before, conv_before = frozen.clone(), net.stages.stage1.conv1.weight.clone()
+    net.train()
+    loss = F.cross_entropy(net.logits(images[:16]), torch.arange(16) % 10)
+    loss.backward()
+    opt.step()
+    assert torch.equal(frozen, before) and frozen.grad is None
+    assert not torch.equal(net.stages.stage1.conv1.weight, conv_before)  # the rest did train
+
+
+def test_whitened_net_scripted_equals_eager_and_round_trips(tmp_path):
+    net, images = _whitened_net()
+    net.eval()
+    path = export_torchscript(net, tmp_path / "w.pt", build_metadata(net, "w", "test", validation=None))
+    loaded = torch.jit.load(str(path))
+    rebuilt, meta = load_eager(path)
+    assert meta["architecture"]["whiten"] is True and not rebuilt.stem.whiten.weight.requires_grad
+    with torch.no_grad():
+        expected = net(images[:4])
+        torch.testing.assert_close(torch.jit.script(net)(images[:4]), expected)
+        torch.testing.assert_close(loaded(images[:4]), expected)
+        torch.testing.assert_close(rebuilt.eval()(images[:4]), expected)
+
+
+def test_files_written_before_the_whiten_field_still_load(tmp_path):
+    torch.manual_seed(0)
+    net = CifarNet(NetConfig(widths=TINY_WIDTHS)).eval()
+    meta = build_metadata(net, "old", "1", validation=None)
+    del meta["architecture"]["whiten"]  # what every file exported before this field existed says
+    path = export_torchscript(net, tmp_path / "old.pt", meta)
+    extra = {METADATA_FILE: ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    assert "whiten" not in json.loads(extra[METADATA_FILE])["architecture"]
+    rebuilt, _ = load_eager(path)
+    assert rebuilt.config.whiten is False and len(rebuilt.stem) == 0
+    x = _smooth_images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), net(x))
+
+
+def test_shipped_artifacts_still_load():
+    shipped = sorted((Path(__file__).resolve().parent.parent / "model" / "artifacts").glob("*.pt"))
+    if not shipped:
+        pytest.skip("no shipped artifacts in this checkout")
+    for path in shipped:
+        net, meta = load_eager(path)
+        assert net.config.whiten is False and [r["name"] for r in describe_layers(net)] == [
+            r["name"] for r in meta["layers"]], path.name
