@@ -1,4 +1,4 @@
-"""The gate every call to one service passes through: a gRPC server interceptor.
+"""The gate every call to the project's services passes through: a gRPC server interceptor.
 
 It does what the servicer cannot do from inside a handler:
 
@@ -51,12 +51,13 @@ class _StreamEnd:
 
 
 class Gate(grpc.aio.ServerInterceptor):
-    """Guards the methods of one service (``/package.Service/``) and counts the calls of every
+    """Guards the methods of the given services (``package.Service``) and counts the calls of every
     service in flight; during a drain, refuses new calls to any service but those under
     ``open_prefixes`` (health: probes must see NOT_SERVING)."""
 
-    def __init__(self, service_name: str, open_prefixes: tuple[str, ...] = ("/grpc.health.v1.Health/",)) -> None:
-        self._prefix = f"/{service_name}/"
+    def __init__(self, service_names: tuple[str, ...],
+                 open_prefixes: tuple[str, ...] = ("/grpc.health.v1.Health/",)) -> None:
+        self._prefixes = tuple(f"/{name}/" for name in service_names)
         self._open = open_prefixes
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._draining: asyncio.Future | None = None
@@ -110,7 +111,7 @@ class Gate(grpc.aio.ServerInterceptor):
 
     # ------------------------------------------------------------------ wrapping
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        if not method.startswith(self._prefix):  # health, reflection: only counted
+        if not method.startswith(self._prefixes):  # health, reflection: only counted
             kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
             return handler._replace(**{kind: self._counted(getattr(handler, kind))})
         message = method.rsplit("/", 1)[-1]

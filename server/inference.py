@@ -14,7 +14,6 @@ this server can, and v2 clients read them from ModelMetadata.
 
 from __future__ import annotations
 
-import math
 import struct
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.batching import BatchError, BatchResult
-from cifar10_serving.server.budget import OverBudget, Reservation, answer_bytes
+from cifar10_serving.server.budget import Reservation
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
 from cifar10_serving.server.decoding import DecodeExpired
 from cifar10_serving.server.imaging import ImageError
@@ -131,18 +130,11 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _reserve(self, request: v2.ModelInferRequest, plan: InferPlan) -> Reservation:
-        """The answer budget, as the own API reserves it (server/budget.py); feature maps counted
-        at float32, the largest type an output may ask for."""
-        model, n = plan.model, _batch_size(plan.tensor)
-        elements = sum(self.classifier._elements[model.name][name] for name in plan.layers)
-        nbytes = (2 * request.ByteSize() + n * math.prod(model.input_shape)
-                  + answer_bytes(n, elements, len(plan.layers), 4, len(model.class_names)))
+        """The answer budget, as the own API reserves it; feature maps counted at float32, the
+        largest type an output may ask for."""
         advice = (f"request fewer layer outputs (this asks for {len(plan.layers)}), FP16 ones, or fewer images"
                   if plan.layers else "send fewer images per request")
-        try:
-            return self.classifier.budget.reserve(nbytes, features=bool(plan.layers), model=model.name, advice=advice)
-        except OverBudget as exc:
-            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        return self.classifier.reserve(plan.model, _batch_size(plan.tensor), request.ByteSize(), plan.layers, 4, advice)
 
     async def _infer(self, request: v2.ModelInferRequest, plan: InferPlan,
                      deadline: float | None) -> v2.ModelInferResponse:

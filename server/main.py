@@ -126,11 +126,10 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             "version": model.version, "pooling": str(pooling.get("kind", "")),
             "pool_window": str(pooling.get("window", "")), "device": str(device)})
 
-    gate = Gate(SERVICE_NAME)
+    gate = Gate((SERVICE_NAME, inference.SERVICE_NAME))  # one gate: each call is counted once
     # The given interceptors (the metrics one by default) go first, so calls refused by authentication
     # or the drain gate are counted.
-    server = grpc.aio.server(interceptors=[*interceptors, *security_interceptors(config), gate,
-                                           Gate(inference.SERVICE_NAME)], options=[
+    server = grpc.aio.server(interceptors=[*interceptors, *security_interceptors(config), gate], options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         # Two servers on one port would split traffic silently; workers of --workers do it on purpose.

@@ -153,21 +153,23 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise
 
     def _reserve(self, request: pb.ClassifyRequest, plan: Plan) -> Reservation:
-        """Reserves what the request will hold: itself (gRPC's bytes and the parsed message), its
-        decoded images and its answer; RESOURCE_EXHAUSTED at once when that does not fit."""
-        model = plan.model
-        n = len(request.images)
-        elements = sum(self._elements[model.name][name] for name in plan.layers)
         itemsize = np.dtype(plan.feature_dtype[0]).itemsize
-        nbytes = (2 * request.ByteSize() + n * math.prod(model.input_shape)
-                  + answer_bytes(n, elements, len(plan.layers), itemsize, len(model.class_names)))
         if plan.layers:
             cheaper = "" if itemsize == 2 else ", feature_dtype=FLOAT16"
             advice = f"ask for fewer feature_layers (this asks for {len(plan.layers)}){cheaper}, or fewer images per request"
         else:
             advice = "send fewer images per request"
+        return self.reserve(plan.model, len(request.images), request.ByteSize(), plan.layers, itemsize, advice)
+
+    def reserve(self, model: LoadedModel, images: int, request_bytes: int, layers: tuple[str, ...], itemsize: int,
+                advice: str) -> Reservation:
+        """Reserves what a request (of either API) will hold: itself (gRPC's bytes and the parsed
+        message), its decoded images and its answer; RESOURCE_EXHAUSTED at once when that does not fit."""
+        elements = sum(self._elements[model.name][name] for name in layers)
+        nbytes = (2 * request_bytes + images * math.prod(model.input_shape)
+                  + answer_bytes(images, elements, len(layers), itemsize, len(model.class_names)))
         try:
-            return self.budget.reserve(nbytes, features=bool(plan.layers), model=model.name, advice=advice)
+            return self.budget.reserve(nbytes, features=bool(layers), model=model.name, advice=advice)
         except OverBudget as exc:
             raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
 
