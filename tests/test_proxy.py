@@ -139,8 +139,8 @@ def envoy_config(ports: list[int]) -> dict:
 class Replicas:
     """REPLICAS server processes; a restarted one comes back on the port it had."""
 
-    def __init__(self, models_dir: Path) -> None:
-        self.args = [*SERVER_ARGS, "--models-dir", str(models_dir)]
+    def __init__(self, proxy_models_dir: Path) -> None:
+        self.args = [*SERVER_ARGS, "--models-dir", str(proxy_models_dir)]
         self.procs = [ServerProcess(self.args, wait=False) for _ in range(REPLICAS)]  # start together
         for proc in self.procs:
             proc.wait_ready()
@@ -294,7 +294,7 @@ def library(target):
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
+def proxy_models_dir(tmp_path_factory):
     """One tiny model: each replica warms up every model it loads, and replicas restart here."""
     directory = tmp_path_factory.mktemp("proxy-models")
     export_tiny(directory, "tiny-max")
@@ -302,18 +302,18 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def images_and_expected(models_dir):
+def images_and_expected(proxy_models_dir):
     images = random_images(32, seed=51)
-    model = torch.jit.load(str(models_dir / "tiny-max.pt"), map_location="cpu").eval()
+    model = torch.jit.load(str(proxy_models_dir / "tiny-max.pt"), map_location="cpu").eval()
     with torch.no_grad():
         expected = model(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).numpy()
     return images, expected
 
 
 @pytest.fixture(scope="module")
-def cluster(models_dir):
+def cluster(proxy_models_dir):
     workdir = Path(tempfile.mkdtemp(prefix="cifar10-proxy-"))
-    replicas = Replicas(models_dir)
+    replicas = Replicas(proxy_models_dir)
     envoy = None
     try:
         envoy = Envoy(envoy_config(replicas.ports), workdir)
