@@ -226,3 +226,20 @@ def test_shipped_artifacts_still_load():
         net, meta = load_eager(path)
         assert net.config.whiten is False and [r["name"] for r in describe_layers(net)] == [
             r["name"] for r in meta["layers"]], path.name
+
+
+@pytest.mark.parametrize("pool, kind", [("max", "maxpool"), ("avg", "avgpool"), ("conv", "conv_downsample")])
+def test_figures_show_every_downsampling_layer_halving_width_and_keeping_depth(tmp_path, pool, kind):
+    from cifar10_serving.model.figures import downsampling_layers, feature_maps, picture
+    from tests.support import export_tiny
+
+    path = export_tiny(tmp_path, f"tiny-{pool}", pool=pool)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    metadata, maps, probs = feature_maps(path, image)
+    rows = downsampling_layers(metadata)
+    assert [row["kind"] for row in rows] == [kind] * len(TINY_WIDTHS)
+    sizes = [maps[row["name"]].shape for row in rows]
+    assert sizes == [(width, 32 >> (i + 1), 32 >> (i + 1)) for i, width in enumerate(TINY_WIDTHS)]
+    assert probs.shape == (10,) and abs(float(probs.sum()) - 1) < 1e-5
+    canvas, _ = picture(path, image, channels=2)
+    assert canvas.height > len(rows) * 96  # one row of maps per downsampling layer
