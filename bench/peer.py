@@ -12,7 +12,8 @@ sending single PNG images, the 10 bundled examples in turn: ``Classify`` with ``
 TorchServe is run as it is run to be fast: its model archive holds ``model/artifacts/<model>.pt`` and
 ``bench/torchserve_handler.py`` (which freezes the module as our server does, and says what else it
 does), 2 workers of 1 torch thread each, quiet (log4j2 at WARN, no access log, no metrics logs, no
-system metrics), token auth off, the management API on. Its batch size is tuned per concurrency,
+system metrics; its Python workers still write a few lines per batch to the JVM, which is how their
+metrics reach it), token auth off, the management API on. Its batch size is tuned per concurrency,
 since its best setting at 32 callers is not 32: a short pass over ``--settings`` (the model is
 registered again for each), then the best setting per concurrency is measured against ours (default
 flags but ``--device cpu``) in ABBA rounds: ours, TorchServe, TorchServe, ours, ``--cycles`` times.
@@ -301,6 +302,7 @@ class Round:
     requests: int
     seconds: float
     cores_busy: float
+    load_1min: float  # the machine's load average as the round ended: others' work shows here
 
 
 class Bench:
@@ -342,10 +344,12 @@ class Bench:
         cores = asyncio.ensure_future(cores_busy(session, warmup, duration))
         result = await closed_loop(make, concurrency, warmup, duration)
         r = Round(phase, server, setting, concurrency, index, result["img_per_s"], result["p50_ms"], result["p90_ms"],
-                  result["p99_ms"], result["errors"], result["requests"], result["seconds"], await cores)
+                  result["p99_ms"], result["errors"], result["requests"], result["seconds"], await cores,
+                  os.getloadavg()[0])
         self.rounds.append(r)
         print(f"  {phase:<7} c={concurrency:<3} {server:<10} {setting:<18} {r.img_per_s:7.0f} img/s  "
-              f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}  cores {r.cores_busy:4.2f}", flush=True)
+              f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}  cores {r.cores_busy:4.2f}  "
+              f"load {r.load_1min:.1f}", flush=True)
         return r
 
     async def tune(self, settings: list[Setting]) -> dict[int, Setting]:
