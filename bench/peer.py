@@ -171,7 +171,8 @@ class TorchServe:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with status {self.proc.returncode}; its log ends:\n{self.log_tail()}")
+                raise RuntimeError(f"TorchServe exited with status {self.proc.returncode}; "
+                                   f"its log ends:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['inference']}/ping", timeout=5):
                     return
@@ -214,20 +215,18 @@ class TorchServe:
         self.registered = (model, setting)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to its session's process group (the JVM stops its workers), then SIGKILL."""
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        """SIGTERM to its process group (the JVM stops its workers), SIGKILL to what is left after ``timeout``."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
                 break
-            try:
-                self.proc.wait(wait)
-                os.killpg(self.proc.pid, signal.SIGKILL)  # what outlived the launcher
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                pass
-            break
+            deadline = time.monotonic() + timeout
+            while session_processes(self.session) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not session_processes(self.session):
+                break
+        self.proc.wait(10)
 
     def __enter__(self) -> TorchServe:
         return self
@@ -264,9 +263,9 @@ def predictions_calls(stub, requests):
     return make
 
 
-def session_cpu_seconds(session: int) -> float:
-    """User + system CPU of every live process in ``session``: a server and all it started."""
-    ticks = 0
+def session_processes(session: int) -> dict[int, int]:
+    """pid -> CPU ticks used (user + system) of each live process in ``session``: a server and all it started."""
+    found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -274,9 +273,13 @@ def session_cpu_seconds(session: int) -> float:
             fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        if int(fields[3]) == session:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        if int(fields[3]) == session and fields[0] != "Z":
+            found[int(entry.name)] = int(fields[11]) + int(fields[12])
+    return found
+
+
+def session_cpu_seconds(session: int) -> float:
+    return sum(session_processes(session).values()) / os.sysconf("SC_CLK_TCK")
 
 
 async def cores_busy(session: int, warmup: float, duration: float) -> float:
@@ -335,14 +338,17 @@ class Bench:
             worst = max(worst, max(abs(a - b) for a, b in zip(ours.probabilities, theirs["probabilities"])))
         return {"images": len(self.ours_requests), "same_label": labels, "max_probability_difference": worst}
 
-    async def measure(self, phase: str, server: str, setting: str, concurrency: int, index: int,
+    async def measure(self, phase: str, server: str, setting: str, concurrency: int,
                       warmup: float, duration: float) -> Round:
         if server == "ours":
-            make, session = spread([unary_calls(s, self.ours_requests) for s in self.ours_stubs]), self.ours.pid
+            make = spread([unary_calls(s, self.ours_requests) for s in self.ours_stubs])
+            session = self.ours.pid
         else:
-            make, session = spread([predictions_calls(s, self.ts_requests) for s in self.ts_stubs]), self.torchserve.session
+            make = spread([predictions_calls(s, self.ts_requests) for s in self.ts_stubs])
+            session = self.torchserve.session
         cores = asyncio.ensure_future(cores_busy(session, warmup, duration))
         result = await closed_loop(make, concurrency, warmup, duration)
+        index = sum(r.phase == phase for r in self.rounds)
         r = Round(phase, server, setting, concurrency, index, result["img_per_s"], result["p50_ms"], result["p90_ms"],
                   result["p99_ms"], result["errors"], result["requests"], result["seconds"], await cores,
                   os.getloadavg()[0])
@@ -359,7 +365,7 @@ class Bench:
         for setting in settings:
             self.torchserve.register(a.model, setting)
             for c in a.concurrency:
-                r = await self.measure("tune", "torchserve", setting.name, c, len(self.rounds), a.tune_warmup, a.tune_seconds)
+                r = await self.measure("tune", "torchserve", setting.name, c, a.tune_warmup, a.tune_seconds)
                 score = 0.0 if r.errors else r.img_per_s  # a setting that fails calls is no candidate
                 if c not in best or score > best[c][0]:
                     best[c] = (score, setting)
@@ -371,16 +377,17 @@ class Bench:
         for c in a.concurrency:
             self.torchserve.register(a.model, best[c])
             order = ["ours", "torchserve", "torchserve", "ours"] * a.cycles
-            for i, server in enumerate(order):
+            for server in order:
                 setting = a.ours_label if server == "ours" else best[c].name
-                await self.measure("measure", server, setting, c, i, a.warmup, a.seconds)
+                await self.measure("measure", server, setting, c, a.warmup, a.seconds)
 
 
 # ----------------------------------------------------------------------------- the report
 def summarize(rounds: list[Round]) -> list[dict]:
     """Per concurrency and server, over the measurement rounds: mean img/s and p50, worst p99."""
     out = []
-    keys = sorted({(r.concurrency, r.server) for r in rounds if r.phase == "measure"}, key=lambda k: (k[0], k[1] != "ours"))
+    keys = sorted({(r.concurrency, r.server) for r in rounds if r.phase == "measure"},
+                  key=lambda k: (k[0], k[1] != "ours"))  # ours first at each concurrency
     for c, server in keys:
         rs = [r for r in rounds if r.phase == "measure" and (r.concurrency, r.server) == (c, server)]
         out.append({"concurrency": c, "server": server, "setting": rs[0].setting, "rounds": len(rs),
@@ -401,12 +408,12 @@ def table(summary: list[dict], rounds: list[Round]) -> str:
         if r.phase == "tune":
             tuned.setdefault(r.concurrency, []).append(f"{r.setting} {r.img_per_s:.0f}")
     head = (f"{'callers':>7}  {'server':<10} {'setting':<18} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-            f"{'cores':>5} {'ratio':>5}  per round img/s")
+            f"{'cores':>5} {'ratio':>5}  per round img/s")  # ratio: ours over TorchServe, img/s
     rows = [head, "-" * len(head)]
     for s in summary:
         ratio = f"{s['ratio_to_torchserve']:.2f}" if "ratio_to_torchserve" in s else ""
-        rows.append(f"{s['concurrency']:>7}  {s['server']:<10} {s['setting']:<18} {s['img_per_s']:>7.0f} {s['p50_ms']:>7.2f} "
-                    f"{s['p99_ms']:>7.2f} {s['errors']:>6} {s['cores_busy']:>5.2f} {ratio:>5}  "
+        rows.append(f"{s['concurrency']:>7}  {s['server']:<10} {s['setting']:<18} {s['img_per_s']:>7.0f} "
+                    f"{s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {s['errors']:>6} {s['cores_busy']:>5.2f} {ratio:>5}  "
                     + " ".join(f"{v:.0f}" for v in s["round_img_per_s"]))
     rows.append("TorchServe tuning pass (img/s): " + "; ".join(f"c={c}: " + ", ".join(v) for c, v in tuned.items()))
     return "\n".join(rows)
@@ -439,15 +446,18 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n")[0])
     p.add_argument("--venv", default=os.environ.get("TORCHSERVE_VENV", str(DEFAULT_VENV)),
                    help="TorchServe's venv, made by bench/peer_setup.sh (env TORCHSERVE_VENV)")
-    p.add_argument("--models-dir", default=str(ROOT / "model" / "artifacts"), help="ours serves it; the .mar takes <model>.pt from it")
+    p.add_argument("--models-dir", default=str(ROOT / "model" / "artifacts"),
+                   help="ours serves it; the .mar takes <model>.pt from it")
     p.add_argument("--model", default="base-max")
-    p.add_argument("--server-args", default="--device cpu", help="our server's flags (default: its defaults on the CPU)")
+    p.add_argument("--server-args", default="--device cpu",
+                   help="our server's flags, one string (default: its defaults, on the CPU as TorchServe is)")
     p.add_argument("--ts-workers", type=int, default=2, help="TorchServe workers")
     p.add_argument("--ts-threads", type=int, default=1, help="torch threads per TorchServe worker")
     p.add_argument("--settings", default="1/0,4/2,8/2,16/5,32/5",
                    help="TorchServe settings tried: batch size / max batch delay in ms, each")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--connections", type=int, default=8, help="client channels to each server, callers spread over them")
+    p.add_argument("--connections", type=int, default=8,
+                   help="client channels to each server, the callers spread over them")
     p.add_argument("--tune-warmup", type=float, default=1.0)
     p.add_argument("--tune-seconds", type=float, default=4.0, help="window per TorchServe setting and concurrency")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before each measurement window")

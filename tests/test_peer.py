@@ -31,7 +31,8 @@ def handler(tiny_models_dir):
 
 def test_the_handler_answers_as_our_server_loads_the_file(handler, tiny_models_dir):
     arrays = random_images(5, seed=3)
-    rows = [{"data": encode(a, "PNG")} for a in arrays[:3]] + [{"body": encode(a, "JPEG", quality=95)} for a in arrays[3:]]
+    rows = ([{"data": encode(a, "PNG")} for a in arrays[:3]]
+            + [{"body": encode(a, "JPEG", quality=95)} for a in arrays[3:]])
     answers = [json.loads(a) for a in handler.handle(rows, None)]
     ours = load_artifact(tiny_models_dir / "tiny-max.pt", torch.device("cpu"))
     # the images as the handler saw them (the JPEGs lossy), by the decoder both servers use
