@@ -67,7 +67,7 @@ def handled(server: ServerProcess, method: str) -> dict[str, float]:
 def parse_report(text: str) -> dict:
     """What ``h2load`` printed: req/s over its measurement window, the request counts, and the mean
     time per request (it gives no percentiles)."""
-    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text)
+    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
     counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
                        r"(\d+) errored, (\d+) timeout", text)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", text)
