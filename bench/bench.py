@@ -24,10 +24,10 @@ With ``--api own,v2`` each level runs through both APIs in turn, the own API's C
 Open Inference Protocol's ModelInfer (raw UINT8 ``image`` or BYTES ``encoded_image``, top-1 through
 the classification extension, as ``top_k=1`` is for Classify), against the same server and bounds.
 
-The bound for single-image requests is 1 / (1/raw + 1/floor), with the floor from the same Python
-client as the requests (the h2load floor is shown, not used: no Python client reaches it). The server runs as a separate process
-(``python -m cifar10_serving.server``) on loopback; the load client is one Python grpc.aio process, as a real client
-would be. Writes a table to stdout and JSON and CSV under ``--out``.
+The bound for single-image requests is 1 / (1/raw + 1/floor), the floor from the same Python client
+as the requests (the h2load floor is shown beside it, not used in the bound). The server runs as a
+separate process (``python -m cifar10_serving.server``) on loopback; the load client is one Python
+grpc.aio process, as a real client would be. Writes a table to stdout and JSON and CSV under ``--out``.
 """
 
 from __future__ import annotations
