@@ -414,15 +414,16 @@ def add_bounds(levels: list[Level], raw: RawModel, workers: int = 1, h2_floor: d
 
 
 def h2_floors(args, server: ServerProcess, workers: int) -> dict[int, float]:
-    """The health Check floor driven by h2load at each concurrency (one connection per worker, the
-    callers shared among them); empty when h2load is not installed. Its errors go to stderr."""
+    """The health Check floor driven by h2load at each concurrency (connections as
+    ``h2floor.spread_calls`` opens them); empty when h2load is not installed. Errors go to stderr."""
     if not h2floor.available():
         return {}
     floors = {}
     with tempfile.TemporaryDirectory(prefix="bench-h2-") as tmp:
         body = h2floor.write_message_file(Path(tmp) / "health.bin", health_pb2.HealthCheckRequest().SerializeToString())
         for c in args.concurrency:
-            run = h2floor.run_h2load(server, h2floor.HEALTH_CHECK, body, streams=-(-c // workers), connections=workers,
+            connections, streams = h2floor.spread_calls(c, workers)
+            run = h2floor.run_h2load(server, h2floor.HEALTH_CHECK, body, streams=streams, connections=connections,
                                      duration=args.duration, warmup=args.warmup)
             floors[c] = run["req_per_s"]
             print(f"  h2load floor   c={c:<3} {run['req_per_s']:8.0f} req/s  mean {run['mean_ms']:6.2f} ms"

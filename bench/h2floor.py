@@ -51,6 +51,14 @@ def write_message_file(path: str | Path, message: bytes) -> Path:
     return path
 
 
+def spread_calls(concurrency: int, workers: int) -> tuple[int, int]:
+    """(connections, streams on each) for ``concurrency`` calls in flight on a server of ``workers``
+    processes: one connection per worker as the Python client opens them (the kernel spreads
+    connections, not calls), never more than there are calls; rounded up where they do not divide."""
+    connections = max(1, min(workers, concurrency))
+    return connections, -(-concurrency // connections)
+
+
 def handled(server: ServerProcess, method: str) -> dict[str, float]:
     """The server's count of finished calls of ``method`` (``/package.Service/Method``) by gRPC code,
     summed over every worker."""

@@ -169,7 +169,8 @@ def h2load_rows(args, server: ServerProcess, directory: Path) -> list[Row]:
         body = h2floor.write_message_file(directory / f"{api}-{mode}.bin", message.SerializeToString())
         for c in args.batch_concurrency if mode == "batch64" else args.concurrency:
             before = batch_stats(server, NAME)
-            r = h2floor.run_h2load(server, method, body, streams=-(-c // workers), connections=workers,
+            connections, streams = h2floor.spread_calls(c, workers)
+            r = h2floor.run_h2load(server, method, body, streams=streams, connections=connections,
                                    duration=args.duration, warmup=args.warmup, meters=meters)
             after = batch_stats(server, NAME)
             count = after[1] - before[1]

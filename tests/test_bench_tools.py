@@ -30,6 +30,12 @@ time for request:      659us     43.06ms      8.51ms      7.00ms    79.66%
 """
 
 
+def test_h2load_calls_spread_over_the_workers_connections():
+    assert h2floor.spread_calls(1, 2) == (1, 1)  # one call: one connection, whatever the workers
+    assert h2floor.spread_calls(8, 2) == (2, 4)
+    assert h2floor.spread_calls(8, 1) == (1, 8)
+
+
 @pytest.fixture(scope="module")
 def null_server(tmp_path_factory):
     models = tmp_path_factory.mktemp("null-models")
