@@ -3,10 +3,10 @@
 A Python grpc.aio client tops out near the server's own speed on a small machine, so a floor measured
 with it is partly the client's. ``h2load`` is a C HTTP/2 load generator: given a file holding one
 gRPC message (``\\x00``, a 4-byte big-endian length, the serialized protobuf) and gRPC's two request
-headers (and a ``grpc-timeout``), it POSTs that body over h2c as fast as the server answers. It reads only the HTTP status,
-and a gRPC error still comes back as HTTP 200 (the code is in the trailers), so every run is paired
-with the server's own ``grpc_server_handled_total`` counts, read before and after: calls the server
-did not answer OK are the errors.
+headers (and a ``grpc-timeout``), it POSTs that body over h2c as fast as the server answers. It reads
+only the HTTP status, and a gRPC error still comes back as HTTP 200 (the code is in the trailers),
+so every run is paired with the server's own ``grpc_server_handled_total`` counts, read before and
+after: calls the server did not answer OK are the errors.
 
     run_h2load(server, HEALTH_CHECK, write_message_file("health.bin", b""), streams=8, duration=5)
 
