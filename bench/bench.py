@@ -492,7 +492,8 @@ def parse_args(argv):
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--raw-threads", default=None,
                    help="thread counts to try for the raw model, e.g. 1,2,4,8 (default: each of 1..cores)")
-    p.add_argument("--raw-seconds", type=float, default=1.5, help="seconds measured per raw batch size and thread count (--quick: 0.5 at most)")
+    p.add_argument("--raw-seconds", type=float, default=1.5,
+                   help="seconds measured per raw batch size and thread count (--quick: 0.5 at most)")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.duration, args.concurrency, args.inputs = 0.5, 1.0, "1,8,32", "png"
