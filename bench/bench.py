@@ -429,7 +429,8 @@ def h2_floors(args, server: ServerProcess, workers: int) -> dict[int, float]:
             print(f"  h2load floor   c={c:<3} {run['req_per_s']:8.0f} req/s  mean {run['mean_ms']:6.2f} ms"
                   f"  errors {run['errors'] + run['h2_failed']}", flush=True)
             if run["errors"] or run["h2_failed"]:
-                sys.stderr.write(f"h2load floor c={c}: {run['h2_failed']} failed in h2load, server codes {run['codes']}\n")
+                sys.stderr.write(f"h2load floor c={c}: {run['h2_failed']} failed in h2load, "
+                                 f"server codes {run['codes']}\n")
     return floors
 
 

@@ -91,10 +91,10 @@ def run_h2load(server: ServerProcess, method: str, body: Path, *, streams: int, 
                duration: float = 5.0, warmup: float = 1.0,
                meters: dict[str, Callable[[], float]] | None = None) -> dict:
     """``connections`` h2c connections with ``streams`` calls in flight on each, for ``warmup`` then
-    ``duration`` seconds. Returns h2load's figures, the server's
-    handled calls over the whole run (``calls``, and ``errors``: those not OK), the run's
-    ``wall_s`` and h2load's own CPU seconds over it, and the change of each of ``meters`` over the same run, so a meter divided by ``calls``
-    is a cost per call."""
+    ``duration`` seconds. Returns h2load's figures, the server's handled calls over the whole run
+    (``calls``, and ``errors``: those not OK), the run's ``wall_s`` and h2load's own CPU seconds over
+    it, and the change of each of ``meters`` over the same run, so a meter divided by ``calls`` is a
+    cost per call."""
     meters = meters or {}
     url = f"http://{server.target}{method}"
     argv = [available() or "h2load", "-c", str(connections), "-m", str(streams), "-D", f"{round(duration * 1e3)}ms",

@@ -181,7 +181,8 @@ def h2load_rows(args, server: ServerProcess, directory: Path) -> list[Row]:
                 (after[0] - before[0]) / count if count else 0.0, cpu / r["wall_s"],
                 per(cpu, calls, 1e3), per(cpu, calls * images, 1e6), per(r["client_cpu_s"], calls, 1e6)))))
             if r["errors"] or r["h2_failed"]:
-                sys.stderr.write(f"h2load {method} c={c}: {r['h2_failed']} failed in h2load, server codes {r['codes']}\n")
+                sys.stderr.write(f"h2load {method} c={c}: {r['h2_failed']} failed in h2load, "
+                                 f"server codes {r['codes']}\n")
     return rows
 
 
@@ -263,7 +264,8 @@ def main(argv=None) -> int:
             server.stop(timeout=30)
         forward = null_forward_us(path)
     print(table(rows))
-    print(f"the do-nothing pass itself, in this process: {forward[1]:.0f} us at batch 1, {forward[64]:.0f} us at batch 64")
+    print(f"the do-nothing pass itself, in this process: {forward[1]:.0f} us at batch 1, "
+          f"{forward[64]:.0f} us at batch 64")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -90,7 +90,8 @@ def test_h2load_calls_are_counted_by_the_server(null_server, tmp_path):
 @needs_h2load
 def test_h2load_grpc_errors_show_in_the_servers_counts(null_server, tmp_path):
     """A gRPC error is HTTP 200 to h2load: only the server's counts show it."""
-    body = h2floor.write_message_file(tmp_path / "bad.bin", make_requests("raw", 1, "no-such-model")[0].SerializeToString())
+    request = make_requests("raw", 1, "no-such-model")[0]
+    body = h2floor.write_message_file(tmp_path / "bad.bin", request.SerializeToString())
     run = h2floor.run_h2load(null_server, h2floor.CLASSIFY, body, streams=2, duration=1.0, warmup=0.5)
     assert run["h2_failed"] == 0
     assert run["errors"] == run["calls"] > 0 and "OK" not in run["codes"]
