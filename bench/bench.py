@@ -11,16 +11,23 @@ and img/s), p50/p90/p95/p99 latency, errors, the load client's own CPU per reque
 batch the server's batcher formed (read from its /metrics). In the same run it measures:
 
 - the raw model: the same TorchScript file, optimised the way the server does it, called in this
-  process with the server's thread count, at batch 1, 64 and each batch size the batcher formed;
-- the gRPC floor: the standard health Check rpc of the same server, same client, same concurrency.
+  process at batch 64 and each batch size the batcher formed, at the machine's best thread count for
+  that batch (each of 1..cores is tried, ``--raw-threads`` to choose others; column ``thr``), not the
+  server's ``--torch-threads``: the bound is the machine's, not the configuration's. With
+  ``--workers N`` it is the better of that and N processes, each with its share of the cores, as if
+  they scaled perfectly (``thr`` then reads threads x processes);
+- the gRPC floor: the standard health Check rpc of the same server, same client, same concurrency;
+- beside it, when Debian's ``h2load`` (nghttp2-client) is installed, the same rpc driven by that
+  native client (``h2floor``; ``bench/h2floor.py``), so the floor is not only a Python client's limit.
 
 With ``--api own,v2`` each level runs through both APIs in turn, the own API's Classify and the
 Open Inference Protocol's ModelInfer (raw UINT8 ``image`` or BYTES ``encoded_image``, top-1 through
 the classification extension, as ``top_k=1`` is for Classify), against the same server and bounds.
 
-The bound for single-image requests is 1 / (1/raw + 1/floor). The server runs as a separate process
-(``python -m cifar10_serving.server``) on loopback; the load client is one Python grpc.aio process, as a real client
-would be. Writes a table to stdout and JSON and CSV under ``--out``.
+The bound for single-image requests is 1 / (1/raw + 1/floor), the floor from the same Python client
+as the requests (the h2load floor is shown beside it, not used in the bound). The server runs as a
+separate process (``python -m cifar10_serving.server``) on loopback; the load client is one Python
+grpc.aio process, as a real client would be. Writes a table to stdout and JSON and CSV under ``--out``.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ import os
 import platform
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -48,6 +57,8 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.process import ServerProcess
+
+from bench import h2floor
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
@@ -70,8 +81,11 @@ class Level:
     errors: int
     client_cpu_us_per_req: float
     mean_batch: float = 0.0
-    raw_img_per_s: float = 0.0  # the raw model at the batch size the batcher formed
-    floor_req_per_s: float = 0.0
+    raw_img_per_s: float = 0.0  # the raw model at the batch size the batcher formed, at the machine's best
+    raw_threads: int = 0  # the thread count that best was measured at
+    raw_processes: int = 0  # 1, or --workers when that many processes, each with its share of the cores, do better
+    floor_req_per_s: float = 0.0  # the health Check rpc, same Python client and concurrency
+    h2_floor_req_per_s: float = 0.0  # the same rpc driven by h2load (0: h2load absent)
     bound_img_per_s: float = 0.0
     ratio: float = 0.0  # img/s over the bound (single) or over raw batch-64 (batch64)
     api: str = "own"  # own (cifar10.v1.Classifier) or v2 (inference.GRPCInferenceService); "-" for the floor
@@ -123,8 +137,12 @@ def make_v2_requests(kind: str, per_request: int, model: str) -> list[v2.ModelIn
 
 
 # ----------------------------------------------------------------------------- the closed loop
-async def closed_loop(make_call, concurrency: int, warmup: float, duration: float) -> dict:
-    """``make_call()`` returns a coroutine function per worker; each worker calls it back to back."""
+async def closed_loop(make_call, concurrency: int, warmup: float, duration: float,
+                      meters: dict[str, Callable[[], float]] | None = None) -> dict:
+    """``make_call()`` returns a coroutine function per worker; each worker calls it back to back.
+    ``meters`` (name: a reading, such as another process's CPU seconds) are read as the measurement
+    window opens and closes; the result holds each one's change over the window under its name."""
+    meters = meters or {}
     state = {"measuring": False, "stop": False}
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -147,10 +165,12 @@ async def closed_loop(make_call, concurrency: int, warmup: float, duration: floa
     workers = [asyncio.ensure_future(worker(await make_call())) for _ in range(concurrency)]
     await asyncio.sleep(warmup)
     state["measuring"] = True
+    start = {name: read() for name, read in meters.items()}
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.sleep(duration)
     state["measuring"] = False
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    deltas = {name: read() - start[name] for name, read in meters.items()}
     state["stop"] = True
     await asyncio.gather(*workers, return_exceptions=True)
     if hasattr(make_call, "close"):
@@ -161,7 +181,8 @@ async def closed_loop(make_call, concurrency: int, warmup: float, duration: floa
             "req_per_s": n_req / seconds, "img_per_s": done_images[0] / seconds,
             "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "errors": sum(errors.values()), "client_cpu_us_per_req": 1e6 * cpu / max(1, n_req + sum(errors.values()))}
+            "errors": sum(errors.values()), "client_cpu_us_per_req": 1e6 * cpu / max(1, n_req + sum(errors.values())),
+            **deltas}
 
 
 def unary_calls(stub, requests: list[pb.ClassifyRequest]):
@@ -258,30 +279,55 @@ def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- the raw model
 class RawModel:
-    def __init__(self, path: Path, device: str, threads: int) -> None:
+    """The model file in this process, optimised the way the server does it, at the machine's best:
+    for each batch size every thread count in ``thread_counts`` is tried and the fastest kept
+    (``best[batch]`` says which), whatever the server's own ``--torch-threads``."""
+
+    def __init__(self, path: Path, device: str, thread_counts: Sequence[int], seconds: float = 1.5) -> None:
         import torch
 
         from cifar10_serving.server.models import load_artifact, resolve_device
 
-        torch.set_num_threads(threads)
         self.torch = torch
         self.device = resolve_device(device)
         self.model = load_artifact(path, self.device)
-        self.cache: dict[int, float] = {}
+        self.thread_counts = list(thread_counts)
+        self.seconds = seconds
+        self.by_threads: dict[int, dict[int, float]] = {}  # batch: {threads: img/s}
+        self.cache: dict[int, float] = {}  # batch: the best img/s
+        self.best: dict[int, dict] = {}  # batch: {"threads", "processes"} of the best
 
-    def img_per_s(self, batch: int, seconds: float = 1.5) -> float:
-        if batch not in self.cache:
-            torch = self.torch
-            x = torch.zeros((batch, *self.model.input_shape), dtype=torch.uint8)
-            with torch.inference_mode():
-                for _ in range(3):
-                    self.model.module(x.to(self.device)).cpu()
-                n, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < seconds:
-                    self.model.module(x.to(self.device)).cpu()  # same copies as the server's path
-                    n += 1
-                self.cache[batch] = batch * n / (time.perf_counter() - t0)
-        return self.cache[batch]
+    def img_per_s(self, batch: int, processes: int = 1) -> float:
+        """The best img/s at ``batch``: one process at its best thread count or, for ``processes`` > 1,
+        that many each with its share of the cores, as if they scaled perfectly (whichever is more)."""
+        if batch not in self.by_threads:
+            self.by_threads[batch] = {t: self._measure(batch, t) for t in self.thread_counts}
+        rates = self.by_threads[batch]
+        threads = max(rates, key=rates.get)
+        best = (rates[threads], threads, 1)
+        if processes > 1:
+            share = min(rates, key=lambda t: abs(t - max(1, usable_cores() // processes)))
+            best = max(best, (processes * rates[share], share, processes))
+        self.cache[batch], self.best[batch] = best[0], {"threads": best[1], "processes": best[2]}
+        return best[0]
+
+    def _measure(self, batch: int, threads: int) -> float:
+        torch = self.torch
+        torch.set_num_threads(threads)
+        x = torch.zeros((batch, *self.model.input_shape), dtype=torch.uint8)
+        with torch.inference_mode():
+            for _ in range(3):
+                self.model.module(x.to(self.device)).cpu()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < self.seconds:
+                self.model.module(x.to(self.device)).cpu()  # same copies as the server's path
+                n += 1
+            return batch * n / (time.perf_counter() - t0)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, not only the machine's count)."""
+    return len(os.sched_getaffinity(0))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -346,20 +392,46 @@ def spread(makers):
     return make
 
 
-def add_bounds(levels: list[Level], raw: RawModel, workers: int = 1) -> None:
-    """The bounds; with several workers the raw model counts once per worker, as if they scaled perfectly."""
+def add_bounds(levels: list[Level], raw: RawModel, workers: int = 1, h2_floor: dict[int, float] | None = None) -> None:
+    """The bounds: raw at the machine's best (see ``RawModel.img_per_s``), the floor from the same
+    client; ``h2_floor`` (concurrency: req/s from h2load) is shown beside the Python floor."""
     floor = {l.concurrency: l.req_per_s for l in levels if l.mode == "floor"}
-    raw64 = workers * raw.img_per_s(64)
+    h2_floor = h2_floor or {}
     for level in levels:
-        if level.mode in ("single", "stream"):
+        level.h2_floor_req_per_s = h2_floor.get(level.concurrency, 0.0) if level.mode != "batch64" else 0.0
+        if level.mode == "floor":
+            continue
+        batch = 64 if level.mode == "batch64" else max(1, round(level.mean_batch))
+        level.raw_img_per_s = raw.img_per_s(batch, workers)
+        level.raw_threads, level.raw_processes = raw.best[batch]["threads"], raw.best[batch]["processes"]
+        if level.mode == "batch64":
+            level.ratio = level.img_per_s / level.raw_img_per_s
+        else:
             level.floor_req_per_s = floor.get(level.concurrency, 0.0)
-            level.raw_img_per_s = workers * raw.img_per_s(max(1, round(level.mean_batch)))
             if level.floor_req_per_s:
                 level.bound_img_per_s = 1 / (1 / level.raw_img_per_s + 1 / level.floor_req_per_s)
                 level.ratio = level.img_per_s / level.bound_img_per_s
-        elif level.mode == "batch64":
-            level.raw_img_per_s = raw64
-            level.ratio = level.img_per_s / raw64
+
+
+def h2_floors(args, server: ServerProcess, workers: int) -> dict[int, float]:
+    """The health Check floor driven by h2load at each concurrency (connections as
+    ``h2floor.spread_calls`` opens them); empty when h2load is not installed. Errors go to stderr."""
+    if not h2floor.available():
+        return {}
+    floors = {}
+    with tempfile.TemporaryDirectory(prefix="bench-h2-") as tmp:
+        body = h2floor.write_message_file(Path(tmp) / "health.bin", health_pb2.HealthCheckRequest().SerializeToString())
+        for c in args.concurrency:
+            connections, streams = h2floor.spread_calls(c, workers)
+            run = h2floor.run_h2load(server, h2floor.HEALTH_CHECK, body, streams=streams, connections=connections,
+                                     duration=args.duration, warmup=args.warmup)
+            floors[c] = run["req_per_s"]
+            print(f"  h2load floor   c={c:<3} {run['req_per_s']:8.0f} req/s  mean {run['mean_ms']:6.2f} ms"
+                  f"  errors {run['errors'] + run['h2_failed']}", flush=True)
+            if run["errors"] or run["h2_failed"]:
+                sys.stderr.write(f"h2load floor c={c}: {run['h2_failed']} failed in h2load, "
+                                 f"server codes {run['codes']}\n")
+    return floors
 
 
 def machine(args) -> dict:
@@ -383,14 +455,22 @@ def machine(args) -> dict:
 
 def table(levels: list[Level]) -> str:
     head = (f"{'api':<3} {'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
-            f"{'p99ms':>7} {'err':>4} {'cli us/req':>10} {'batch':>6} {'raw img/s':>9} {'floor':>7} {'bound':>7} {'ratio':>6}")
+            f"{'p99ms':>7} {'err':>4} {'cli us/req':>10} {'batch':>6} {'raw img/s':>9} {'thr':>4} {'floor':>7} {'h2floor':>7} "
+            f"{'bound':>7} {'ratio':>6}")
     rows = [head, "-" * len(head)]
     for l in levels:
         rows.append(f"{l.api:<3} {l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
                     f"{l.p50_ms:>7.2f} {l.p90_ms:>7.2f} {l.p95_ms:>7.2f} {l.p99_ms:>7.2f} {l.errors:>4} "
-                    f"{l.client_cpu_us_per_req:>10.0f} {l.mean_batch:>6.1f} {l.raw_img_per_s:>9.0f} "
-                    f"{l.floor_req_per_s:>7.0f} {l.bound_img_per_s:>7.0f} {l.ratio:>6.2f}")
+                    f"{l.client_cpu_us_per_req:>10.0f} {l.mean_batch:>6.1f} {l.raw_img_per_s:>9.0f} {threads(l):>4} "
+                    f"{l.floor_req_per_s:>7.0f} {l.h2_floor_req_per_s:>7.0f} {l.bound_img_per_s:>7.0f} {l.ratio:>6.2f}")
     return "\n".join(rows)
+
+
+def threads(level: Level) -> str:
+    """The raw bound's thread count, with its process count when more than one: "2", "1x2"."""
+    if not level.raw_threads:
+        return "-"
+    return f"{level.raw_threads}x{level.raw_processes}" if level.raw_processes > 1 else str(level.raw_threads)
 
 
 def parse_args(argv):
@@ -411,6 +491,10 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=5.0, help="measurement window per level, seconds")
     p.add_argument("--quick", action="store_true", help="1 s windows, fewer levels")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--raw-threads", default=None,
+                   help="thread counts to try for the raw model, e.g. 1,2,4,8 (default: each of 1..cores)")
+    p.add_argument("--raw-seconds", type=float, default=1.5,
+                   help="seconds measured per raw batch size and thread count (--quick: 0.5 at most)")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.duration, args.concurrency, args.inputs = 0.5, 1.0, "1,8,32", "png"
@@ -418,6 +502,10 @@ def parse_args(argv):
     args.batch_concurrency = [int(c) for c in args.batch_concurrency.split(",")]
     args.inputs = args.inputs.split(",")
     args.api = args.api.split(",")
+    args.raw_threads = ([int(t) for t in args.raw_threads.split(",")] if args.raw_threads
+                        else list(range(1, usable_cores() + 1)))
+    if args.quick:
+        args.raw_seconds = min(args.raw_seconds, 0.5)
     if not args.api or set(args.api) - {"own", "v2"}:
         p.error(f"--api takes own, v2 or own,v2, not {','.join(args.api)}")
     return args
@@ -430,17 +518,23 @@ def main(argv=None) -> int:
     server = start_server(args)
     try:
         levels = asyncio.run(sweep(args, server, args.model))
+        native = h2_floors(args, server, args.workers)
     finally:
         server.stop(timeout=30)
     models_dir = Path(args.models_dir) if args.models_dir else ROOT / "model" / "artifacts"
-    raw = RawModel(models_dir / f"{args.model}.pt", args.device, args.torch_threads)
-    add_bounds(levels, raw, args.workers)
+    raw = RawModel(models_dir / f"{args.model}.pt", args.device, args.raw_threads, args.raw_seconds)
+    add_bounds(levels, raw, args.workers, native)
     print(table(levels))
-    print(f"raw model img/s by batch: {json.dumps({b: round(v) for b, v in sorted(raw.cache.items())})}")
+    print("raw model img/s by batch and thread count: "
+          + json.dumps({b: {t: round(v) for t, v in rates.items()} for b, rates in sorted(raw.by_threads.items())}))
+    if not native:
+        print("h2load not found (apt-get install nghttp2-client): no native-client floor")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {"machine": info, "model": args.model, "raw_img_per_s": raw.cache, "levels": [asdict(l) for l in levels]}
+    report = {"machine": info, "model": args.model, "raw_img_per_s": raw.cache, "raw_best": raw.best,
+              "raw_img_per_s_by_threads": raw.by_threads, "h2_floor_req_per_s": native,
+              "levels": [asdict(l) for l in levels]}
     (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
     with open(out / f"bench-{stamp}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(levels[0])))
