@@ -34,8 +34,9 @@ PLAIN = pb.ClassifyRequest(images=[pb.Image(raw=pb.RawTensor(shape=[32, 32, 3], 
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("small-max")
     (models / "small-max.pt").symlink_to(SHIPPED / "small-max.pt")  # only this one: loading is most of the start
-    # --max-queue-images 256: feature-map requests may then queue one full batch beside the one computing
-    # (a quarter of the queue), so a plain request waits for two passes of them at most, not five.
+    # --max-queue-images 256: feature-map requests may then queue one full batch (a quarter of the
+    # queue) beside the one computing, so a plain call waits for two of their passes at most; at the
+    # default 1,024 it is five, 1.7-3 s on a busy 2-core machine.
     # No warm-up: the load's first seconds, before the probe, do it.
     with ServerProcess(["--models-dir", str(models), "--default-model", "small-max", "--torch-threads", "1",
                         "--max-queue-images", "256", "--warmup-batches", "0", "--grace-period-seconds", "1"]) as process:
@@ -58,9 +59,9 @@ def _probe(health, seconds: float) -> list[float]:
     return checks
 
 
-def _window(channel, health) -> tuple[list[float], list[float]]:
+def _checks_and_plain_calls(channel, health) -> tuple[list[float], list[float]]:
     """Health checks, and plain calls on a thread of their own meanwhile, so that health is checked
-    all the while: a p99 of a hundred checks or more, not of the few that fit between plain calls."""
+    all the while: a quantile of a hundred checks or more, not of the few between plain calls."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         plain = pool.submit(_plain_calls, pb_grpc.ClassifierStub(channel), PROBE_SECONDS)
         checks = _probe(health, PROBE_SECONDS)
@@ -89,7 +90,7 @@ def test_health_stays_fast_and_plain_calls_are_served_under_every_feature_map_lo
             health = health_pb2_grpc.HealthStub(channel)
             health.Check(health_pb2.HealthCheckRequest(), timeout=5)
             time.sleep(1.5)  # the callers connect and fill the queue
-            checks, plain = _window(channel, health)
+            checks, plain = _checks_and_plain_calls(channel, health)
         out, _ = load.communicate(timeout=LOAD_SECONDS + 30)
     finally:
         if load.poll() is None:
@@ -101,8 +102,8 @@ def test_health_stays_fast_and_plain_calls_are_served_under_every_feature_map_lo
     p50, p90, p99 = _quantile(checks, 0.5), _quantile(checks, 0.9), _quantile(checks, 0.99)
     print(f"health p50 {1e3 * p50:.0f} ms, p90 {1e3 * p90:.0f} ms, p99 {1e3 * p99:.0f} ms (idle p99 {1e3 * idle:.0f} ms) over {len(checks)} checks; "
           f"plain max {1e3 * max(plain):.0f} ms over {len(plain)}; load {codes}")
-    # p90, not p99: on this shared 2-core machine the slowest checks are those the kernel did not
-    # schedule in time (README, Reliability), which a busy neighbour decides, not the server; a stall
-    # of the server's own (every answer copied on the loop, as before) put the median over 100 ms.
+    # p90, not the issue's p99: on a shared 2-core machine the slowest checks are those the kernel
+    # did not schedule in time (README, Reliability), which busy neighbours decide, not the server.
+    # The server's own stall (every answer serialised and copied on the loop) put p90 at 0.5 s.
     assert p90 < 0.1 + idle, f"health p90 {1e3 * p90:.0f} ms over {len(checks)} checks ({1e3 * idle:.0f} ms without the load)"
     assert max(plain) < 2.0, f"a plain call took {max(plain):.2f} s"
