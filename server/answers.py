@@ -1,26 +1,45 @@
-"""Answers with feature maps, encoded off the event loop so that gRPC's serialising them is one copy.
+"""Answers with feature maps as ready-made wire bytes, built off the event loop, and the
+registration that lets gRPC send them as they are.
 
-grpc.aio serialises a handler's answer on the event loop, and protobuf (upb) takes time per
-message: every feature map of 64 images is about 1,600 messages, whose serialisation held the loop,
-and with it every call and health check, for hundreds of milliseconds on the larger networks. Here
-the answer is written in the wire format directly (the parts every image shares once per layer,
-the tensors by numpy copies), then parsed into an ``Empty`` message, which keeps all of it as
-unknown fields; ``ClassifyResponse.SerializeToString``, the serialiser gRPC calls, writes unknown
-fields as they are: one copy. ``available()`` checks that the protobuf runtime does this; when it
-does not, the service builds ordinary messages instead.
+grpc.aio serialises a handler's answer on the event loop, then copies the bytes into its own buffer
+there too, and the loop runs nothing else meanwhile: not other calls, not health checks. Every
+feature map of 64 images is 35 MB of answer for small-max, 70 MB for base-max, and on a busy
+2-core machine each copy of that took 20-50 ms. So the answer is written in ClassifyResponse's wire
+format on a thread (the parts every image shares once per layer, the tensors by numpy copies, which
+release the GIL, straight into the answer's bytes), and ``add_classifier`` registers the Classifier
+service with a serializer that passes such bytes through: gRPC's own copy is all that is left on
+the loop. The bytes are those protobuf writes for the same message (tests/test_answers.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
+import grpc
 import numpy as np
-from google.protobuf import empty_pb2
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 
 # Wire tags (field number << 3 | wire type), from protos/cifar10/v1/classifier.proto
 _LEN, _VARINT, _FIXED32 = 2, 0, 5
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def serialize(answer) -> bytes:
+    """What gRPC sends for an answer: a message's serialisation, or bytes already in wire format."""
+    return answer if type(answer) is bytes else answer.SerializeToString()
+
+
+def add_classifier(servicer, server) -> None:
+    """``add_ClassifierServicer_to_server``, with ``serialize`` as every method's serializer."""
+    service = pb.DESCRIPTOR.services_by_name["Classifier"]
+    handlers = {method.name: _HANDLERS[method.client_streaming, method.server_streaming](
+        getattr(servicer, method.name), request_deserializer=getattr(pb, method.input_type.name).FromString,
+        response_serializer=serialize) for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _tag(field: int, wire: int) -> bytes:
@@ -40,46 +59,62 @@ def _field(field: int, payload: bytes) -> bytes:
     return _tag(field, _LEN) + _varint(len(payload)) + payload
 
 
-def available() -> bool:
-    """Whether the serialiser gRPC calls writes an ``Empty``'s unknown fields verbatim (upb does)."""
-    probe = pb.ClassifyResponse(model="probe", results=[pb.Result(probabilities=[0.5])]).SerializeToString()
-    try:
-        return pb.ClassifyResponse.SerializeToString(empty_pb2.Empty.FromString(probe)) == probe
-    except Exception:  # another protobuf runtime may refuse a message of another type
-        return False
+def _prediction(label: bytes, index: int, probability: np.float32) -> bytes:
+    """A Prediction as protobuf writes it: proto3 leaves out fields that hold their default."""
+    value = struct.pack("<f", probability)
+    return ((_field(1, label) if label else b"") + (_tag(2, _VARINT) + _varint(index) if index else b"")
+            + (_tag(3, _FIXED32) + value if value != bytes(4) else b""))
+
+
+def _fresh_bytes(n: int) -> tuple[bytes, np.ndarray]:
+    """A new bytes object of ``n`` zeros and a writable array over its contents, to be filled before
+    anyone else sees it (as C code fills ``PyBytes_FromStringAndSize(NULL, n)``). gRPC sends only
+    bytes, and joining parts into bytes copies them holding the GIL, which stalls the loop as much
+    as copying on it; numpy copies into this array without the GIL. ``bytes(n)`` is calloc'd: large
+    ones are fresh pages, never touched until filled."""
+    out = bytes(n)
+    address = np.frombuffer(out, dtype=np.uint8).ctypes.data
+    return out, np.frombuffer((ctypes.c_uint8 * n).from_address(address), dtype=np.uint8)
 
 
 def encode_response(request_id: str, model: str, version: str, class_names: list[str], probabilities: np.ndarray,
-                    order: np.ndarray, maps: dict[str, np.ndarray], dtype_enum: int) -> empty_pb2.Empty:
-    """A ClassifyResponse as an ``Empty`` of unknown fields: ``probabilities`` n x classes float32,
-    ``order`` n x top_k class indices, ``maps`` layer -> n x shape arrays already in the wire dtype."""
+                    order: np.ndarray, maps: dict[str, np.ndarray], dtype_enum: int) -> bytes:
+    """A ClassifyResponse in wire format: ``probabilities`` n x classes float32, ``order`` n x top_k
+    class indices, ``maps`` layer -> n x shape arrays already in the wire dtype."""
     n = len(probabilities)
     # Per layer, everything before the tensor's bytes is the same for every image.
-    prefixes, sizes = [], []
+    prefixes, tensors = [], []
     for name, array in maps.items():
         data_len = array[0].nbytes
         shape = b"".join(_varint(int(d)) for d in array.shape[1:])
         header = (_field(1, name.encode()) + _field(2, shape) + _tag(3, _VARINT) + _varint(dtype_enum)
                   + _tag(4, _LEN) + _varint(data_len))
-        prefixes.append(_tag(3, _LEN) + _varint(len(header) + data_len) + header)  # Result.feature_maps
-        sizes.append(data_len)
-    row = sum(len(p) for p in prefixes) + sum(sizes)
-    features = np.empty((n, row), dtype=np.uint8)  # numpy copies the tensors without the interpreter
-    at = 0
-    for prefix, size, array in zip(prefixes, sizes, maps.values()):
-        features[:, at:at + len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
-        at += len(prefix)
-        features[:, at:at + size] = np.ascontiguousarray(array).reshape(n, -1).view(np.uint8)
-        at += size
+        prefix = _tag(3, _LEN) + _varint(len(header) + data_len) + header  # Result.feature_maps
+        prefixes.append(np.frombuffer(prefix, dtype=np.uint8))
+        tensors.append(np.ascontiguousarray(array).reshape(n, -1).view(np.uint8))
+    row = sum(len(p) for p in prefixes) + sum(t.shape[1] for t in tensors)
     labels = [name.encode() for name in class_names]
     probs = np.ascontiguousarray(probabilities, dtype="<f4")
-    parts = [_field(1, request_id.encode()) if request_id else b"", _field(2, model.encode()),
-             _field(3, version.encode()) if version else b""]
+    top = b"".join([_field(1, request_id.encode()) if request_id else b"", _field(2, model.encode()),
+                    _field(3, version.encode()) if version else b""])
+    heads = []  # per image, what comes before its feature maps: ClassifyResponse.results, then Result's own fields
     for i in range(n):
         head = _field(1, probs[i].tobytes())  # packed floats
         for j in order[i]:
-            j = int(j)
-            head += _field(2, _field(1, labels[j]) + _tag(2, _VARINT) + _varint(j)
-                           + _tag(3, _FIXED32) + struct.pack("<f", float(probs[i, j])))
-        parts += [_tag(4, _LEN), _varint(len(head) + row), head, features[i].data]  # ClassifyResponse.results
-    return empty_pb2.Empty.FromString(b"".join(parts))
+            head += _field(2, _prediction(labels[int(j)], int(j), probs[i, j]))
+        heads.append(np.frombuffer(_tag(4, _LEN) + _varint(len(head) + row) + head, dtype=np.uint8))
+    out, view = _fresh_bytes(len(top) + sum(len(h) for h in heads) + n * row)
+    at = 0
+
+    def put(part: np.ndarray) -> None:
+        nonlocal at
+        view[at: at + len(part)] = part
+        at += len(part)
+
+    put(np.frombuffer(top, dtype=np.uint8))
+    for i, head in enumerate(heads):
+        put(head)
+        for prefix, tensor in zip(prefixes, tensors):
+            put(prefix)
+            put(tensor[i])
+    return out

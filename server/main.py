@@ -26,9 +26,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
-from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from cifar10_serving.server import grpc_metrics, inference
+from cifar10_serving.server import answers, grpc_metrics, inference
 from cifar10_serving.server.batching import Batcher
 from cifar10_serving.server.config import ServerConfig, default_torch_threads, parse_config
 from cifar10_serving.server.connections import close_port
@@ -137,7 +136,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         *connection_options(config),
     ])
     classifier = ClassifierService(config, models, batchers, metrics)
-    pb_grpc.add_ClassifierServicer_to_server(classifier, server)
+    answers.add_classifier(classifier, server)  # as the generated code does, and answers may be wire bytes
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(inference.InferenceService(classifier, health_servicer), server)

@@ -37,9 +37,9 @@ DEFAULT_TOP_K = 5
 # Stream requests in progress at once, which keeps answers in order; their bytes are bounded by the
 # answer budget, which every request of every stream reserves from.
 STREAM_WINDOW = 64
-# Answers with feature maps are built on this thread, off the event loop: thousands of messages
-# for one answer would hold the loop, and every call's progress and health check with it, for tens
-# of milliseconds. One thread: more would only compete with the loop for the GIL.
+# Answers with feature maps are built on this thread, off the event loop (server.answers): tens of
+# megabytes copied on the loop would hold every call's progress and health check with it. One
+# thread: more would only compete with the loop for the GIL and the machine's memory bandwidth.
 RESPOND_THREADS = 1
 NO_RESERVATION = Reservation(None, 0)
 RESIZE_MODES = frozenset(pb.ResizeMode.values())
@@ -68,11 +68,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels)
         self._respond_pool = ThreadPoolExecutor(RESPOND_THREADS, thread_name_prefix="respond")
         self._elements = {name: layer_elements(model.metadata) for name, model in models.items()}
-        self._encode_answers = answers.available()
         self.explainer = Explainer(config, metrics, self._resolve, self._model_label)
 
     # ------------------------------------------------------------------ rpcs
-    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def Classify(self, request: pb.ClassifyRequest,
+                       context: grpc.aio.ServicerContext) -> pb.ClassifyResponse | bytes:
         deadline = deadline_of(context)
         try:
             with Call(self.metrics, "Classify", self._model_label(request.model), len(request.images),
@@ -136,7 +136,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     # ------------------------------------------------------------------ the serving path
     async def _classify(self, request: pb.ClassifyRequest,
-                        deadline: float | None) -> tuple[pb.ClassifyResponse, Reservation]:
+                        deadline: float | None) -> tuple[pb.ClassifyResponse | bytes, Reservation]:
         """The answer, and its reservation from the answer budget, which the caller releases once
         the answer is written (released here if anything fails)."""
         plan = self._plan(request)
@@ -230,16 +230,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         except DecodeExpired as exc:
             raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
 
-    async def _respond(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
-        """The answer. With feature maps it is built on a thread and, where the protobuf runtime
-        allows, already in wire format (``server.answers``): gRPC's serialising it on the loop is then
-        one copy. Either way it is what gRPC sends as a ClassifyResponse."""
+    async def _respond(self, request: pb.ClassifyRequest, plan: Plan,
+                       result: BatchResult) -> pb.ClassifyResponse | bytes:
+        """The answer. With feature maps, a ClassifyResponse's wire bytes built on a thread
+        (``server.answers``), which gRPC sends as they are; without, the message."""
         if not plan.layers:
             return self._build(request, plan, result)  # a few small messages: cheaper here than a hop
-        build = self._encode if self._encode_answers else self._build
-        return await asyncio.get_running_loop().run_in_executor(self._respond_pool, build, request, plan, result, True)
+        return await asyncio.get_running_loop().run_in_executor(self._respond_pool, self._encode, request, plan, result)
 
-    def _encode(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult, _off_loop: bool = True):
+    def _encode(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> bytes:
         model = plan.model
         byte_order, dtype_enum = plan.feature_dtype
         order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
@@ -247,28 +246,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return answers.encode_response(request.request_id, model.name, model.version, model.class_names,
                                        result.probabilities, order, maps, dtype_enum)
 
-    def _build(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult,
-               off_loop: bool = False) -> pb.ClassifyResponse:
+    def _build(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
+        """An answer without feature maps."""
         model = plan.model
-        byte_order, dtype_enum = plan.feature_dtype
         order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
-        # One conversion per layer, not per image; a no-op for float32 on a little-endian host.
-        maps = {name: np.ascontiguousarray(result.features[name], dtype=byte_order) for name in plan.layers}
-        results = []
-        for i, probs in enumerate(result.probabilities):
-            top = [pb.Prediction(label=model.class_names[j], index=int(j), probability=float(probs[j])) for j in order[i]]
-            features = [pb.FeatureMap(layer=name, shape=array.shape[1:], dtype=dtype_enum, data=array[i].tobytes())
-                        for name, array in maps.items()]
-            results.append(pb.Result(probabilities=probs.tolist(), top_k=top, feature_maps=features))
-            if off_loop:
-                # Hands the GIL over now, not when the interpreter's switch interval ends: the event
-                # loop then waits for at most one image's messages each time it needs the GIL.
-                time.sleep(0)
+        results = [pb.Result(probabilities=probs.tolist(), top_k=[
+            pb.Prediction(label=model.class_names[j], index=int(j), probability=float(probs[j])) for j in order[i]])
+            for i, probs in enumerate(result.probabilities)]
         return pb.ClassifyResponse(request_id=request.request_id, model=model.name, model_version=model.version,
                                    results=results)
 
     async def _stream_one(self, request: pb.ClassifyRequest,
-                          deadline: float | None) -> tuple[pb.ClassifyResponse, Reservation]:
+                          deadline: float | None) -> tuple[pb.ClassifyResponse | bytes, Reservation]:
         """One request of a stream: a refusal is this request's answer, and the stream goes on."""
         try:
             with Call(self.metrics, "ClassifyStream", self._model_label(request.model), len(request.images),
