@@ -100,7 +100,6 @@ class _Instance:
     CUDA, so the copy to the device is asynchronous) and its CUDA stream are used by no other pass."""
 
     def __init__(self, model: LoadedModel, index: int, max_batch_size: int) -> None:
-        self.index = index
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}-{index}")
         cuda = model.device.type == "cuda"
         self.buffer = torch.empty((max_batch_size, *model.input_shape), dtype=torch.uint8, pin_memory=cuda)
@@ -163,7 +162,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self.instances = [_Instance(model, i, max_batch_size) for i in range(instances)]
         self.budget = budget if budget is not None else ThreadBudget(torch.get_num_threads(), instances)
-        self._free: asyncio.Queue[_Instance] | None = None  # made in start(), on the loop that serves
+        self._free: asyncio.Queue[_Instance] = asyncio.Queue()  # instances with no pass in flight
+        for instance in self.instances:
+            self._free.put_nowait(instance)
         self._passes: set[asyncio.Task] = set()
         self.ladder = batch_ladder(max_batch_size)
         self._layer_order = {name: i for i, name in enumerate(model.layer_names)}
@@ -171,9 +172,6 @@ class Batcher:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._free = asyncio.Queue()
-        for instance in self.instances:
-            self._free.put_nowait(instance)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
 
     async def stop(self) -> None:
