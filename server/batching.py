@@ -193,8 +193,9 @@ class Batcher:
     def warm_up(self, rounds: int) -> None:
         """Runs forward passes at every batch size of the ladder, with and without all feature maps,
         ``rounds`` times, on every instance's own thread at every thread count a pass can get: every
-        kernel the model will need is made before the server says SERVING (oneDNN makes its kernels
-        per thread count, and a thread first asked for them pays for their making)."""
+        kernel the model will need is made before the server says SERVING. oneDNN makes kernels per
+        thread count, shared by every thread; OpenMP gives each calling thread its own team of
+        workers, made the first time it asks for more than one."""
         for instance in self.instances:
             instance.executor.submit(self._warm_up, instance, rounds).result()
 
