@@ -173,6 +173,7 @@ def test_with_every_instance_busy_the_queue_limit_and_deadlines_still_hold(model
         return results, registry
 
     results, registry = asyncio.run(run())
+    assert watched.most_in_flight == 2  # both instances were held, not one after the other
     assert [len(r.probabilities) for r in results] == [2, 2, 1, 1, 1]
     assert registry.get_sample_value("cifar10_dropped_requests_total", {"model": "tiny-max", "reason": "deadline"}) == 1
     assert registry.get_sample_value("cifar10_batch_size_images_sum", {"model": "tiny-max"}) == 7
