@@ -107,6 +107,26 @@ def test_two_instances_run_two_passes_at_once_each_answering_its_own_caller(mode
         np.testing.assert_allclose(result.probabilities, expected(model, x), atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_instances_on_cuda_each_on_its_own_stream_answer_like_the_cpu(tiny_models_dir, model):
+    gpu = load_artifact(tiny_models_dir / "tiny-max.pt", torch.device("cuda"))
+    watched = _Watched(gpu.module, before=_barrier(2))
+
+    async def run():
+        batcher, _ = make(gpu, watched, instances=2, max_batch_size=4)
+        assert len({id(instance.stream) for instance in batcher.instances}) == 2
+        batcher.start()
+        inputs = [images(4, seed) for seed in range(6)]  # six full passes: the barrier meets them in pairs
+        results = await asyncio.gather(*(batcher.submit(x, (), None) for x in inputs))
+        await batcher.stop()
+        return inputs, results
+
+    inputs, results = asyncio.run(run())
+    assert watched.most_in_flight == 2
+    for x, result in zip(inputs, results):
+        np.testing.assert_allclose(result.probabilities, expected(model, x), atol=2e-2)  # TF32 on CUDA
+
+
 def test_one_instance_never_overlaps_passes(model):
     watched = _Watched(model.module)
 
