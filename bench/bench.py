@@ -263,7 +263,7 @@ def _echo_problems(line: str) -> None:
 def start_server(args) -> ServerProcess:
     """The server on free ports; returns once every worker is serving (its ready file lists their ports)."""
     cmd = ["--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
-           "--torch-threads", str(args.torch_threads), "--workers", str(args.workers)]
+           "--torch-threads", str(args.torch_threads), "--workers", str(args.workers), "--instances", str(args.instances)]
     if args.models_dir:
         cmd += ["--models-dir", args.models_dir]
     if args.model:
@@ -482,6 +482,7 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=1,
                    help="server processes (--workers); the client opens one connection per worker, and the raw "
                         "bound counts one model per worker, as if they scaled perfectly")
+    p.add_argument("--instances", type=int, default=0, help="the server's --instances (0: its automatic count)")
     p.add_argument("--max-queue-delay-us", type=int, default=500)
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--batch-concurrency", default="1,2,4", help="concurrency levels for 64-image requests")

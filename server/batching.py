@@ -2,9 +2,13 @@
 
 One ``Batcher`` per model. RPC handlers ``submit`` decoded images and await their own results; a
 single task per model takes queued requests in arrival order, up to ``max_batch_size`` images, and
-runs the forward pass on a worker thread so the event loop stays free. Rules:
+hands the batch to a free *instance* (after Triton's model instances): each runs one forward pass at
+a time on its own thread, with its own input buffer and, on CUDA, its own stream, so several passes
+of one model are in flight at once and the event loop stays free. ``ThreadBudget`` shares the
+process's intra-op threads among the passes in flight. Rules:
 
-- A request that arrives while the model is idle and nothing is queued goes straight through.
+- A request that arrives while no pass of the model is in flight and nothing is queued goes
+  straight through.
 - Under load, a forming batch may wait for company, but never past ``max_queue_delay_us`` after its
   oldest request arrived (requests that queued during the previous pass have usually waited longer
   already, so they go at once).
@@ -14,7 +18,8 @@ runs the forward pass on a worker thread so the event loop stays free. Rules:
 - Cancelled requests and requests past their deadline are dropped before compute.
 - A forward pass that raises fails the requests of that batch only (``ModelFailure``).
 - Forward passes run only at the batch sizes of a short ladder (``batch_ladder``): a batch of n
-  images is padded with blank images up to the next rung, and warm-up runs every rung.
+  images is padded with blank images up to the next rung, and warm-up runs every rung, on every
+  instance, at every thread count a pass can get.
 
 Why the ladder: on the CPU, oneDNN compiles kernels per input shape into a bounded cache; passes at
 every size thrashed it, and the churn grew the server's memory (README, "Reliability", Memory). The
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +62,51 @@ def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
         rungs.append(n)
         n += max(1, (1 << (n.bit_length() - 1)) // 4)
     return (*rungs, max_batch_size)
+
+
+class ThreadBudget:
+    """The intra-op threads that the forward passes of one process share (``--torch-threads``).
+
+    A pass that starts while no other is in flight gets all of them: a lone request on an idle server
+    uses every core it may. One that starts beside others gets an equal share over every instance of
+    every model (at least one), so that a loaded server runs its passes side by side on their own
+    cores instead of each asking for them all. Two sizes only: every size a pass can get is a set of
+    oneDNN kernels that warm-up must make. Used from the event loop only: no lock.
+    """
+
+    def __init__(self, threads: int, instances: int) -> None:
+        if threads < 1 or instances < 1:
+            raise ValueError(f"a thread budget needs threads and instances >= 1, got {threads} and {instances}")
+        self.threads = threads
+        self.share = max(1, threads // instances)
+        self.in_flight = 0
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Every thread count a pass can get, for warm-up."""
+        return tuple(sorted({self.threads, self.share}))
+
+    def take(self) -> int:
+        threads = self.threads if self.in_flight == 0 else self.share
+        self.in_flight += 1
+        return threads
+
+    def give_back(self) -> None:
+        self.in_flight -= 1
+
+
+class _Instance:
+    """Runs one forward pass of a model at a time, on its own thread: its input buffer (pinned on
+    CUDA, so the copy to the device is asynchronous) and its CUDA stream are used by no other pass."""
+
+    def __init__(self, model: LoadedModel, index: int, max_batch_size: int) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}-{index}")
+        cuda = model.device.type == "cuda"
+        self.buffer = torch.empty((max_batch_size, *model.input_shape), dtype=torch.uint8, pin_memory=cuda)
+        self.stream = torch.cuda.Stream(model.device) if cuda else None
+
+    def on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
 
 class BatchError(Exception):
@@ -94,7 +145,9 @@ class _Job:
 
 class Batcher:
     def __init__(self, model: LoadedModel, metrics: Metrics, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue_images: int) -> None:
+                 max_queue_images: int, instances: int = 1, budget: ThreadBudget | None = None) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, got {instances}")
         self.model = model
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -105,13 +158,14 @@ class Batcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_images = 0
         self._queued_feature_images = 0
-        self._busy = False
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # One thread per model: forward passes of one model never overlap, so its buffer is safe.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}")
-        pin = model.device.type == "cuda"
-        self._buffer = torch.empty((max_batch_size, *model.input_shape), dtype=torch.uint8, pin_memory=pin)
+        self.instances = [_Instance(model, i, max_batch_size) for i in range(instances)]
+        self.budget = budget if budget is not None else ThreadBudget(torch.get_num_threads(), instances)
+        self._free: asyncio.Queue[_Instance] = asyncio.Queue()  # instances with no pass in flight
+        for instance in self.instances:
+            self._free.put_nowait(instance)
+        self._passes: set[asyncio.Task] = set()
         self.ladder = batch_ladder(max_batch_size)
         self._layer_order = {name: i for i, name in enumerate(model.layer_names)}
         self._queue_gauge = metrics.queue_images.labels(model.name)
@@ -121,26 +175,37 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
 
     async def stop(self) -> None:
+        """Stops taking batches; the passes in flight finish and answer; what is still queued is refused."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await asyncio.gather(*self._passes)
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(QueueFull("server is shutting down"))
         self._queue.clear()
-        self._executor.shutdown(wait=True)
+        for instance in self.instances:
+            instance.executor.shutdown(wait=True)
 
     def warm_up(self, rounds: int) -> None:
         """Runs forward passes at every batch size of the ladder, with and without all feature maps,
-        ``rounds`` times: every kernel the model will need is made before the server says SERVING."""
+        ``rounds`` times, on every instance's own thread at every thread count a pass can get: every
+        kernel the model will need is made before the server says SERVING. oneDNN makes kernels per
+        thread count, shared by every thread; OpenMP gives each calling thread its own team of
+        workers, made the first time it asks for more than one."""
+        for instance in self.instances:
+            instance.executor.submit(self._warm_up, instance, rounds).result()
+
+    def _warm_up(self, instance: _Instance, rounds: int) -> None:
         images = np.zeros((self.max_batch_size, *self.model.input_shape), dtype=np.uint8)
-        for _ in range(rounds):
-            for n in self.ladder:
-                self._forward([_Job(images[:n], (), None, None)])  # type: ignore[arg-type]
-                self._forward([_Job(images[:n], tuple(self.model.layer_names), None, None)])  # type: ignore[arg-type]
+        for threads in self.budget.sizes:
+            for _ in range(rounds):
+                for n in self.ladder:
+                    for layers in ((), tuple(self.model.layer_names)):
+                        self._forward(instance, [_Job(images[:n], layers, None, None)], threads)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ submit
     async def submit(self, images: np.ndarray, layers: tuple[str, ...], deadline: float | None) -> BatchResult:
@@ -156,7 +221,7 @@ class Batcher:
                 f"the limit is {self.max_queue_feature_images}. Retry with backoff, or send fewer images"
             )
         job = _Job(images, layers, deadline, asyncio.get_running_loop().create_future())
-        job.arrived_idle = not self._busy and not self._queue
+        job.arrived_idle = not self._passes and not self._queue
         self._queue.append(job)
         self._queued_images += n
         if layers:
@@ -167,28 +232,35 @@ class Batcher:
 
     # ------------------------------------------------------------------ the loop
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            instance = await self._free.get()  # a batch forms only once it has somewhere to run
+            while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                continue
             await self._wait_for_company()
             jobs = self._take_batch()
             if not jobs:
+                self._free.put_nowait(instance)
                 continue
-            self._busy = True
-            started = time.monotonic()
-            for job in jobs:
-                self.metrics.queue_seconds.labels(self.model.name).observe(started - job.enqueued)
-            try:
-                outcome = await loop.run_in_executor(self._executor, self._forward, jobs)
-            except Exception as exc:  # the model raised: fail this batch, keep serving
-                self._fail(jobs, exc)
-                continue
-            finally:
-                self._busy = False
+            task = asyncio.get_running_loop().create_task(self._pass(instance, jobs))
+            self._passes.add(task)
+            task.add_done_callback(self._passes.discard)
+
+    async def _pass(self, instance: _Instance, jobs: list[_Job]) -> None:
+        started = time.monotonic()
+        for job in jobs:
+            self.metrics.queue_seconds.labels(self.model.name).observe(started - job.enqueued)
+        threads = self.budget.take()
+        try:
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                instance.executor, self._forward, instance, jobs, threads)
+        except Exception as exc:  # the model raised: fail this batch, keep serving
+            self._fail(jobs, exc)
+        else:
             self._deliver(jobs, outcome)
+        finally:
+            self.budget.give_back()
+            self._free.put_nowait(instance)
 
     async def _wait_for_company(self) -> None:
         first = self._queue[0]
@@ -227,27 +299,37 @@ class Batcher:
         return jobs
 
     # ------------------------------------------------------------------ compute (worker thread)
-    def _forward(self, jobs: list[_Job]) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    def _forward(self, instance: _Instance, jobs: list[_Job], threads: int
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
         t0 = time.perf_counter()
+        # OpenMP's thread count belongs to the calling thread: this sets this instance's only.
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        buffer = instance.buffer
         n = 0
         for job in jobs:
             k = len(job.images)
-            self._buffer[n : n + k].copy_(torch.from_numpy(job.images))
+            buffer[n : n + k].copy_(torch.from_numpy(job.images))
             n += k
         # Blank padding, not whatever the previous batch left there: a previous image may be the
         # one that made the model fail.
         rung = self.ladder[bisect.bisect_left(self.ladder, n)]
-        self._buffer[n:rung].zero_()
+        buffer[n:rung].zero_()
         layers = sorted({name for job in jobs for name in job.layers}, key=self._layer_order.__getitem__)
-        device = self.model.device
-        with torch.inference_mode():
-            x = self._buffer[:rung].to(device, non_blocking=True)
-            if layers:
-                probs, feats = self.model.module.forward_with_features(x, layers)
-            else:
-                probs, feats = self.model.module(x), {}
-            probs_np = probs[:n].float().cpu().numpy()
-            feats_np = {name: t[:n].float().cpu().numpy() for name, t in feats.items()}
+        with torch.inference_mode(), instance.on_stream():
+            try:
+                x = buffer[:rung].to(self.model.device, non_blocking=True)
+                if layers:
+                    probs, feats = self.model.module.forward_with_features(x, layers)
+                else:
+                    probs, feats = self.model.module(x), {}
+                # Copies to the host on this stream and waits for it: the buffer is free again after.
+                probs_np = probs[:n].float().cpu().numpy()
+                feats_np = {name: t[:n].float().cpu().numpy() for name, t in feats.items()}
+            except BaseException:
+                if instance.stream is not None:  # a pass that failed midway may still be reading the buffer
+                    instance.stream.synchronize()
+                raise
         return probs_np, feats_np, time.perf_counter() - t0
 
     # ------------------------------------------------------------------ results

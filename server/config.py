@@ -41,7 +41,14 @@ class ServerConfig:
     max_batch_size: int = 64  # images per request and per forward pass
     max_queue_delay_us: int = 500  # how long a forming batch may wait for company under load
     max_queue_images: int = 1024  # images waiting per model before RESOURCE_EXHAUSTED
-    torch_threads: int = 0  # intra-op threads per process; 0: one less than the cores (shared by workers), at least 1
+    # Model instances (README "Performance"): forward passes of one model in flight at once, each on its
+    # own thread (and CUDA stream). 0: on CUDA 2, so that one pass's copies overlap another's kernels; on
+    # the CPU one per torch thread, so that a loaded server runs a one-thread pass on every core.
+    instances: int = 0
+    # Intra-op threads that the process's forward passes share: a pass that starts alone gets them all,
+    # one that starts beside others an equal share over every instance (batching.ThreadBudget).
+    # 0: the cores this process may run on (its CPU affinity), shared out among the workers.
+    torch_threads: int = 0
     workers: int = 1  # server processes sharing the gRPC port (SO_REUSEPORT); README "Performance"
     worker_index: int = -1  # set by the supervisor of --workers for each worker; -1: not a worker
     max_receive_message_bytes: int = 64 * MiB  # a full batch of large encoded images fits
@@ -74,6 +81,10 @@ class ServerConfig:
             raise ValueError(
                 f"max_queue_images ({self.max_queue_images}) must hold one full batch ({self.max_batch_size})"
             )
+        if self.instances < 0:
+            raise ValueError(f"instances must be >= 0 (0: automatic), got {self.instances}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0 (0: automatic), got {self.torch_threads}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.max_queue_delay_us < 0:
@@ -101,10 +112,24 @@ class ServerConfig:
         return f"{host}:{self.port}"
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``, a container's cpuset), not
+    every core of the machine. A CPU quota (``docker --cpus``, a Kubernetes limit) is not seen: set
+    ``--torch-threads`` there."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_torch_threads(workers: int = 1) -> int:
-    """For ``torch_threads=0``: one less than the cores, shared out among the workers, at least 1. A
-    core stays free for the event loops and gRPC's threads: OpenMP threads fighting the loop wreck p99."""
-    return max(1, ((os.cpu_count() or 1) - 1) // workers)
+    """For ``torch_threads=0``: the cores this process may use, shared out among the workers, at least 1."""
+    return max(1, available_cores() // workers)
+
+
+def default_instances(device_type: str, torch_threads: int) -> int:
+    """For ``instances=0``: 2 on CUDA; on the CPU one per torch thread (README "Performance")."""
+    return 2 if device_type == "cuda" else torch_threads
 
 
 def _flag(name: str) -> str:

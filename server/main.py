@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server import answers, grpc_metrics, inference
-from cifar10_serving.server.batching import Batcher
-from cifar10_serving.server.config import ServerConfig, default_torch_threads, parse_config
+from cifar10_serving.server.batching import Batcher, ThreadBudget
+from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.connections import close_port
 from cifar10_serving.server.gate import Gate
 from cifar10_serving.server.health import DrainingHealthServicer
@@ -108,6 +108,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     device = resolve_device(config.device)
     check_models_dir(config.models_dir)
     threads = set_threads(config)
+    instances = config.instances or default_instances(device.type, threads)
     models = load_models_dir(config.models_dir, device)
     if config.default_model not in models:
         raise ModelLoadError(f"default model {config.default_model!r} is not among the loaded: {sorted(models)}")
@@ -117,8 +118,9 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         interceptors = [grpc_metrics.interceptor(registry)]
     if device.type == "cuda":
         registry.register(GpuMemoryCollector([device.index or 0]))
+    budget = ThreadBudget(threads, instances * len(models))  # one for the process: every model's passes share it
     batchers = {name: Batcher(model, metrics, config.max_batch_size, config.max_queue_delay_us,
-                              config.max_queue_images) for name, model in models.items()}
+                              config.max_queue_images, instances, budget) for name, model in models.items()}
     for model in models.values():
         pooling = model.metadata.get("pooling", {})
         metrics.add_model(model.name, {
@@ -170,9 +172,9 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         raise
     for service in SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (metrics on %s, device %s, %d torch threads, default model %s%s)",
-             ", ".join(sorted(models)), config.host, port, metrics_port if metrics_port is not None else "off",
-             device, threads, config.default_model,
+    log.info("serving %s on %s:%d (metrics on %s, device %s, %d instances per model sharing %d torch threads, "
+             "default model %s%s)", ", ".join(sorted(models)), config.host, port,
+             metrics_port if metrics_port is not None else "off", device, instances, threads, config.default_model,
              f", worker {config.worker_index}" if config.worker_index >= 0 else "")
     return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate,
                device=str(device))

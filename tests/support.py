@@ -38,7 +38,8 @@ def export_tiny(directory: Path, name: str, pool: str = "max", pool_size: int = 
 
 def make_config(models_dir: Path, **overrides) -> ServerConfig:
     base = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, models_dir=str(models_dir),
-                        default_model="tiny-max", warmup_batches=1, torch_threads=1, grace_period_seconds=5.0)
+                        default_model="tiny-max", warmup_batches=1, torch_threads=1, instances=1,
+                        grace_period_seconds=5.0)
     return replace(base, **overrides)
 
 

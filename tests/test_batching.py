@@ -84,10 +84,11 @@ def test_under_load_a_forming_batch_waits_for_company(model):
     async def run():
         batcher, registry = make(model, max_batch_size=8, delay_us=300_000)
         batcher.start()
-        batcher._busy = True  # the model is busy: the next arrival is not a lone request
+        busy = asyncio.get_running_loop().create_future()
+        batcher._passes.add(busy)  # a pass is in flight: the next arrival is not a lone request
         first = asyncio.ensure_future(batcher.submit(images(1, 1), (), None))
         await asyncio.sleep(0)
-        batcher._busy = False
+        batcher._passes.discard(busy)
         await asyncio.sleep(0.05)  # within the delay, company arrives
         second = asyncio.ensure_future(batcher.submit(images(1, 2), (), None))
         await asyncio.gather(first, second)

@@ -72,21 +72,24 @@ def wait_for(condition, what: str, seconds: float = WAIT_SECONDS) -> None:
 
 @contextmanager
 def forward_held(server, model: str):
-    """Occupies the model's single forward-pass thread until the block ends, so requests queue up."""
-    batcher = server.app.batchers[model]
-    started, release = threading.Event(), threading.Event()
+    """Occupies every forward-pass thread of the model until the block ends, so requests queue up."""
+    instances = server.app.batchers[model].instances
+    started, release = threading.Semaphore(0), threading.Event()
 
     def hold():
-        started.set()
+        started.release()
         release.wait(WAIT_SECONDS * 3)
 
-    held = batcher._executor.submit(hold)  # the batcher runs every pass on this one-thread executor
-    assert started.wait(WAIT_SECONDS)
+    # Each instance runs its passes on its own one-thread executor: a job there keeps it from the batcher.
+    held = [instance.executor.submit(hold) for instance in instances]
+    for _ in instances:
+        assert started.acquire(timeout=WAIT_SECONDS)
     try:
         yield
     finally:
         release.set()
-        held.result(WAIT_SECONDS)
+        for job in held:
+            job.result(WAIT_SECONDS)
 
 
 def _code(call) -> str:
