@@ -478,7 +478,8 @@ def parse_args(argv):
     p.add_argument("--models-dir", default=None, help="default: the server's (model/artifacts)")
     p.add_argument("--model", default="base-max")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads (and the raw model's)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="the server's --torch-threads (0: its default, the cores); the raw model tries every count")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes (--workers); the client opens one connection per worker, and the raw "
                         "bound counts one model per worker, as if they scaled perfectly")

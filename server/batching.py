@@ -13,8 +13,9 @@ process's intra-op threads among the passes in flight. Rules:
   oldest request arrived (requests that queued during the previous pass have usually waited longer
   already, so they go at once).
 - The queue is bounded in images: a request that would overflow it fails at once (``QueueFull``).
-  Requests for feature maps may fill only ``FEATURE_QUEUE_SHARE`` of it: their answers cost far more
-  to build and send, and a queue full of them would refuse every plain request.
+  Requests for feature maps may queue only one full batch of images (``max_batch_size``) beside the
+  passes in flight: their answers cost far more to compute, build and send, and a plain request
+  queued behind several of their passes waited seconds (1.7-3 s for four, on the 2-core VM).
 - Cancelled requests and requests past their deadline are dropped before compute.
 - A forward pass that raises fails the requests of that batch only (``ModelFailure``).
 - Forward passes run only at the batch sizes of a short ladder (``batch_ladder``): a batch of n
@@ -48,9 +49,8 @@ log = logging.getLogger(__name__)
 # How allocators say they ran out: CUDA raises torch.OutOfMemoryError ("out of memory"), the CPU
 # allocator a RuntimeError ("can't allocate memory"), and TorchScript wraps either in its own error.
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
-# Of max_queue_images, for requests that ask for feature maps: four full batches at the defaults keep
-# the model busy, and a plain request queued behind them waits for at most those four passes.
-FEATURE_QUEUE_SHARE = 0.25
+# Passes of at least this many images may take every thread when nothing else is in flight (ThreadBudget).
+WIDE_PASS_IMAGES = 16
 
 
 def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
@@ -67,18 +67,23 @@ def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
 class ThreadBudget:
     """The intra-op threads that the forward passes of one process share (``--torch-threads``).
 
-    A pass that starts while no other is in flight gets all of them: a lone request on an idle server
-    uses every core it may. One that starts beside others gets an equal share over every instance of
-    every model (at least one), so that a loaded server runs its passes side by side on their own
-    cores instead of each asking for them all. Two sizes only: every size a pass can get is a set of
-    oneDNN kernels that warm-up must make. Used from the event loop only: no lock.
+    A pass of at least ``wide_from`` images that starts while no other is in flight gets all of them:
+    a lone large request on an idle server uses every core it may. Every other pass gets an equal
+    share over every instance of every model (at least one), so that a loaded server runs its passes
+    side by side on their own cores instead of each asking for them all. Small passes never go wide:
+    measured on the 2-core VM (README "Performance"), a single image gained nothing from a second
+    thread in the server, and the second thread's OpenMP spin-wait after each pass took the core the
+    event loop needed, costing throughput whenever another pass started beside it. Two sizes only:
+    every size a pass can get is a set of oneDNN kernels that warm-up must make. Used from the event
+    loop only: no lock.
     """
 
-    def __init__(self, threads: int, instances: int) -> None:
+    def __init__(self, threads: int, instances: int, wide_from: int = WIDE_PASS_IMAGES) -> None:
         if threads < 1 or instances < 1:
             raise ValueError(f"a thread budget needs threads and instances >= 1, got {threads} and {instances}")
         self.threads = threads
         self.share = max(1, threads // instances)
+        self.wide_from = wide_from
         self.in_flight = 0
 
     @property
@@ -86,10 +91,10 @@ class ThreadBudget:
         """Every thread count a pass can get, for warm-up."""
         return tuple(sorted({self.threads, self.share}))
 
-    def take(self) -> int:
-        threads = self.threads if self.in_flight == 0 else self.share
+    def take(self, images: int) -> int:
+        wide = self.in_flight == 0 and images >= self.wide_from
         self.in_flight += 1
-        return threads
+        return self.threads if wide else self.share
 
     def give_back(self) -> None:
         self.in_flight -= 1
@@ -153,8 +158,9 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_us / 1e6
         self.max_queue_images = max_queue_images
-        # At least one full request, whatever the share.
-        self.max_queue_feature_images = max(max_batch_size, int(max_queue_images * FEATURE_QUEUE_SHARE))
+        # One full batch for feature maps: a plain request waits behind at most that one and the
+        # passes in flight (a quarter of the queue, four batches at the defaults, was seconds).
+        self.max_queue_feature_images = min(max_batch_size, max_queue_images)
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_images = 0
         self._queued_feature_images = 0
@@ -192,20 +198,23 @@ class Batcher:
 
     def warm_up(self, rounds: int) -> None:
         """Runs forward passes at every batch size of the ladder, with and without all feature maps,
-        ``rounds`` times, on every instance's own thread at every thread count a pass can get: every
-        kernel the model will need is made before the server says SERVING. oneDNN makes kernels per
-        thread count, shared by every thread; OpenMP gives each calling thread its own team of
-        workers, made the first time it asks for more than one."""
-        for instance in self.instances:
-            instance.executor.submit(self._warm_up, instance, rounds).result()
+        ``rounds`` times, at every thread count a pass of that size can get: every kernel the model
+        will need is made before the server says SERVING. oneDNN makes kernels per shape and thread
+        count, shared by every thread, so the first instance makes them all; OpenMP gives each calling
+        thread its own team of workers, made the first time it asks for more than one, so every other
+        instance runs one pass at each thread count (the start of the 4 bundled models took 49 s when
+        every instance ran the whole ladder at both counts, 18 s with one instance)."""
+        for i, instance in enumerate(self.instances):
+            instance.executor.submit(self._warm_up, instance, rounds if i == 0 else 0).result()
 
     def _warm_up(self, instance: _Instance, rounds: int) -> None:
         images = np.zeros((self.max_batch_size, *self.model.input_shape), dtype=np.uint8)
+        wide = [n for n in self.ladder if n >= self.budget.wide_from]
         for threads in self.budget.sizes:
-            for _ in range(rounds):
-                for n in self.ladder:
-                    for layers in ((), tuple(self.model.layer_names)):
-                        self._forward(instance, [_Job(images[:n], layers, None, None)], threads)  # type: ignore[arg-type]
+            sizes = self.ladder if threads == self.budget.share else wide
+            for n in (sizes * rounds) or sizes[-1:]:  # rounds 0: one pass, for this thread's team
+                for layers in ((), tuple(self.model.layer_names)):
+                    self._forward(instance, [_Job(images[:n], layers, None, None)], threads)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ submit
     async def submit(self, images: np.ndarray, layers: tuple[str, ...], deadline: float | None) -> BatchResult:
@@ -250,7 +259,7 @@ class Batcher:
         started = time.monotonic()
         for job in jobs:
             self.metrics.queue_seconds.labels(self.model.name).observe(started - job.enqueued)
-        threads = self.budget.take()
+        threads = self.budget.take(sum(len(job.images) for job in jobs))
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(
                 instance.executor, self._forward, instance, jobs, threads)

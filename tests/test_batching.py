@@ -47,7 +47,7 @@ def test_concurrent_requests_of_different_sizes_get_their_own_results(model):
         batcher, registry = make(model, max_batch_size=8)
         batcher.start()
         inputs = [images(n, seed) for seed, n in enumerate(sizes)]
-        layers = [("stage2.pool",) if i % 3 == 0 else () for i in range(len(sizes))]
+        layers = [("stage2.pool",) if i % 4 == 0 else () for i in range(len(sizes))]  # 7 images: one batch
         results = await asyncio.gather(*(batcher.submit(x, l, None) for x, l in zip(inputs, layers)))
         await batcher.stop()
         return inputs, layers, results, registry
@@ -115,6 +115,25 @@ def test_a_full_queue_sheds_at_once_and_the_queued_still_complete(model):
     results, registry = asyncio.run(run())
     assert [len(r.probabilities) for r in results] == [4, 4]
     assert registry.get_sample_value("cifar10_queue_images", {"model": "tiny-max"}) == 0
+
+
+def test_feature_map_requests_queue_one_batch_and_never_shut_out_plain_ones(model):
+    async def run():
+        batcher, registry = make(model, max_batch_size=4, max_queue_images=64)
+        queued = [asyncio.ensure_future(batcher.submit(images(2, i), ("stage1.conv1",), None)) for i in range(2)]
+        await asyncio.sleep(0)  # one full batch of feature-map images is queued; the batcher is not running
+        with pytest.raises(QueueFull, match="4 images queued for feature maps; the limit is 4"):
+            await batcher.submit(images(1, 9), ("stage1.conv1",), None)
+        plain = [asyncio.ensure_future(batcher.submit(images(4, 10 + i), (), None)) for i in range(8)]
+        await asyncio.sleep(0)  # the rest of the queue is still open to plain requests
+        batcher.start()
+        results = await asyncio.gather(*queued, *plain)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(run())
+    assert [len(r.probabilities) for r in results] == [2, 2] + [4] * 8
+    assert all(tuple(r.features) == ("stage1.conv1",) for r in results[:2])
 
 
 def test_cancelled_and_expired_requests_are_dropped_before_compute(model):

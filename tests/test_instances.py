@@ -203,7 +203,7 @@ def test_a_lone_pass_gets_the_whole_budget_and_one_beside_it_a_share(model):
     watched = _Watched(model.module, before=_barrier(2))
 
     async def run():
-        batcher, _ = make(model, watched, instances=2, budget=ThreadBudget(2, 2))
+        batcher, _ = make(model, watched, instances=2, budget=ThreadBudget(2, 2, wide_from=1))
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(images(1, 1), (), None))
         await asyncio.sleep(0)  # the first pass starts alone
@@ -216,24 +216,28 @@ def test_a_lone_pass_gets_the_whole_budget_and_one_beside_it_a_share(model):
 
 
 def test_the_budget_has_two_sizes_the_whole_and_an_even_share():
-    budget = ThreadBudget(8, 3)
+    budget = ThreadBudget(8, 3, wide_from=16)
     assert budget.sizes == (2, 8)
-    assert [budget.take(), budget.take(), budget.take()] == [8, 2, 2]
+    assert [budget.take(16), budget.take(64), budget.take(64)] == [8, 2, 2]
     budget.give_back(), budget.give_back(), budget.give_back()
-    assert budget.take() == 8  # idle again: the next pass gets every thread
+    assert budget.take(64) == 8  # idle again: the next large pass gets every thread
+    budget.give_back()
+    assert budget.take(15) == 2  # a small pass never goes wide, even alone
     assert ThreadBudget(2, 8).sizes == (1, 2) and ThreadBudget(1, 2).sizes == (1,)
     with pytest.raises(ValueError, match="instances >= 1"):
         ThreadBudget(2, 0)
 
 
-def test_warm_up_runs_every_instance_at_every_thread_count_and_rung(model):
+def test_warm_up_makes_every_kernel_once_and_every_instance_its_thread_team(model):
     watched = _Watched(model.module)
-    batcher, _ = make(model, watched, instances=2, max_batch_size=4, budget=ThreadBudget(2, 2))
+    batcher, _ = make(model, watched, instances=2, max_batch_size=4, budget=ThreadBudget(2, 2, wide_from=3))
     batcher.warm_up(1)
-    seen = {(thread, threads, n) for thread, threads, n in watched.passes}
-    threads_of = {thread for thread, _, _ in seen}
-    assert len(threads_of) == 2
-    assert seen == {(t, k, n) for t in threads_of for k in (1, 2) for n in batcher.ladder}
+    first, second = dict.fromkeys(thread for thread, _, _ in watched.passes)  # in the order they ran
+    seen = {t: {(threads, n) for thread, threads, n in watched.passes if thread == t} for t in (first, second)}
+    assert batcher.ladder == (1, 2, 3, 4)
+    # the first instance: every rung at the share, the rungs a lone pass may take wide at every thread
+    assert seen[first] == {(1, n) for n in batcher.ladder} | {(2, 3), (2, 4)}
+    assert seen[second] == {(1, 4), (2, 4)}  # one pass at each thread count it can get
     asyncio.run(batcher.stop())
 
 

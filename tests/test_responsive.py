@@ -34,12 +34,9 @@ PLAIN = pb.ClassifyRequest(images=[pb.Image(raw=pb.RawTensor(shape=[32, 32, 3], 
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("small-max")
     (models / "small-max.pt").symlink_to(SHIPPED / "small-max.pt")  # only this one: loading is most of the start
-    # --max-queue-images 256: feature-map requests may then queue one full batch (a quarter of the
-    # queue) beside the one computing, so a plain call waits for two of their passes at most; at the
-    # default 1,024 it is five, 1.7-3 s on a busy 2-core machine.
     # No warm-up: the load's first seconds, before the probe, do it.
     with ServerProcess(["--models-dir", str(models), "--default-model", "small-max", "--torch-threads", "1",
-                        "--max-queue-images", "256", "--warmup-batches", "0", "--grace-period-seconds", "1"]) as process:
+                        "--warmup-batches", "0", "--grace-period-seconds", "1"]) as process:
         yield process
 
 
