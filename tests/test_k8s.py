@@ -223,8 +223,8 @@ def test_resources_and_forward_threads_fit_the_request(overlay, rendered):
     requests, limits = c["resources"]["requests"], c["resources"]["limits"]
     assert {"cpu", "memory"} <= requests.keys() and "memory" in limits
     assert "cpu" not in limits  # throttling would show up as p99 spikes
-    # os.cpu_count() is the node's in a container: the threads must be set, one core left for gRPC.
-    assert server_config(c).torch_threads == max(1, int(cpu_cores(requests["cpu"])) - 1)
+    # os.cpu_count() is the node's in a container: the thread budget must be set, to the request.
+    assert server_config(c).torch_threads == max(1, int(cpu_cores(requests["cpu"])))
 
 
 def test_the_device_each_overlay_asks_for(rendered):
@@ -325,7 +325,7 @@ def test_the_inference_service_avoids_what_knative_reserves(rendered):
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["runAsUser"] == dockerfile_uid()
     requests = c["resources"]["requests"]
-    assert config.torch_threads == max(1, int(cpu_cores(requests["cpu"])) - 1)
+    assert config.torch_threads == max(1, int(cpu_cores(requests["cpu"])))
 
 
 # ----------------------------------------------------------------------------- read-only root, for real
