@@ -254,7 +254,7 @@ def health_calls(channel):
 
 
 # ----------------------------------------------------------------------------- the server
-def _echo_problems(line: str) -> None:
+def echo_problems(line: str) -> None:
     """The server's warnings and errors go on to our stderr; the rest stays in its log."""
     if " WARNING " in line or " ERROR " in line:
         sys.stderr.write(line)
@@ -268,7 +268,7 @@ def start_server(args) -> ServerProcess:
         cmd += ["--models-dir", args.models_dir]
     if args.model:
         cmd += ["--default-model", args.model]
-    return ServerProcess(cmd, on_line=_echo_problems)
+    return ServerProcess(cmd, on_line=echo_problems)
 
 
 def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
@@ -473,6 +473,19 @@ def threads(level: Level) -> str:
     return f"{level.raw_threads}x{level.raw_processes}" if level.raw_processes > 1 else str(level.raw_threads)
 
 
+def write_results(out: str | Path, name: str, document: dict, rows: list) -> None:
+    """``document`` as ``out/NAME-STAMP.json`` and the dataclass ``rows`` as the same name's .csv."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"{name}-{stamp}.json").write_text(json.dumps(document, indent=1))
+    with open(out / f"{name}-{stamp}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    print(f"wrote {out}/{name}-{stamp}.json and .csv")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models-dir", default=None, help="default: the server's (model/artifacts)")
@@ -531,18 +544,10 @@ def main(argv=None) -> int:
           + json.dumps({b: {t: round(v) for t, v in rates.items()} for b, rates in sorted(raw.by_threads.items())}))
     if not native:
         print("h2load not found (apt-get install nghttp2-client): no native-client floor")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {"machine": info, "model": args.model, "raw_img_per_s": raw.cache, "raw_best": raw.best,
               "raw_img_per_s_by_threads": raw.by_threads, "h2_floor_req_per_s": native,
               "levels": [asdict(l) for l in levels]}
-    (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
-    with open(out / f"bench-{stamp}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(levels[0])))
-        writer.writeheader()
-        writer.writerows(asdict(l) for l in levels)
-    print(f"wrote {out}/bench-{stamp}.json and .csv")
+    write_results(args.out, "bench", report, levels)
     return 0
 
 

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import json
 import math
 import os
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,8 +40,8 @@ from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_
 from cifar10_serving.server.process import ServerProcess
 
 from bench import h2floor
-from bench.bench import (ROOT, RawModel, batch_stats, closed_loop, health_calls, make_requests, make_v2_requests,
-                         spread, unary_calls, v2_calls)
+from bench.bench import (ROOT, RawModel, batch_stats, closed_loop, echo_problems, health_calls, make_requests,
+                         make_v2_requests, spread, unary_calls, v2_calls, write_results)
 from bench.nullmodel import NAME, export_null
 
 BAR_MS_PER_REQUEST = 0.3  # issue 16: server CPU outside the model per single-image request
@@ -95,12 +92,6 @@ def start_server(extra: list[str], models_dir: Path) -> ServerProcess:
     """The real server on the do-nothing model, default flags otherwise (``extra`` comes last, so it
     wins); in its own session, so its process group is the server and its workers."""
     return ServerProcess(["--models-dir", str(models_dir), "--default-model", NAME, *extra], on_line=echo_problems)
-
-
-def echo_problems(line: str) -> None:
-    """The server's warnings and errors go on to our stderr; the rest stays in its log."""
-    if " WARNING " in line or " ERROR " in line:
-        sys.stderr.write(line)
 
 
 def with_bar(row: Row) -> Row:
@@ -266,20 +257,12 @@ def main(argv=None) -> int:
     print(table(rows))
     print(f"the do-nothing pass itself, in this process: {forward[1]:.0f} us at batch 1, "
           f"{forward[64]:.0f} us at batch 64")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     document = {"cores": os.cpu_count(), "load_average_at_start": load, "server_args": args.server_arg,
                 "null_forward_us": forward, "bar": {"ms_per_request": BAR_MS_PER_REQUEST,
                                                     "us_per_image": BAR_US_PER_IMAGE},
                 "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()}
                          for r in rows]}  # NaN is not JSON
-    (out / f"overhead-{stamp}.json").write_text(json.dumps(document, indent=1))
-    with open(out / f"overhead-{stamp}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    print(f"wrote {out}/overhead-{stamp}.json and .csv")
+    write_results(args.out, "overhead", document, rows)
     return 0
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.bench import _echo_problems, closed_loop, make_requests, spread, unary_calls
+from bench.bench import closed_loop, echo_problems, make_requests, spread, unary_calls
 from bench.serverproc import machine
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.process import ServerProcess
@@ -494,7 +494,7 @@ def main(argv=None) -> int:
         store = work / "store"
         build_mar(venv, artifact, args.model, store, args.ts_threads)
         with TorchServe(venv, work, store, args.ts_workers) as torchserve, \
-                ServerProcess([*args.server_args, "--models-dir", args.models_dir], on_line=_echo_problems) as ours:
+                ServerProcess([*args.server_args, "--models-dir", args.models_dir], on_line=echo_problems) as ours:
             result = asyncio.run(run(args, ours, torchserve, ts_pb2, ts_grpc))
     finally:
         shutil.rmtree(work, ignore_errors=True)
