@@ -177,7 +177,11 @@ class Batcher:
         self._passes: set[asyncio.Task] = set()
         self.ladder = batch_ladder(max_batch_size)
         self._layer_order = {name: i for i, name in enumerate(model.layer_names)}
+        # The per-pass series, looked up once: ``labels`` takes a lock and builds a key on every call.
         self._queue_gauge = metrics.queue_images.labels(model.name)
+        self._queue_seconds = metrics.queue_seconds.labels(model.name)
+        self._compute_seconds = metrics.compute_seconds.labels(model.name)
+        self._batch_size = metrics.batch_size.labels(model.name)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -261,7 +265,7 @@ class Batcher:
     async def _pass(self, instance: _Instance, jobs: list[_Job]) -> None:
         started = time.monotonic()
         for job in jobs:
-            self.metrics.queue_seconds.labels(self.model.name).observe(started - job.enqueued)
+            self._queue_seconds.observe(started - job.enqueued)
         threads = self.budget.take(sum(len(job.images) for job in jobs))
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(
@@ -349,8 +353,8 @@ class Batcher:
     def _deliver(self, jobs: list[_Job], outcome) -> None:
         probs, feats, compute_seconds = outcome
         n_total = len(probs)
-        self.metrics.compute_seconds.labels(self.model.name).observe(compute_seconds)
-        self.metrics.batch_size.labels(self.model.name).observe(n_total)
+        self._compute_seconds.observe(compute_seconds)
+        self._batch_size.observe(n_total)
         offset = 0
         for job in jobs:
             k = len(job.images)
