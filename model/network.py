@@ -99,11 +99,13 @@ class PatchWhitening(nn.Conv2d):
     """A frozen 2x2 convolution (no padding) whose filters whiten the input's 2x2 patches, as in airbench:
     the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue), then the same filters
     negated, so the GELU after it keeps both signs of each direction. Fitted once from training
-    images (``fit``), never trained: the weight has ``requires_grad`` off and no optimizer sees it."""
+    images (``fit``), never trained: the weight has ``requires_grad`` off and no optimizer sees it.
+    The bias starts at zero and is trained (airbench trains it for the first epochs, then freezes it)."""
 
     def __init__(self, c_in: int, patch: int = WHITEN_PATCH) -> None:
-        super().__init__(c_in, 2 * c_in * patch * patch, patch, bias=False)
+        super().__init__(c_in, 2 * c_in * patch * patch, patch, bias=True)
         self.weight.requires_grad_(False)
+        nn.init.zeros_(self.bias)
 
     @torch.jit.unused
     def fit(self, x: Tensor, eps: float = WHITEN_EPS) -> None:
@@ -117,6 +119,7 @@ class PatchWhitening(nn.Conv2d):
         filters = filters.reshape(c * k * k, c, k, k).to(self.weight.dtype)
         with torch.no_grad():
             self.weight.copy_(torch.cat([filters, -filters]))
+            self.bias.zero_()
 
 
 class Stage(nn.Sequential):

@@ -11,6 +11,7 @@ Uses the GPU with bf16 autocast when there is one, the CPU otherwise.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -21,12 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cifar10_serving.model.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from cifar10_serving.model.data import DEFAULT_DATA, Dataset, load_training_set, validation_split
-from cifar10_serving.model.ema import EMA
+from cifar10_serving.model.ema import EMA, Lookahead
 from cifar10_serving.model.evaluate import autocast, evaluate
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
 from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig, fit_whitening
@@ -34,27 +35,42 @@ from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig, fit
 log = logging.getLogger("model.train")
 WHITEN_FIT_IMAGES = 5000  # airbench fits its whitening layer on 5,000 training images; the estimate is settled by then
 
-ARCHS = {  # named (widths, residual) plans; "base" is the <=150 MFLOP default, "small" the CPU-trainable one
-    "small": ((32, 64, 128), False),  # 35 MFLOP per image
-    "plain": ((64, 128, 256), False),  # 136 MFLOP per image
-    "base": ((32, 128, 256), True),  # 143 MFLOP per image
-    "large": ((128, 256, 512), True),  # 762 MFLOP per image, for GPU serving
+ARCHS = {  # named (widths, residual, whiten) plans; "base" is the <=150 MFLOP default
+    "small": ((32, 64, 128), False, False),  # 35 MFLOP per image
+    "plain": ((64, 128, 256), False, False),  # 136 MFLOP per image
+    "base": ((64, 176, 176), False, True),  # 149 MFLOP per image: airbench94's network, narrowed from 256
+    "residual": ((32, 128, 256), True, False),  # 143 MFLOP per image: the base plan of model versions 1-2
+    "large": ((128, 256, 512), True, False),  # 762 MFLOP per image, for GPU serving
 }
 
 
 # ----------------------------------------------------------------------------- hyperparameters
 @dataclass(frozen=True)
 class Recipe:
-    epochs: int = 60
-    batch_size: int = 512
-    lr: float = 0.4  # peak SGD learning rate, reached after warmup_epochs
-    warmup_epochs: float = 2.0  # linear ramp from lr/10, then linear decay to 0 (one-cycle)
-    momentum: float = 0.9  # nesterov
-    weight_decay: float = 5e-4  # on conv and fc weights only; BN and biases are not decayed
+    """The defaults are airbench94's recipe (Keller Jordan's), written in PyTorch's own terms: its
+    learning rate 11.5 and weight decay 0.0153 "per 1024 examples" on a summed loss are lr 1.5 and
+    weight decay 1.33e-3 on the mean loss at batch 1024 with Nesterov momentum 0.85."""
+
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 1.5  # peak SGD learning rate on the mean loss, reached after warmup_epochs
+    warmup_epochs: float = 2.3  # linear ramp from lr_start * lr, then linear decay to lr_end * lr
+    lr_start: float = 0.2
+    lr_end: float = 0.07
+    momentum: float = 0.85  # nesterov
+    weight_decay: float = 1.33e-3  # every trained parameter, the same fraction per step (see make_optimizer)
+    bias_lr_scale: float = 64.0  # BatchNorm biases learn this much faster (airbench's bias_scaler)
+    frozen_bn_weights: bool = True  # BatchNorm's scales stay 1 (airbench); only its biases train
+    bn_momentum: float = 0.4  # PyTorch's sense: the weight of the newest batch in the running statistics
+    dirac: bool = True  # each 3x3 convolution starts as the identity on its first in_channels filters
+    logit_scale: float = 1 / 9  # the fc output is scaled by this in training; folded into fc at export
+    whiten_bias_epochs: int = 3  # the whitening layer's bias trains for these first epochs, then freezes
+    lookahead: bool = True  # airbench's lookahead averaging every 5 steps (model/ema.py)
     label_smoothing: float = 0.2  # airbench's value: the net is small, the labels are hard
-    translate_px: int = 4  # random shifts up to this many pixels, reflect-padded
-    flip: bool = True  # random horizontal flips
-    cutout: int = 16  # side of a square set to the mean colour at a random place in each image (0: off)
+    translate_px: int = 2  # random shifts up to this many pixels, reflect-padded
+    flip: bool = True  # horizontal flips
+    alternate_flip: bool = True  # each image flipped at random once, then the other way every other epoch
+    cutout: int = 0  # side of a square set to the mean colour at a random place in each image (0: off)
     val_per_class: int = 500  # 5,000 validation images in all
     seed: int = 0
     kd_weight: float = 0.0  # with a teacher: loss = (1 - w) * label loss + w * distillation loss
@@ -65,14 +81,17 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------- augmentation
-def augment(padded: Tensor, idx: Tensor, recipe: Recipe, gen: torch.Generator) -> Tensor:
+def augment(padded: Tensor, idx: Tensor, recipe: Recipe, gen: torch.Generator, flip: Tensor | None = None) -> Tensor:
     """Random translate (crop from the reflect-padded images) and flip, on uint8, vectorised, on the
-    device that holds ``padded`` (the random draws come from the CPU generator, so runs are seeded)."""
+    device that holds ``padded`` (the random draws come from the CPU generator, so runs are seeded).
+    ``flip``, if given, says which images to flip (alternating flips) instead of a coin per image."""
     pad, device = recipe.translate_px, padded.device
     n, size = len(idx), padded.shape[-1] - 2 * pad
     dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen).to(device, non_blocking=True)
     dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen).to(device, non_blocking=True)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(device, non_blocking=True)
+    if flip is None:
+        flip = torch.rand(n, generator=gen) < 0.5
+    flip = flip.to(device, non_blocking=True)
     idx = idx.to(device, non_blocking=True)
     ar = torch.arange(size, device=device)
     rows, cols = (dy + ar)[:, None, :, None], (dx + ar)[:, None, None, :]
@@ -104,25 +123,66 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
 # ----------------------------------------------------------------------------- training
 def make_optimizer(net: CifarNet, recipe: Recipe) -> torch.optim.Optimizer:
-    trained = [p for p in net.parameters() if p.requires_grad]  # the frozen whitening layer stays out
-    decay = [p for p in trained if p.ndim > 1]
-    no_decay = [p for p in trained if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Nesterov SGD in two groups: BatchNorm biases at ``bias_lr_scale`` times the learning rate, the
+    rest at the learning rate. Weight decay takes the same fraction of every parameter per step
+    (``lr * weight_decay``), so the faster group's decay is divided by its scale. Each group carries
+    its ``lr_scale`` for the schedule. Frozen parameters (the whitening filters) stay out."""
+    bn_biases = {id(m.bias) for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
+    trained = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    fast = [p for _, p in trained if id(p) in bn_biases]
+    rest = [p for _, p in trained if id(p) not in bn_biases]
+    scale = recipe.bias_lr_scale
+    groups = [{"params": rest, "weight_decay": recipe.weight_decay, "lr_scale": 1.0},
+              {"params": fast, "weight_decay": recipe.weight_decay / scale, "lr_scale": scale}]
     return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+def lr_at(step: int, total: int, warmup: int, peak: float, start: float = 0.1, end: float = 0.0) -> float:
+    """Linear from ``start * peak`` to ``peak`` over ``warmup`` steps, then linear to ``end * peak``."""
     if step < warmup:
-        return peak * (0.1 + 0.9 * step / max(1, warmup))
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
+        return peak * (start + (1 - start) * step / max(1, warmup))
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (1 - frac + end * frac)
+
+
+def prepare_fresh(net: CifarNet, recipe: Recipe) -> None:
+    """What the recipe does to a newly built network before its first step: dirac initialisation of
+    the 3x3 convolutions (the first ``in_channels`` filters pass their input through unchanged) and
+    BatchNorm's settings. Not for fine-tuning, whose weights come from a file."""
+    for module in net.modules():
+        if recipe.dirac and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1):
+            with torch.no_grad():
+                w = module.weight
+                nn.init.dirac_(w[: min(w.shape[0], w.shape[1])])
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = recipe.bn_momentum
+
+
+def freeze_bn_weights(net: CifarNet, recipe: Recipe) -> None:
+    if recipe.frozen_bn_weights:
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.requires_grad_(False)
+
+
+def fold_logit_scale(net: CifarNet, scale: float) -> CifarNet:
+    """A copy of ``net`` whose fc layer computes ``scale`` times its logits: what the exported file holds."""
+    folded = copy.deepcopy(net)
+    if scale != 1.0:
+        with torch.no_grad():
+            folded.classifier.fc.weight.mul_(scale)
+            folded.classifier.fc.bias.mul_(scale)
+    return folded
 
 
 def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, full: bool, progress: bool,
-          teacher: CifarNet | None = None, fit_whiten: bool = True, checkpoint_dir: str | Path | None = None,
+          teacher: CifarNet | None = None, fresh: bool = True, checkpoint_dir: str | Path | None = None,
           resume: bool = False, stop_after: int | None = None) -> dict:
-    """Trains ``net`` in place. With ``checkpoint_dir`` saves a checkpoint after every epoch; ``resume``
-    continues from the last one there; ``stop_after`` ends the run after that epoch (training in pieces).
-    With EMA on, ``net`` ends holding the averaged weights."""
+    """Trains ``net`` in place. ``fresh``: a new network (dirac init, whitening fitted, the logit scale
+    applied); False for fine-tuning a file's weights. With ``checkpoint_dir`` saves a checkpoint after
+    every epoch; ``resume`` continues from the last one there; ``stop_after`` ends the run after that
+    epoch (training in pieces). ``net`` ends holding the weights to export (averaged with EMA on, the
+    logit scale folded into fc)."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     train_idx, val_idx = validation_split(data.labels, recipe.val_per_class, recipe.seed)
@@ -131,12 +191,19 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
     padded = reflect_pad(data.images, recipe.translate_px).to(device)  # 150 MB on the GPU: augment there
     labels = data.labels.to(device)
     net.to(device, memory_format=torch.channels_last)
-    if fit_whiten:  # from un-augmented training images only, never the validation split
-        fit_whitening(net, data.images[train_idx[:WHITEN_FIT_IMAGES]])
+    scale = recipe.logit_scale if fresh else 1.0  # a file's fc has its scale folded in already
+    if fresh:
+        prepare_fresh(net, recipe)
+        fit_whitening(net, data.images[train_idx[:WHITEN_FIT_IMAGES]])  # un-augmented training images only
+    freeze_bn_weights(net, recipe)
     opt = make_optimizer(net, recipe)
     ema = EMA(net, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
     steps_per_epoch = (len(train_idx) + recipe.batch_size - 1) // recipe.batch_size
     total, warmup = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
+    lookahead = Lookahead(net, total) if recipe.lookahead else None
+    # alternating flips: a fixed coin per image (its own seeded generator, so resuming needs no state),
+    # the image flipped that way in odd epochs and the other way in even ones
+    first_flip = torch.rand(len(data.labels), generator=torch.Generator().manual_seed(recipe.seed + 1)) < 0.5
     history, step, t_train, first_epoch = [], 0, 0.0, 1
     saved = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
     if resume and saved is None:
@@ -149,12 +216,17 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
         opt.load_state_dict(saved["optimizer"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
+        if lookahead is not None:
+            lookahead.load_state_dict(saved["lookahead"])
         gen.set_state(saved["data_generator"])
         set_rng_states(saved["rng"])
         history, step, t_train, first_epoch = saved["history"], saved["step"], saved["train_seconds"], saved["epoch"] + 1
         log.info("resumed from %s after epoch %d (step %d)", checkpoint_dir, saved["epoch"], step)
     for epoch in range(first_epoch, recipe.epochs + 1):
         net.train()
+        if fresh and net.config.whiten:
+            net.stem.whiten.bias.requires_grad_(epoch <= recipe.whiten_bias_epochs)
+        flips = (first_flip if epoch % 2 else ~first_flip) if recipe.flip and recipe.alternate_flip else None
         t0 = time.perf_counter()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
         batches = perm.split(recipe.batch_size)
@@ -164,12 +236,14 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
             batches = tqdm(batches, desc=f"epoch {epoch}/{recipe.epochs}", leave=False, file=sys.stderr)
         loss_sum = torch.zeros((), device=device)
         for idx in batches:
-            x = augment(padded, idx, recipe, gen).contiguous(memory_format=torch.channels_last)
+            x = augment(padded, idx, recipe, gen, None if flips is None else flips[idx])
+            x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx.to(device, non_blocking=True)]
+            lr = lr_at(step, total, warmup, recipe.lr, recipe.lr_start, recipe.lr_end)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, recipe.lr)
+                group["lr"] = lr * group["lr_scale"]
             with autocast(device):
-                logits = net.logits(x)
+                logits = net.logits(x) * scale
                 loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
                 if teacher is not None:
                     with torch.no_grad():
@@ -181,10 +255,14 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step += 1
+            if lookahead is not None:
+                lookahead.step(net, step)
+                if step == total:
+                    lookahead.finish(net)
             if ema is not None:
                 ema.update(net)
             loss_sum += loss.detach() * len(idx)
-            step += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -193,7 +271,7 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
                "images_per_second": len(train_idx) / seconds}
         if not full:
             exact = epoch == recipe.epochs  # the last line is the figure the metadata records
-            scored = net if ema is None else ema.module  # the weights that would be exported
+            scored = fold_logit_scale(net if ema is None else ema.module, scale)  # the weights to export
             row.update(evaluate(scored, data.images[val_idx], data.labels[val_idx], device, exact=exact))
         history.append(row)
         val = f" val {100 * row['accuracy']:.2f}% (flip-TTA {100 * row['accuracy_flip_tta']:.2f}%)" if not full else ""
@@ -205,12 +283,12 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
                 "recipe": asdict(recipe), "config": net.config.to_dict(), "full": full,
                 "model": net.state_dict(), "optimizer": opt.state_dict(),
                 "ema": None if ema is None else ema.state_dict(),
+                "lookahead": None if lookahead is None else lookahead.state_dict(),
                 "data_generator": gen.get_state(), "rng": rng_states()})
         if stop_after is not None and epoch >= stop_after and epoch < recipe.epochs:
             log.info("stopped after epoch %d of %d; continue with --resume", epoch, recipe.epochs)
             break
-    if ema is not None:
-        net.load_state_dict(ema.module.state_dict())
+    net.load_state_dict(fold_logit_scale(net if ema is None else ema.module, scale).state_dict())
     return {"finished": history[-1]["epoch"] == recipe.epochs if history else False,
             "history": history, "train_seconds": t_train, "train_images": len(train_idx),
             "validation_images": 0 if full else len(val_idx)}
@@ -255,8 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--widths", default=None, help="comma-separated widths; overrides --arch")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="residual stages (conv3 and a skip connection); default: the arch's")
-    p.add_argument("--whiten", action="store_true",
-                   help="a frozen 2x2 patch-whitening first layer, fitted to the training images (airbench)")
+    p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None,
+                   help="a frozen 2x2 patch-whitening first layer, fitted to the training images (airbench); "
+                        "default: the arch's")
     p.add_argument("--ema", type=float, default=Recipe.ema_decay, metavar="DECAY",
                    help="export an exponential moving average of the weights with this decay per update (0: off)")
     p.add_argument("--ema-every", type=int, default=Recipe.ema_every, metavar="STEPS", help="steps between EMA updates")
@@ -275,6 +354,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--lr", type=float, default=Recipe.lr)
     p.add_argument("--warmup-epochs", type=float, default=Recipe.warmup_epochs, help="linear warm-up of the learning rate")
+    p.add_argument("--lr-start", type=float, default=Recipe.lr_start, help="learning rate at step 0, as a fraction of --lr")
+    p.add_argument("--lr-end", type=float, default=Recipe.lr_end, help="learning rate at the last step, as a fraction of --lr")
+    p.add_argument("--momentum", type=float, default=Recipe.momentum, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=Recipe.weight_decay)
+    p.add_argument("--bias-lr-scale", type=float, default=Recipe.bias_lr_scale,
+                   help="BatchNorm biases learn this many times faster")
+    p.add_argument("--frozen-bn-weights", action=argparse.BooleanOptionalAction, default=Recipe.frozen_bn_weights,
+                   help="BatchNorm scales stay 1; only the biases train")
+    p.add_argument("--bn-momentum", type=float, default=Recipe.bn_momentum,
+                   help="weight of the newest batch in BatchNorm's running statistics")
+    p.add_argument("--dirac", action=argparse.BooleanOptionalAction, default=Recipe.dirac,
+                   help="3x3 convolutions start as the identity on their first in_channels filters")
+    p.add_argument("--logit-scale", type=float, default=Recipe.logit_scale,
+                   help="scale of the fc output in training (folded into fc at export)")
+    p.add_argument("--whiten-bias-epochs", type=int, default=Recipe.whiten_bias_epochs,
+                   help="epochs the whitening layer's bias trains before it freezes")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=Recipe.lookahead,
+                   help="airbench's lookahead weight averaging every 5 steps")
+    p.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=Recipe.alternate_flip,
+                   help="flip each image one way in odd epochs and the other in even ones, instead of a coin per batch")
     p.add_argument("--seed", type=int, default=Recipe.seed)
     p.add_argument("--translate", type=int, default=Recipe.translate_px, help="random shifts up to this many pixels")
     p.add_argument("--cutout", type=int, default=Recipe.cutout, help="cutout square side in pixels (0: off)")
@@ -306,22 +405,29 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    widths, residual = ARCHS[args.arch]
+    widths, residual, whiten = ARCHS[args.arch]
     if args.widths:
         widths = tuple(int(w) for w in args.widths.split(","))
     if args.residual is not None:
         residual = args.residual
+    if args.whiten is not None:
+        whiten = args.whiten
     torch.manual_seed(args.seed)  # the initial weights too, so two runs with the same flags start alike
     if args.init:  # fine-tuning: the network and its weights come from the file
         net, init_meta = load_eager(args.init)
     else:
         net, init_meta = CifarNet(NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths,
-                                            residual=residual, whiten=args.whiten)), None
+                                            residual=residual, whiten=whiten)), None
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     warmup_epochs=args.warmup_epochs, teacher_tta=args.teacher_tta,
                     translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
                     val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
-                    kd_temperature=args.kd_temperature, ema_decay=args.ema, ema_every=args.ema_every)
+                    kd_temperature=args.kd_temperature, ema_decay=args.ema, ema_every=args.ema_every,
+                    lr_start=args.lr_start, lr_end=args.lr_end, momentum=args.momentum,
+                    weight_decay=args.weight_decay, bias_lr_scale=args.bias_lr_scale,
+                    frozen_bn_weights=args.frozen_bn_weights, bn_momentum=args.bn_momentum, dirac=args.dirac,
+                    logit_scale=args.logit_scale, whiten_bias_epochs=args.whiten_bias_epochs,
+                    lookahead=args.lookahead, alternate_flip=args.alternate_flip)
     teacher, teacher_meta = None, None
     if args.teacher:  # rebuilt as an eager network, so autocast applies to it
         teacher, teacher_meta = load_eager(args.teacher)
@@ -329,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_training_set(args.data, download=args.download, cache_dir=args.cache_dir)
     log.info("data: %s, %d images; device %s; config %s", data.source, len(data.labels), device, net.config)
     result = train(net, data, recipe, device, full=args.full, progress=not args.no_progress, teacher=teacher,
-                   fit_whiten=not args.init, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                   fresh=not args.init, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                    stop_after=args.stop_after)
     if not result["finished"]:  # a piece of a run: the checkpoint holds it, there is no model to export yet
         return 0

@@ -107,12 +107,14 @@ def test_metadata_describes_the_model(tmp_path):
 def test_flops_of_the_default_architecture_are_within_budget():
     from cifar10_serving.model.train import ARCHS
 
-    widths, residual = ARCHS["base"]
-    net = CifarNet(NetConfig(widths=widths, residual=residual))
+    widths, residual, whiten = ARCHS["base"]
+    net = CifarNet(NetConfig(widths=widths, residual=residual, whiten=whiten))
     assert count_flops(net) <= 150e6
-    # conv1 of stage1: 3 -> widths[0] channels, 3x3, at 32x32, multiply-adds x 2
-    first = describe_layers(net)[0]
-    assert first["flops"] == 2 * 3 * widths[0] * 9 * 32 * 32
+    rows = describe_layers(net)
+    # the whitening conv: 3 -> 24 channels, 2x2, no padding, at 31x31; then conv1 of stage1: 24 ->
+    # widths[0] channels, 3x3, at 31x31; multiply-adds x 2
+    assert whiten and rows[0]["flops"] == 2 * 3 * 24 * 4 * 31 * 31
+    assert rows[2]["name"] == "stage1.conv1" and rows[2]["flops"] == 2 * 24 * widths[0] * 9 * 31 * 31
 
 
 def test_residual_stage_adds_act1_back_after_act3(tmp_path):

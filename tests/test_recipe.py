@@ -15,10 +15,11 @@ from torch.nn import functional as F
 
 from cifar10_serving.model.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from cifar10_serving.model.data import PYTHON_FORMAT_DIR
-from cifar10_serving.model.ema import EMA
+from cifar10_serving.model.ema import EMA, Lookahead
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
 from cifar10_serving.model.network import CifarNet, NetConfig, describe_layers, fit_whitening
-from cifar10_serving.model.train import Recipe, main, make_optimizer
+from cifar10_serving.model.train import (Recipe, augment, fold_logit_scale, freeze_bn_weights, lr_at, main,
+                                         make_optimizer, prepare_fresh, reflect_pad)
 from cifar10_serving.protos.artifact import METADATA_FILE
 from tests.support import TINY_WIDTHS
 
@@ -133,6 +134,100 @@ def test_ema_update_rule_by_hand():
 def test_ema_bad_settings_raise_value_error(decay, every):
     with pytest.raises(ValueError, match="EMA"):
         EMA(nn.Linear(2, 2), decay, every)
+
+
+# ----------------------------------------------------------------------------- lookahead
+def test_lookahead_averages_and_resets_the_net_on_its_schedule():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    look = Lookahead(net, total_steps=10, every=5, base=0.9)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    assert look.decay(0) == 0.0 and look.decay(10) == pytest.approx(0.9 ** 5)
+    assert look.decay(5) == pytest.approx(0.9 ** 5 * 0.125)
+    moved = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in start.items()}
+    net.load_state_dict(moved)
+    look.step(net, 4)  # not a multiple of every: nothing happens
+    assert all(torch.equal(net.state_dict()[k], moved[k]) for k in moved)
+    look.step(net, 5)
+    d = 0.9 ** 5 * 0.125
+    for k, v in net.state_dict().items():
+        if v.is_floating_point():  # weights and BN statistics alike; the net now holds the average
+            torch.testing.assert_close(v, d * start[k] + (1 - d) * moved[k], rtol=0, atol=1e-6)
+            torch.testing.assert_close(look.average[k], v, rtol=0, atol=0)
+        else:
+            assert torch.equal(v, start[k])  # num_batches_tracked is left alone
+    averaged = {k: v.clone() for k, v in look.average.items()}
+    net.load_state_dict({**net.state_dict(), **{k: torch.randn_like(v) for k, v in averaged.items()}})
+    look.finish(net)  # decay 1: the net ends on the average, the last weights discarded
+    for k, v in averaged.items():
+        assert torch.equal(net.state_dict()[k], v)
+
+
+def test_lookahead_bad_settings_raise_value_error():
+    with pytest.raises(ValueError, match="lookahead"):
+        Lookahead(nn.Linear(2, 2), total_steps=0)
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+def test_lr_schedule_ramps_from_start_to_peak_then_down_to_end():
+    assert lr_at(0, 100, 23, 2.0, 0.2, 0.07) == pytest.approx(0.4)
+    assert lr_at(23, 100, 23, 2.0, 0.2, 0.07) == pytest.approx(2.0)
+    assert lr_at(100, 100, 23, 2.0, 0.2, 0.07) == pytest.approx(0.14)
+    assert lr_at(0, 100, 0, 2.0, 0.2, 0.07) == pytest.approx(2.0)  # no warm-up: straight to the peak
+    values = [lr_at(s, 100, 23, 2.0, 0.2, 0.07) for s in range(101)]
+    assert values.index(max(values)) == 23
+
+
+def test_bn_biases_learn_faster_with_the_same_decay_per_step_and_bn_weights_stay_frozen():
+    net = CifarNet(NetConfig(widths=TINY_WIDTHS, whiten=True))
+    recipe = Recipe(lr=0.5, weight_decay=1e-3, bias_lr_scale=64.0)
+    freeze_bn_weights(net, recipe)
+    opt = make_optimizer(net, recipe)
+    rest, fast = opt.param_groups
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {id(p) for p in fast["params"]} == {id(m.bias) for m in bns}
+    assert not any(m.weight.requires_grad for m in bns)
+    assert all(p is not m.weight for m in bns for g in opt.param_groups for p in g["params"])
+    assert fast["lr_scale"] == 64.0 and rest["lr_scale"] == 1.0
+    # SGD decays lr * weight_decay of a parameter per step: the same fraction in both groups
+    assert fast["weight_decay"] * 64.0 * recipe.lr == pytest.approx(rest["weight_decay"] * recipe.lr)
+    assert any(p is net.stem.whiten.bias for p in rest["params"])
+
+
+def test_dirac_init_makes_each_conv_pass_its_first_channels_through():
+    torch.manual_seed(0)
+    net = CifarNet(NetConfig(widths=(4, 8, 8)))
+    prepare_fresh(net, Recipe())
+    conv = net.stages.stage2.conv1  # 4 -> 8 channels: the first 4 filters are the identity
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(conv(x)[:, :4], x)
+    assert not torch.equal(conv(x)[:, 4:], torch.zeros(2, 4, 6, 6))  # the rest keep their random init
+    square = net.stages.stage2.conv2  # 8 -> 8: all of it is the identity
+    y = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(square(y), y)
+    assert all(m.momentum == Recipe().bn_momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_folding_the_logit_scale_gives_the_scaled_softmax():
+    torch.manual_seed(0)
+    net = CifarNet(NetConfig(widths=TINY_WIDTHS)).eval()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    folded = fold_logit_scale(net, 1 / 9)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), F.softmax(net.logits(x) / 9, 1))
+        assert not torch.allclose(folded(x), net(x))  # the scale matters to the scores, not to their order
+
+
+def test_alternating_flips_flip_each_image_the_other_way_in_the_next_epoch(tmp_path):
+    padded = reflect_pad(_smooth_images(6), 2)
+    recipe = Recipe(translate_px=2)
+    idx = torch.arange(6)
+    coin = torch.tensor([True, False, True, True, False, False])
+    odd = augment(padded, idx, recipe, torch.Generator().manual_seed(0), coin)
+    even = augment(padded, idx, recipe, torch.Generator().manual_seed(0), ~coin)
+    assert torch.equal(odd, even.flip(3))  # same crops (same draws), flipped the other way
+    plain = augment(padded, idx, Recipe(translate_px=2, flip=False), torch.Generator().manual_seed(0))
+    assert torch.equal(odd[coin], plain[coin].flip(3)) and torch.equal(odd[~coin], plain[~coin])
 
 
 # ----------------------------------------------------------------------------- patch whitening
