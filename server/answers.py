@@ -32,14 +32,37 @@ def serialize(answer) -> bytes:
     return answer if type(answer) is bytes else answer.SerializeToString()
 
 
-def add_classifier(servicer, server) -> None:
-    """``add_ClassifierServicer_to_server``, with ``serialize`` as every method's serializer."""
-    service = pb.DESCRIPTOR.services_by_name["Classifier"]
+def add_service(servicer, server, module, name: str) -> None:
+    """What the generated ``add_<name>Servicer_to_server`` does for service ``name`` of the ``_pb2``
+    ``module``, with ``serialize`` as every method's serializer."""
+    service = module.DESCRIPTOR.services_by_name[name]
     handlers = {method.name: _HANDLERS[method.client_streaming, method.server_streaming](
-        getattr(servicer, method.name), request_deserializer=getattr(pb, method.input_type.name).FromString,
+        getattr(servicer, method.name), request_deserializer=getattr(module, method.input_type.name).FromString,
         response_serializer=serialize) for method in service.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def add_classifier(servicer, server) -> None:
+    """``add_ClassifierServicer_to_server``, with ``serialize`` as every method's serializer."""
+    add_service(servicer, server, pb, "Classifier")
+
+
+def with_raw_fields(head: bytes, field: int, parts: list[np.ndarray]) -> bytes:
+    """``head`` (a message's serialisation) followed by ``parts`` as repeated bytes field ``field``,
+    copied by numpy into one fresh bytes object. When ``field`` is the message's highest-numbered
+    field this is exactly what protobuf writes for the message with those parts appended."""
+    parts = [np.ascontiguousarray(part).reshape(-1).view(np.uint8) for part in parts]
+    prefixes = [np.frombuffer(_tag(field, _LEN) + _varint(len(part)), dtype=np.uint8) for part in parts]
+    out, view = _fresh_bytes(len(head) + sum(len(p) + len(q) for p, q in zip(prefixes, parts)))
+    view[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    at = len(head)
+    for prefix, part in zip(prefixes, parts):
+        view[at: at + len(prefix)] = prefix
+        at += len(prefix)
+        view[at: at + len(part)] = part
+        at += len(part)
+    return out
 
 
 def _tag(field: int, wire: int) -> bytes:

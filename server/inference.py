@@ -14,6 +14,7 @@ this server can, and v2 clients read them from ModelMetadata.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from cifar10_serving.server import answers
 from cifar10_serving.server.batching import BatchError, BatchResult
 from cifar10_serving.server.budget import Reservation
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
@@ -34,6 +36,7 @@ from cifar10_serving.server.imaging import ImageError
 from cifar10_serving.server.models import LoadedModel, ModelLoadError
 from cifar10_serving.server.service import ClassifierService, _quote
 
+RAW_OUTPUT_FIELD = v2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 SERVER_NAME = "cifar10-serving"
 PLATFORM = "pytorch_torchscript"
@@ -110,7 +113,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             await context.abort(rejection.code, rejection.message)
 
     # ------------------------------------------------------------------ inference
-    async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
+    async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse | bytes:
         deadline = deadline_of(context)
         try:
             with Call(self.metrics, "ModelInfer", self.classifier._model_label(request.model_name),
@@ -137,12 +140,15 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return self.classifier.reserve(plan.model, _batch_size(plan.tensor), request.ByteSize(), plan.layers, 4, advice)
 
     async def _infer(self, request: v2.ModelInferRequest, plan: InferPlan,
-                     deadline: float | None) -> v2.ModelInferResponse:
+                     deadline: float | None) -> v2.ModelInferResponse | bytes:
         images = await self._decode(plan, deadline)
         try:
             result = await self.classifier.batchers[plan.model.name].submit(images, plan.layers, deadline)
         except BatchError as exc:
             raise rejection_for(exc, plan.model.name) from None
+        if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.answers)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.classifier._respond_pool, encode_infer_response, request, plan, result)
         return respond(request, plan, result)
 
     # ------------------------------------------------------------------ plan
@@ -326,8 +332,10 @@ def _batch_size(tensor) -> int:
 
 
 # ----------------------------------------------------------------------------- tensors out
-def respond(request: v2.ModelInferRequest, plan: InferPlan, result: BatchResult) -> v2.ModelInferResponse:
-    """The requested outputs, in the order asked, as raw contents or typed as the input was sent."""
+def respond(request: v2.ModelInferRequest, plan: InferPlan, result: BatchResult,
+            raw_parts: list | None = None) -> v2.ModelInferResponse:
+    """The requested outputs, in the order asked, as raw contents or typed as the input was sent.
+    With ``raw_parts`` given, raw contents are appended to it as arrays instead of to the message."""
     model = plan.model
     response = v2.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
     typed = plan.raw is None
@@ -344,11 +352,25 @@ def respond(request: v2.ModelInferRequest, plan: InferPlan, result: BatchResult)
             tensor.contents.bytes_contents.extend(array.ravel().tolist())
         elif typed:
             tensor.contents.fp32_contents.extend(array.ravel().tolist())
-        elif datatype == "BYTES":
-            response.raw_output_contents.append(b"".join(_LENGTH.pack(len(s)) + s for s in array.ravel()))
         else:
-            response.raw_output_contents.append(array.tobytes())
+            if datatype == "BYTES":
+                array = np.frombuffer(b"".join(_LENGTH.pack(len(s)) + s for s in array.ravel()), dtype=np.uint8)
+            if raw_parts is not None:
+                raw_parts.append(array)
+            else:
+                response.raw_output_contents.append(array.tobytes())
     return response
+
+
+def encode_infer_response(request: v2.ModelInferRequest, plan: InferPlan, result: BatchResult) -> bytes:
+    """``respond``'s answer in wire format, for a thread: the raw contents (field 6, the last) are
+    copied by numpy, without the GIL, into the answer's bytes rather than through protobuf, which
+    would copy them twice holding it."""
+    if plan.raw is None:  # typed contents: no way round protobuf
+        return respond(request, plan, result).SerializeToString()
+    parts: list = []
+    head = respond(request, plan, result, parts)
+    return answers.with_raw_fields(head.SerializeToString(), RAW_OUTPUT_FIELD, parts)
 
 
 def _classification(model: LoadedModel, probabilities: np.ndarray, k: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
-from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
+from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.server import answers, grpc_metrics, inference
 from cifar10_serving.server.batching import Batcher, ThreadBudget
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
@@ -141,7 +141,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     answers.add_classifier(classifier, server)  # as the generated code does, and answers may be wire bytes
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    v2_grpc.add_GRPCInferenceServiceServicer_to_server(inference.InferenceService(classifier, health_servicer), server)
+    answers.add_service(inference.InferenceService(classifier, health_servicer), server, v2, "GRPCInferenceService")
     reflection.enable_server_reflection(
         (SERVICE_NAME, inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     metrics_http, metrics_port = None, None

@@ -33,3 +33,21 @@ def test_encoded_answers_are_the_bytes_protobuf_writes(dtype, dtype_enum, reques
     assert type(encoded) is bytes and answers.serialize(encoded) is encoded  # what gRPC sends
     assert encoded == expected.SerializeToString()
     assert answers.serialize(expected) == encoded
+
+
+def test_raw_fields_appended_by_hand_are_the_bytes_protobuf_writes():
+    from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
+    from cifar10_serving.server.inference import RAW_OUTPUT_FIELD
+
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((2, 4, 3, 3)).astype("<f4"), np.frombuffer(b"\x03\x00\x00\x00cat", np.uint8),
+             rng.standard_normal((2, 200)).astype("<f2"), np.zeros(0, np.uint8)]
+    head = v2.ModelInferResponse(model_name="m", model_version="2", id="x")
+    for name in ("a", "b", "c", "d"):
+        head.outputs.add(name=name, datatype="FP32", shape=[2])
+    whole = v2.ModelInferResponse()
+    whole.CopyFrom(head)
+    whole.raw_output_contents.extend(p.tobytes() for p in parts)
+    encoded = answers.with_raw_fields(head.SerializeToString(), RAW_OUTPUT_FIELD, parts)
+    assert type(encoded) is bytes and encoded == whole.SerializeToString()
+    assert list(v2.ModelInferResponse.FromString(encoded).raw_output_contents) == [p.tobytes() for p in parts]
