@@ -30,7 +30,7 @@ from cifar10_serving.model.data import DEFAULT_DATA, Dataset, load_training_set,
 from cifar10_serving.model.ema import EMA, Lookahead
 from cifar10_serving.model.evaluate import autocast, evaluate
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
-from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig, fit_whitening
+from cifar10_serving.model.network import CIFAR10_MEAN, CifarNet, NetConfig, ResidualStage, fit_whitening
 
 log = logging.getLogger("model.train")
 WHITEN_FIT_IMAGES = 5000  # airbench fits its whitening layer on 5,000 training images; the estimate is settled by then
@@ -128,9 +128,9 @@ def make_optimizer(net: CifarNet, recipe: Recipe) -> torch.optim.Optimizer:
     (``lr * weight_decay``), so the faster group's decay is divided by its scale. Each group carries
     its ``lr_scale`` for the schedule. Frozen parameters (the whitening filters) stay out."""
     bn_biases = {id(m.bias) for m in net.modules() if isinstance(m, nn.BatchNorm2d)}
-    trained = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
-    fast = [p for _, p in trained if id(p) in bn_biases]
-    rest = [p for _, p in trained if id(p) not in bn_biases]
+    trained = [p for p in net.parameters() if p.requires_grad]
+    fast = [p for p in trained if id(p) in bn_biases]
+    rest = [p for p in trained if id(p) not in bn_biases]
     scale = recipe.bias_lr_scale
     groups = [{"params": rest, "weight_decay": recipe.weight_decay, "lr_scale": 1.0},
               {"params": fast, "weight_decay": recipe.weight_decay / scale, "lr_scale": scale}]
@@ -159,9 +159,12 @@ def prepare_fresh(net: CifarNet, recipe: Recipe) -> None:
 
 
 def freeze_bn_weights(net: CifarNet, recipe: Recipe) -> None:
+    """BatchNorm scales frozen, but for a residual stage's ``bn3``: it starts at zero (the branch
+    silent) and is the branch's way to open, so it trains."""
     if recipe.frozen_bn_weights:
+        gates = {id(m.bn3) for m in net.modules() if isinstance(m, ResidualStage)}
         for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.BatchNorm2d) and id(module) not in gates:
                 module.weight.requires_grad_(False)
 
 

@@ -192,6 +192,9 @@ def test_bn_biases_learn_faster_with_the_same_decay_per_step_and_bn_weights_stay
     # SGD decays lr * weight_decay of a parameter per step: the same fraction in both groups
     assert fast["weight_decay"] * 64.0 * recipe.lr == pytest.approx(rest["weight_decay"] * recipe.lr)
     assert any(p is net.stem.whiten.bias for p in rest["params"])
+    residual = CifarNet(NetConfig(widths=TINY_WIDTHS, residual=True))
+    freeze_bn_weights(residual, recipe)  # a residual branch's bn3 starts at zero: frozen, it would never open
+    assert all(stage.bn3.weight.requires_grad and not stage.bn1.weight.requires_grad for stage in residual.stages)
 
 
 def test_dirac_init_makes_each_conv_pass_its_first_channels_through():
