@@ -43,6 +43,7 @@ import torch
 
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel
+from cifar10_serving.server.priority import lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,9 @@ class _Instance:
     """Runs one forward pass of a model at a time, on its own thread: its input buffer (pinned on
     CUDA, so the copy to the device is asynchronous) and its CUDA stream are used by no other pass."""
 
-    def __init__(self, model: LoadedModel, index: int, max_batch_size: int) -> None:
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}-{index}")
+    def __init__(self, model: LoadedModel, index: int, max_batch_size: int, nice: int = 0) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}-{index}",
+                                           initializer=lower_priority, initargs=(nice,))
         cuda = model.device.type == "cuda"
         self.buffer = torch.empty((max_batch_size, *model.input_shape), dtype=torch.uint8, pin_memory=cuda)
         # The same memory as a numpy array: requests are copied in with numpy, which for a few KB is a
@@ -153,7 +155,8 @@ class _Job:
 
 class Batcher:
     def __init__(self, model: LoadedModel, metrics: Metrics, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue_images: int, instances: int = 1, budget: ThreadBudget | None = None) -> None:
+                 max_queue_images: int, instances: int = 1, budget: ThreadBudget | None = None,
+                 nice: int = 0) -> None:
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
         self.model = model
@@ -169,7 +172,7 @@ class Batcher:
         self._queued_feature_images = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.instances = [_Instance(model, i, max_batch_size) for i in range(instances)]
+        self.instances = [_Instance(model, i, max_batch_size, nice) for i in range(instances)]
         self.budget = budget if budget is not None else ThreadBudget(torch.get_num_threads(), instances)
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()  # instances with no pass in flight
         for instance in self.instances:

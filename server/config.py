@@ -50,6 +50,9 @@ class ServerConfig:
     # 0: the cores this process may run on (its CPU affinity), shared out among the workers.
     torch_threads: int = 0
     workers: int = 1  # server processes sharing the gRPC port (SO_REUSEPORT); README "Performance"
+    # Forward, decoding and answer threads run this much nicer than the event loop, so that a loop with
+    # work is scheduled first on a host whose cores the compute fills (server.priority); 0: the same.
+    compute_nice: int = 0
     worker_index: int = -1  # set by the supervisor of --workers for each worker; -1: not a worker
     max_receive_message_bytes: int = 64 * MiB  # a full batch of large encoded images fits
     max_send_message_bytes: int = 256 * MiB  # all float32 feature maps of a full batch of the base model fit
@@ -83,6 +86,8 @@ class ServerConfig:
             )
         if self.instances < 0:
             raise ValueError(f"instances must be >= 0 (0: automatic), got {self.instances}")
+        if not 0 <= self.compute_nice <= 19:
+            raise ValueError(f"compute_nice must be in 0..19 (a nice value), got {self.compute_nice}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0 (0: automatic), got {self.torch_threads}")
         if self.workers < 1:

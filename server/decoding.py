@@ -25,6 +25,7 @@ import numpy as np
 
 from cifar10_serving.server.imaging import ImageError, Opened, open_image
 from cifar10_serving.server.metrics import Metrics
+from cifar10_serving.server.priority import lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ class _Job:
 class Decoder:
     """The two lanes, shared by all of one server's requests."""
 
-    def __init__(self, metrics: Metrics, max_image_pixels: int, max_request_pixels: int) -> None:
+    def __init__(self, metrics: Metrics, max_image_pixels: int, max_request_pixels: int, nice: int = 0) -> None:
         self.metrics = metrics
+        self.nice = nice  # decoding threads' priority below the event loop's (server.priority)
         self.max_image_pixels = max_image_pixels
         self.max_request_pixels = max_request_pixels
         self._small = _Lane("decode-small", 1, self, self._small_step)
@@ -173,6 +175,7 @@ class _Lane:
 
     def _run(self) -> None:
         decoder = self._decoder
+        lower_priority(decoder.nice)
         while True:
             with self._cond:
                 while not self._jobs:

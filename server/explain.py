@@ -34,6 +34,7 @@ from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.imaging import ImageError, decode_into
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel, load_artifact
+from cifar10_serving.server.priority import lower_priority
 
 MAX_IMAGES = 8  # per request: a backward pass costs a few forward passes, and holds its activations
 THREADS = 1  # explanations at once; one keeps them from taking more than a share of a CPU server
@@ -104,7 +105,8 @@ class Explainer:
         self.resolve = resolve
         self.label = label
         self.max_images = max_images
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="explain")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="explain", initializer=lower_priority,
+                                        initargs=(config.compute_nice,))
         self._slots = threads + max_waiting  # requests running or queued
         self._taken = 0
         self._modules: dict[str, torch.jit.ScriptModule] = {}

@@ -120,7 +120,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         registry.register(GpuMemoryCollector([device.index or 0]))
     budget = ThreadBudget(threads, instances * len(models))  # one for the process: every model's passes share it
     batchers = {name: Batcher(model, metrics, config.max_batch_size, config.max_queue_delay_us,
-                              config.max_queue_images, instances, budget) for name, model in models.items()}
+                              config.max_queue_images, instances, budget, config.compute_nice)
+                for name, model in models.items()}
     for model in models.values():
         pooling = model.metadata.get("pooling", {})
         metrics.add_model(model.name, {

@@ -31,6 +31,7 @@ from cifar10_serving.server.imaging import ImageError, decode_into, enum_name
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel
 from cifar10_serving.server.modelinfo import model_info
+from cifar10_serving.server.priority import lower_priority
 
 ALL_LAYERS = "*"
 DEFAULT_TOP_K = 5
@@ -65,8 +66,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.batchers = batchers
         self.metrics = metrics
         self.budget = AnswerBudget(config.answer_budget_bytes or default_budget_bytes(), metrics)
-        self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels)
-        self._respond_pool = ThreadPoolExecutor(RESPOND_THREADS, thread_name_prefix="respond")
+        self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels, config.compute_nice)
+        self._respond_pool = ThreadPoolExecutor(RESPOND_THREADS, thread_name_prefix="respond",
+                                                initializer=lower_priority, initargs=(config.compute_nice,))
         self._elements = {name: layer_elements(model.metadata) for name, model in models.items()}
         self.explainer = Explainer(config, metrics, self._resolve, self._model_label)
 

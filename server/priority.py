@@ -1,0 +1,33 @@
+"""The event loop before the compute: compute threads run at a lower CPU priority than the loop.
+
+On a host whose cores the forward passes, decoding and answer encoding fill, the event loop thread
+is runnable but waits in the kernel's run queue behind them: on the 2-core VM that queueing, not
+loop work, was 65-90% of the loop's late wake-ups, and health checks waited for it. A thread that
+does compute raises its own nice value by ``compute_nice`` when it starts (on Linux nice is per
+thread, and the threads it then starts, OpenMP's among them, inherit it), so when the loop wakes
+the scheduler runs it first; the compute loses nothing it would not otherwise have lost to the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger("server.priority")
+
+
+def lower_priority(nice: int) -> None:
+    """Raises the calling thread's nice value by ``nice`` (0: nothing). Never fails the thread."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # a sandbox may refuse even lowering one's own priority
+        log.warning("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
+
+
+def thread_nice() -> int:
+    """The calling thread's nice value."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
