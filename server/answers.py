@@ -52,17 +52,11 @@ def with_raw_fields(head: bytes, field: int, parts: list[np.ndarray]) -> bytes:
     """``head`` (a message's serialisation) followed by ``parts`` as repeated bytes field ``field``,
     copied by numpy into one fresh bytes object. When ``field`` is the message's highest-numbered
     field this is exactly what protobuf writes for the message with those parts appended."""
-    parts = [np.ascontiguousarray(part).reshape(-1).view(np.uint8) for part in parts]
-    prefixes = [np.frombuffer(_tag(field, _LEN) + _varint(len(part)), dtype=np.uint8) for part in parts]
-    out, view = _fresh_bytes(len(head) + sum(len(p) + len(q) for p, q in zip(prefixes, parts)))
-    view[: len(head)] = np.frombuffer(head, dtype=np.uint8)
-    at = len(head)
-    for prefix, part in zip(prefixes, parts):
-        view[at: at + len(prefix)] = prefix
-        at += len(prefix)
-        view[at: at + len(part)] = part
-        at += len(part)
-    return out
+    pieces = [np.frombuffer(head, dtype=np.uint8)]
+    for part in parts:
+        part = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+        pieces += [np.frombuffer(_tag(field, _LEN) + _varint(len(part)), dtype=np.uint8), part]
+    return _joined(pieces)
 
 
 def _tag(field: int, wire: int) -> bytes:
@@ -100,6 +94,16 @@ def _fresh_bytes(n: int) -> tuple[bytes, np.ndarray]:
     return out, np.frombuffer((ctypes.c_uint8 * n).from_address(address), dtype=np.uint8)
 
 
+def _joined(pieces: list[np.ndarray]) -> bytes:
+    """The uint8 arrays ``pieces`` end to end in one fresh bytes object, copied by numpy."""
+    out, view = _fresh_bytes(sum(len(piece) for piece in pieces))
+    at = 0
+    for piece in pieces:
+        view[at: at + len(piece)] = piece
+        at += len(piece)
+    return out
+
+
 def encode_response(request_id: str, model: str, version: str, class_names: list[str], probabilities: np.ndarray,
                     order: np.ndarray, maps: dict[str, np.ndarray], dtype_enum: int) -> bytes:
     """A ClassifyResponse in wire format: ``probabilities`` n x classes float32, ``order`` n x top_k
@@ -126,18 +130,9 @@ def encode_response(request_id: str, model: str, version: str, class_names: list
         for j in order[i]:
             head += _field(2, _prediction(labels[int(j)], int(j), probs[i, j]))
         heads.append(np.frombuffer(_tag(4, _LEN) + _varint(len(head) + row) + head, dtype=np.uint8))
-    out, view = _fresh_bytes(len(top) + sum(len(h) for h in heads) + n * row)
-    at = 0
-
-    def put(part: np.ndarray) -> None:
-        nonlocal at
-        view[at: at + len(part)] = part
-        at += len(part)
-
-    put(np.frombuffer(top, dtype=np.uint8))
+    pieces = [np.frombuffer(top, dtype=np.uint8)]
     for i, head in enumerate(heads):
-        put(head)
+        pieces.append(head)
         for prefix, tensor in zip(prefixes, tensors):
-            put(prefix)
-            put(tensor[i])
-    return out
+            pieces += [prefix, tensor[i]]
+    return _joined(pieces)

@@ -23,11 +23,11 @@ def lower_priority(nice: int) -> None:
         return
     tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, thread_nice(tid) + nice))
     except OSError as exc:  # a sandbox may refuse even lowering one's own priority
         log.warning("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
 
 
-def thread_nice() -> int:
-    """The calling thread's nice value."""
-    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+def thread_nice(native_id: int | None = None) -> int:
+    """The nice value of the thread with this native id (default: the calling thread)."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id() if native_id is None else native_id)

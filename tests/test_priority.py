@@ -17,12 +17,6 @@ from tests.support import RunningServer, encode, make_config, random_images
 NICE = 3
 
 
-def _nice_of(thread: threading.Thread) -> int:
-    import os
-
-    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
-
-
 def test_forward_decode_and_answer_threads_run_nicer_than_the_loop(tiny_models_dir):
     running = RunningServer(make_config(tiny_models_dir, compute_nice=NICE, instances=2))
     try:
@@ -31,12 +25,12 @@ def test_forward_decode_and_answer_threads_run_nicer_than_the_loop(tiny_models_d
             image = pb.Image(encoded=encode(random_images(1, seed=5)[0]))  # a decoding thread
             reply = stub.Classify(pb.ClassifyRequest(images=[image], feature_layers=["stage1.pool"]), timeout=30)
             assert reply.results[0].feature_maps  # an answer thread built it
-        loop_nice = _nice_of(running.thread)
+        loop_nice = thread_nice(running.thread.native_id)
         threads = {t.name: t for t in threading.enumerate()}
         for prefix in ("forward-tiny-max-0", "forward-tiny-max-1", "decode-small", "respond"):
             named = [t for name, t in threads.items() if name.startswith(prefix)]
             assert named, f"no {prefix} thread among {sorted(threads)}"
-            assert all(_nice_of(t) == min(19, loop_nice + NICE) for t in named), prefix
+            assert all(thread_nice(t.native_id) == min(19, loop_nice + NICE) for t in named), prefix
     finally:
         running.stop(grace=1.0)
 
