@@ -17,7 +17,6 @@ import torch
 from cifar10_serving.model.data import CLASSES, PYTHON_FORMAT_DIR, load_jpeg_archive, load_python_format, validation_split
 from cifar10_serving.model.export import build_metadata, export_torchscript
 from cifar10_serving.model.network import CifarNet, NetConfig, count_flops, describe_layers, pooled_size
-from cifar10_serving.model.train import Recipe, train
 from cifar10_serving.model.data import Dataset
 from cifar10_serving.protos.artifact import METADATA_FILE
 from tests.support import TINY_WIDTHS, encode, export_tiny

@@ -18,8 +18,9 @@ from cifar10_serving.model.data import PYTHON_FORMAT_DIR
 from cifar10_serving.model.ema import EMA, Lookahead
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
 from cifar10_serving.model.network import CifarNet, NetConfig, describe_layers, fit_whitening
-from cifar10_serving.model.train import (Recipe, augment, fold_logit_scale, freeze_bn_weights, lr_at, main,
-                                         make_optimizer, prepare_fresh, reflect_pad)
+from cifar10_serving.model.recipe import (Recipe, augment, fold_logit_scale, freeze_bn_weights, lr_at,
+                                          make_optimizer, prepare_fresh, reflect_pad)
+from cifar10_serving.model.train import main
 from cifar10_serving.protos.artifact import METADATA_FILE
 from tests.support import TINY_WIDTHS
 
