@@ -24,7 +24,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "model" / "artifacts"
 CALLERS = 32
 IMAGES = 64  # a full batch each: every map of small-max is ~35 MB of answer (the tiny model's, ~4 MB, hid the stall)
 MIN_ANSWERS = 8  # ~280 MB answered in LOAD_SECONDS: the probe ran while answers were built and sent
-PROBE_SECONDS = 6.0
+PROBE_SECONDS = 10.0  # ~450 checks: a p99 of the slowest few, not of the slowest one or two
 LOAD_SECONDS = 1.5 + PROBE_SECONDS + 0.5
 PLAIN = pb.ClassifyRequest(images=[pb.Image(raw=pb.RawTensor(shape=[32, 32, 3], layout=pb.LAYOUT_HWC,
                                                              data=random_images(1, seed=4)[0].tobytes()))])
@@ -99,8 +99,8 @@ def test_health_stays_fast_and_plain_calls_are_served_under_every_feature_map_lo
     p50, p90, p99 = _quantile(checks, 0.5), _quantile(checks, 0.9), _quantile(checks, 0.99)
     print(f"health p50 {1e3 * p50:.0f} ms, p90 {1e3 * p90:.0f} ms, p99 {1e3 * p99:.0f} ms (idle p99 {1e3 * idle:.0f} ms) over {len(checks)} checks; "
           f"plain max {1e3 * max(plain):.0f} ms over {len(plain)}; load {codes}")
-    # p90, not the p99: on a shared 2-core machine the slowest checks are those the kernel
-    # did not schedule in time (README, Reliability), which busy neighbours decide, not the server.
-    # The server's own stall (every answer serialised and copied on the loop) put p90 at 0.5 s.
-    assert p90 < 0.1 + idle, f"health p90 {1e3 * p90:.0f} ms over {len(checks)} checks ({1e3 * idle:.0f} ms without the load)"
+    # The p99. The server's own stall (every answer serialised and copied on the loop) put p90
+    # at 0.5 s; with the answers built on threads, what was left was the loop waiting for a core behind
+    # the compute: p99 92-154 ms at --compute-nice 0, 57-86 ms at the default 10 (README, Reliability).
+    assert p99 < 0.1 + idle, f"health p99 {1e3 * p99:.0f} ms over {len(checks)} checks ({1e3 * idle:.0f} ms without the load)"
     assert max(plain) < 2.0, f"a plain call took {max(plain):.2f} s"
