@@ -50,8 +50,14 @@ log = logging.getLogger(__name__)
 # How allocators say they ran out: CUDA raises torch.OutOfMemoryError ("out of memory"), the CPU
 # allocator a RuntimeError ("can't allocate memory"), and TorchScript wraps either in its own error.
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
-# Passes of at least this many images may take every thread when nothing else is in flight (ThreadBudget).
-WIDE_PASS_IMAGES = 16
+# Passes of at least this many images may take every thread when nothing else is in flight (ThreadBudget):
+# every pass when the compute threads run below the loop (--compute-nice), else from 16 images.
+WIDE_PASS_IMAGES = 1
+WIDE_PASS_IMAGES_SAME_PRIORITY = 16
+
+
+def wide_from(compute_nice: int) -> int:
+    return WIDE_PASS_IMAGES if compute_nice > 0 else WIDE_PASS_IMAGES_SAME_PRIORITY
 
 
 def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
@@ -71,10 +77,12 @@ class ThreadBudget:
     A pass of at least ``wide_from`` images that starts while no other is in flight gets all of them:
     a lone large request on an idle server uses every core it may. Every other pass gets an equal
     share over every instance of every model (at least one), so that a loaded server runs its passes
-    side by side on their own cores instead of each asking for them all. Small passes never go wide:
-    measured on the 2-core VM (README "Performance"), a single image gained nothing from a second
-    thread in the server, and the second thread's OpenMP spin-wait after each pass took the core the
-    event loop needed, costing throughput whenever another pass started beside it. Two sizes only:
+    side by side on their own cores instead of each asking for them all. By default every lone pass
+    goes wide, a single image too: measured on the 2-core VM (bench/RESULTS.md, "Lone passes wide"),
+    one caller's single images took 7.5-8.2 ms instead of 10.2-10.9 at the median, and 8 and 32
+    callers lost nothing. Before the compute threads ran nicer than the loop (``--compute-nice``)
+    this did not pay: the second thread's OpenMP spin-wait after each small pass took the core the
+    event loop needed, so with ``--compute-nice 0`` passes go wide only from 16 images. Two sizes only:
     every size a pass can get is a set of oneDNN kernels that warm-up must make. Used from the event
     loop only: no lock.
     """

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.server import answers, grpc_metrics, inference
-from cifar10_serving.server.batching import Batcher, ThreadBudget
+from cifar10_serving.server.batching import Batcher, ThreadBudget, wide_from
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.connections import close_port
 from cifar10_serving.server.gate import Gate
@@ -45,6 +45,11 @@ log = logging.getLogger("server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "cifar10.v1.Classifier"
 SERVICES = ("", SERVICE_NAME, inference.SERVICE_NAME)  # the names the health service answers for
+# oneDNN's kernel cache, unless the environment sets it: its default, 1,024, is about what the bundled
+# models' two architectures need with every rung of the batch ladder warmed at both thread counts, and
+# a thrashing cache fragments the heap (README "Reliability", Memory). oneDNN reads the variable when
+# it makes its first kernel, so setting it here, before any model runs, is in time.
+ONEDNN_CACHE_CAPACITY = "4096"
 
 
 @dataclass
@@ -118,7 +123,8 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         interceptors = [grpc_metrics.interceptor(registry)]
     if device.type == "cuda":
         registry.register(GpuMemoryCollector([device.index or 0]))
-    budget = ThreadBudget(threads, instances * len(models))  # one for the process: every model's passes share it
+    # One for the process: every model's passes share it.
+    budget = ThreadBudget(threads, instances * len(models), wide_from(config.compute_nice))
     batchers = {name: Batcher(model, metrics, config.max_batch_size, config.max_queue_delay_us,
                               config.max_queue_images, instances, budget, config.compute_nice)
                 for name, model in models.items()}
@@ -266,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)  # workers inherit it
     if config.workers > 1:
         return supervise(config, argv)
     try:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from cifar10_serving.server.batching import Batcher, DeadlineExpired, ModelFailure, QueueFull, ThreadBudget
+from cifar10_serving.server.batching import Batcher, DeadlineExpired, ModelFailure, QueueFull, ThreadBudget, wide_from
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import load_artifact
@@ -226,6 +226,12 @@ def test_the_budget_has_two_sizes_the_whole_and_an_even_share():
     assert ThreadBudget(2, 8).sizes == (1, 2) and ThreadBudget(1, 2).sizes == (1,)
     with pytest.raises(ValueError, match="instances >= 1"):
         ThreadBudget(2, 0)
+
+
+def test_a_lone_single_image_goes_wide_only_when_the_compute_runs_below_the_loop():
+    assert ThreadBudget(2, 2, wide_from(10)).take(1) == 2  # the default --compute-nice
+    assert ThreadBudget(2, 2, wide_from(0)).take(1) == 1  # same priority: the spin-wait would take the loop's core
+    assert ThreadBudget(2, 2, wide_from(0)).take(16) == 2
 
 
 def test_warm_up_makes_every_kernel_once_and_every_instance_its_thread_team(model):
