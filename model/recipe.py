@@ -34,6 +34,9 @@ class Recipe:
     frozen_bn_weights: bool = True  # BatchNorm's scales stay 1 (airbench); only its biases train
     bn_momentum: float = 0.4  # PyTorch's sense: the weight of the newest batch in the running statistics
     dirac: bool = True  # each 3x3 convolution starts as the identity on its first in_channels filters
+    # "avg": a learned stride-2 downsampling convolution (--pool conv) starts as average pooling, each
+    # filter the mean of its own channel's window; "random": PyTorch's default initialisation.
+    downsample_init: str = "random"
     logit_scale: float = 1 / 9  # the fc output is scaled by this in training; folded into fc at export
     whiten_bias_epochs: int = 3  # the whitening layer's bias trains for these first epochs, then freezes
     lookahead: bool = True  # airbench's lookahead averaging every 5 steps (model/ema.py)
@@ -118,13 +121,20 @@ def lr_at(step: int, total: int, warmup: int, peak: float, start: float = 0.1, e
 
 def prepare_fresh(net: CifarNet, recipe: Recipe) -> None:
     """What the recipe does to a newly built network before its first step: dirac initialisation of
-    the 3x3 convolutions (the first ``in_channels`` filters pass their input through unchanged) and
-    BatchNorm's settings. Not for fine-tuning, whose weights come from a file."""
+    the 3x3 convolutions (the first ``in_channels`` filters pass their input through unchanged), with
+    ``downsample_init="avg"`` stride-2 convolutions that start as average pooling, and BatchNorm's
+    settings. Not for fine-tuning, whose weights come from a file."""
     for module in net.modules():
         if recipe.dirac and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1):
             with torch.no_grad():
                 w = module.weight
                 nn.init.dirac_(w[: min(w.shape[0], w.shape[1])])
+        if recipe.downsample_init == "avg" and isinstance(module, nn.Conv2d) and module.stride != (1, 1):
+            with torch.no_grad():
+                w = module.weight  # (out, in, k, k), out == in: downsampling keeps depth
+                w.zero_()
+                for c in range(min(w.shape[0], w.shape[1])):
+                    w[c, c] = 1.0 / (w.shape[2] * w.shape[3])
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = recipe.bn_momentum
 

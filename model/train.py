@@ -79,7 +79,8 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
     if resume and saved is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir}")
     if saved is not None:
-        if saved["recipe"] != asdict(recipe) or saved["config"] != net.config.to_dict() or saved["full"] != full:
+        # A field added to Recipe after the checkpoint was written counts as its default.
+        if {**asdict(Recipe()), **saved["recipe"]} != asdict(recipe) or saved["config"] != net.config.to_dict() or saved["full"] != full:
             raise ValueError(f"{checkpoint_dir}: the checkpoint was written by a run with another recipe, network "
                              f"or split; resume with the same flags (checkpoint recipe: {saved['recipe']})")
         net.load_state_dict(saved["model"])
@@ -236,6 +237,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="weight of the newest batch in BatchNorm's running statistics")
     p.add_argument("--dirac", action=argparse.BooleanOptionalAction, default=Recipe.dirac,
                    help="3x3 convolutions start as the identity on their first in_channels filters")
+    p.add_argument("--downsample-init", choices=("random", "avg"), default=Recipe.downsample_init,
+                   help="with --pool conv: start each stride-2 convolution as average pooling (avg)")
     p.add_argument("--logit-scale", type=float, default=Recipe.logit_scale,
                    help="scale of the fc output in training (folded into fc at export)")
     p.add_argument("--whiten-bias-epochs", type=int, default=Recipe.whiten_bias_epochs,
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     lr_start=args.lr_start, lr_end=args.lr_end, momentum=args.momentum,
                     weight_decay=args.weight_decay, bias_lr_scale=args.bias_lr_scale,
                     frozen_bn_weights=args.frozen_bn_weights, bn_momentum=args.bn_momentum, dirac=args.dirac,
+                    downsample_init=args.downsample_init,
                     logit_scale=args.logit_scale, whiten_bias_epochs=args.whiten_bias_epochs,
                     lookahead=args.lookahead, alternate_flip=args.alternate_flip)
     teacher, teacher_meta = None, None

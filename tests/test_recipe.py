@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cifar10_serving.model.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from cifar10_serving.model.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from cifar10_serving.model.data import PYTHON_FORMAT_DIR
 from cifar10_serving.model.ema import EMA, Lookahead
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
@@ -93,6 +93,24 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, deterministic):
         main([*common, "--resume", "--lr", "0.1"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         main([*common[:-4], "--checkpoint-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt"), "--resume"])
+
+
+def test_resume_takes_a_checkpoint_written_before_a_recipe_field_existed(tmp_path, deterministic):
+    root = _python_format(tmp_path / "data", per_class=10)
+    ckpt = tmp_path / "ckpt"
+    common = ["--data", str(root), "--widths", "4,8,8", "--epochs", "2", "--batch-size", "64", "--val-per-class", "2",
+              "--threads", "1", "--no-progress", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "m.pt")]
+    assert main([*common, "--stop-after", "1"]) == 0
+    saved = load_checkpoint(ckpt)
+    del saved["recipe"]["downsample_init"]  # as a run of an older version wrote it
+    save_checkpoint(ckpt, saved)
+    assert main([*common, "--resume"]) == 0  # the missing field counts as its default
+    assert load_checkpoint(ckpt)["epoch"] == 2
+    saved = load_checkpoint(ckpt)
+    del saved["recipe"]["downsample_init"]
+    save_checkpoint(ckpt, saved)
+    with pytest.raises(ValueError, match="another recipe"):  # but not as a value the old run never had
+        main([*common, "--resume", "--downsample-init", "avg"])
 
 
 def test_resume_without_a_checkpoint_dir_is_a_usage_error(tmp_path):
@@ -210,6 +228,17 @@ def test_dirac_init_makes_each_conv_pass_its_first_channels_through():
     y = torch.randn(2, 8, 6, 6)
     torch.testing.assert_close(square(y), y)
     assert all(m.momentum == Recipe().bn_momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_a_stride_2_convolution_can_start_as_average_pooling():
+    torch.manual_seed(0)
+    net = CifarNet(NetConfig(widths=(4, 8, 8), pool="conv"))
+    prepare_fresh(net, Recipe(downsample_init="avg"))
+    down = net.stages.stage2.pool  # the learned 2x2 stride-2 convolution, 8 -> 8 channels
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(down(x), F.avg_pool2d(x, 2, 2))
+    prepare_fresh(fresh := CifarNet(NetConfig(widths=(4, 8, 8), pool="conv")), Recipe())
+    assert not torch.allclose(fresh.stages.stage2.pool(x), F.avg_pool2d(x, 2, 2))  # the default keeps its random start
 
 
 def test_folding_the_logit_scale_gives_the_scaled_softmax():
