@@ -132,9 +132,8 @@ def prepare_fresh(net: CifarNet, recipe: Recipe) -> None:
         if recipe.downsample_init == "avg" and isinstance(module, nn.Conv2d) and module.stride != (1, 1):
             with torch.no_grad():
                 w = module.weight  # (out, in, k, k), out == in: downsampling keeps depth
-                w.zero_()
-                for c in range(min(w.shape[0], w.shape[1])):
-                    w[c, c] = 1.0 / (w.shape[2] * w.shape[3])
+                own = torch.arange(min(w.shape[0], w.shape[1]))
+                w.zero_()[own, own] = 1.0 / (w.shape[2] * w.shape[3])
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = recipe.bn_momentum
 

@@ -181,7 +181,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.instances = [_Instance(model, i, max_batch_size, nice) for i in range(instances)]
-        self.budget = budget if budget is not None else ThreadBudget(torch.get_num_threads(), instances)
+        self.budget = budget if budget is not None else ThreadBudget(torch.get_num_threads(), instances, wide_from(nice))
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()  # instances with no pass in flight
         for instance in self.instances:
             self._free.put_nowait(instance)

@@ -100,15 +100,17 @@ def test_resume_takes_a_checkpoint_written_before_a_recipe_field_existed(tmp_pat
     ckpt = tmp_path / "ckpt"
     common = ["--data", str(root), "--widths", "4,8,8", "--epochs", "2", "--batch-size", "64", "--val-per-class", "2",
               "--threads", "1", "--no-progress", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "m.pt")]
+
+    def as_an_older_version_wrote_it():
+        saved = load_checkpoint(ckpt)
+        del saved["recipe"]["downsample_init"]
+        save_checkpoint(ckpt, saved)
+
     assert main([*common, "--stop-after", "1"]) == 0
-    saved = load_checkpoint(ckpt)
-    del saved["recipe"]["downsample_init"]  # as a run of an older version wrote it
-    save_checkpoint(ckpt, saved)
+    as_an_older_version_wrote_it()
     assert main([*common, "--resume"]) == 0  # the missing field counts as its default
     assert load_checkpoint(ckpt)["epoch"] == 2
-    saved = load_checkpoint(ckpt)
-    del saved["recipe"]["downsample_init"]
-    save_checkpoint(ckpt, saved)
+    as_an_older_version_wrote_it()
     with pytest.raises(ValueError, match="another recipe"):  # but not as a value the old run never had
         main([*common, "--resume", "--downsample-init", "avg"])
 
