@@ -11,6 +11,7 @@ finish within the grace period. ``serve`` adds the signals and the ``--ready-fil
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -177,6 +178,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             metrics_http.shutdown()
             metrics_http.server_close()
         raise
+    settle_heap()
     for service in SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (metrics on %s, device %s, %d instances per model sharing %d torch threads, "
@@ -185,6 +187,17 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
              f", worker {config.worker_index}" if config.worker_index >= 0 else "")
     return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate,
                device=str(device))
+
+
+def settle_heap() -> int:
+    """Collects start-up's garbage, then moves every object left (torch, the models, the protos: some
+    half a million) out of the cyclic collector's reach, as long-running Python servers do
+    (``gc.freeze``). Each full collection scanned all of them: 75-115 ms with the loop stopped on
+    the 2-core VM, one of them 1 s after SERVING and more as the serving heap grew. Returns how many
+    objects were frozen. Nothing frozen is ever freed, so this runs once, when start-up is done."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
