@@ -191,10 +191,11 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
 
 def settle_heap() -> int:
     """Collects start-up's garbage, then moves every object left (torch, the models, the protos: some
-    half a million) out of the cyclic collector's reach, as long-running Python servers do
-    (``gc.freeze``). Each full collection scanned all of them: 75-115 ms with the loop stopped on
-    the 2-core VM, one of them 1 s after SERVING and more as the serving heap grew. Returns how many
-    objects were frozen. Nothing frozen is ever freed, so this runs once, when start-up is done."""
+    340,000) out of the cyclic collector's reach, as long-running Python servers do (``gc.freeze``).
+    Each full collection scanned all of them: 75-115 ms with the loop stopped on the 2-core VM, one
+    of them 1 s after SERVING and more as the serving heap grew. Returns how many objects were
+    frozen. Frozen objects are still freed when their last reference goes, but a cycle among them
+    never is, so this runs once, when start-up is done."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
