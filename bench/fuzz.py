@@ -8,7 +8,7 @@ overwrites, insertions, deletions, truncations, splices; PNG checksums repaired 
 mutation reaches the decoder); PNG headers declaring any size, depth, colour type and interlace;
 JPEGs declaring any size; raw tensors of any shape, dtype, layout, length and content (NaN, Inf).
 
-In-process, each input goes through ``server.imaging.decode_into``: the outcome must be a decoded
+In-process, each input goes through ``server.images.decode_into``: the outcome must be a decoded
 image or an ``ImageError``. Decoding runs in a child process, so a native crash (SIGSEGV in a
 decoder) is caught too: it is counted, its input saved under ``--out`` (a serialised
 ``cifar10.v1.Image``), and a new child goes on. Through the server, a crash is any status but OK,
@@ -93,7 +93,7 @@ def worker(seed: int, seconds: float, current: Path) -> None:
     dies the parent knows which input killed it. Prints a JSON summary."""
     import warnings
 
-    from cifar10_serving.server.imaging import ImageError, decode_into
+    from cifar10_serving.server.images import ImageError, decode_into
 
     warnings.simplefilter("ignore")
     inputs, counts, crashes = Inputs(seed), Counter(), []
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--replay", type=Path, default=None, help="decode one saved crash input, in this process")
     args = p.parse_args(argv)
     if args.replay is not None:
-        from cifar10_serving.server.imaging import decode_into
+        from cifar10_serving.server.images import decode_into
 
         data = args.replay.read_bytes()
         decode_into(pb.Image.FromString(data[1:]), 0, np.empty((3, 32, 32), np.uint8), data[0], MAX_PIXELS)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     counts, crashes = fuzz_in_process(args.duration, args.out)
     seconds = time.monotonic() - start
     tried = sum(counts.values())
-    print(f"\nin-process: {tried:,} inputs in {seconds:.0f} s ({tried / seconds:,.0f}/s) through server.imaging.decode_into")
+    print(f"\nin-process: {tried:,} inputs in {seconds:.0f} s ({tried / seconds:,.0f}/s) through server.images.decode_into")
     for key in sorted(counts):
         print(f"  {key:<36} {counts[key]:>9,}")
     crash_count = sum(v for k, v in counts.items() if "CRASH" in k or "native" in k)

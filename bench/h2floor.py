@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 
 # gRPC's two request headers, and a deadline as bench.bench's calls carry (timeout=30), so that both
 # clients take the same path through the server (it reads each call's deadline).

@@ -31,7 +31,7 @@ import numpy as np
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 
 from bench import h2floor
 from bench.bench import (ROOT, RawModel, batch_stats, closed_loop, echo_problems, health_calls, make_requests,

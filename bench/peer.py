@@ -47,7 +47,7 @@ import grpc
 from bench.bench import closed_loop, echo_problems, make_requests, spread, unary_calls
 from bench.serverproc import machine
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = Path(__file__).with_name("torchserve_inference.proto")

@@ -1,5 +1,5 @@
 """The server process for the reliability commands (fuzz, overload, soak): the shared harness
-(``cifar10_serving.server.process``) plus what they read from /proc, and small reporting helpers."""
+(``cifar10_serving.server.launcher``) plus what they read from /proc, and small reporting helpers."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cifar10_serving.server import process
+from cifar10_serving.server import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 
-class ServerProcess(process.ServerProcess):
+class ServerProcess(launcher.ServerProcess):
     """A lone server on free ports (the pid read is the server's own: no ``--workers`` here)."""
 
     def memory(self, field: str = "VmRSS") -> int:

@@ -49,7 +49,7 @@ class ModelView:
 
 def load_input(path: str | Path, size: tuple[int, int] = (32, 32)) -> np.ndarray:
     """The image as the network sees it, H x W x 3 uint8: the shorter side scaled to the model's size,
-    the centre cropped (the server's rule, as in server.imaging), done here so the page shows exactly
+    the centre cropped (the server's rule, as in server.images), done here so the page shows exactly
     the pixels classified. Any mode Pillow reads is converted to RGB: this is a picture for a person."""
     with Image.open(path) as img:
         img = img.convert("RGB")

@@ -4,7 +4,7 @@ One ``Batcher`` per model. RPC handlers ``submit`` decoded images and await thei
 single task per model takes queued requests in arrival order, up to ``max_batch_size`` images, and
 hands the batch to a free *instance* (after Triton's model instances): each runs one forward pass at
 a time on its own thread, with its own input buffer and, on CUDA, its own stream, so several passes
-of one model are in flight at once and the event loop stays free. ``ThreadBudget`` shares the
+of one model are in flight at once and the event loop stays free. ``ThreadShares`` shares the
 process's intra-op threads among the passes in flight. Rules:
 
 - A request that arrives while no pass of the model is in flight and nothing is queued goes
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # How allocators say they ran out: CUDA raises torch.OutOfMemoryError ("out of memory"), the CPU
 # allocator a RuntimeError ("can't allocate memory"), and TorchScript wraps either in its own error.
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
-# Passes of at least this many images may take every thread when nothing else is in flight (ThreadBudget):
+# Passes of at least this many images may take every thread when nothing else is in flight (ThreadShares):
 # every pass when the compute threads run below the loop (--compute-nice), else from 16 images.
 WIDE_PASS_IMAGES = 1
 WIDE_PASS_IMAGES_SAME_PRIORITY = 16
@@ -71,7 +71,7 @@ def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
     return (*rungs, max_batch_size)
 
 
-class ThreadBudget:
+class ThreadShares:
     """The intra-op threads that the forward passes of one process share (``--torch-threads``).
 
     A pass of at least ``wide_from`` images that starts while no other is in flight gets all of them:
@@ -163,7 +163,7 @@ class _Job:
 
 class Batcher:
     def __init__(self, model: LoadedModel, metrics: Metrics, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue_images: int, instances: int = 1, budget: ThreadBudget | None = None,
+                 max_queue_images: int, instances: int = 1, budget: ThreadShares | None = None,
                  nice: int = 0) -> None:
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
@@ -181,7 +181,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.instances = [_Instance(model, i, max_batch_size, nice) for i in range(instances)]
-        self.budget = budget if budget is not None else ThreadBudget(torch.get_num_threads(), instances, wide_from(nice))
+        self.budget = budget if budget is not None else ThreadShares(torch.get_num_threads(), instances, wide_from(nice))
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()  # instances with no pass in flight
         for instance in self.instances:
             self._free.put_nowait(instance)

@@ -46,7 +46,7 @@ class ServerConfig:
     # the CPU one per torch thread, so that a loaded server runs a one-thread pass on every core.
     instances: int = 0
     # Intra-op threads that the process's forward passes share: a pass that starts alone gets them all,
-    # one that starts beside others an equal share over every instance (batching.ThreadBudget).
+    # one that starts beside others an equal share over every instance (batching.ThreadShares).
     # 0: the cores this process may run on (its CPU affinity), shared out among the workers.
     torch_threads: int = 0
     workers: int = 1  # server processes sharing the gRPC port (SO_REUSEPORT); README "Performance"
@@ -76,7 +76,7 @@ class ServerConfig:
     max_connection_age_ms: int = 600_000  # GOAWAY at this age (gRPC adds +-10% jitter), so clients rebalance
     max_connection_age_grace_ms: int = 60_000  # after the age's GOAWAY, calls still open get this long; then closed
     # Hostile load (README "Reliability"): memory for answers, and decoding.
-    answer_budget_bytes: int = 0  # answers computed but not yet sent, with their requests; 0: a quarter of the memory (server.budget)
+    answer_budget_bytes: int = 0  # answers computed but not yet sent, with their requests; 0: a quarter of the memory (server.answer_budget)
     max_request_pixels: int = 64 * MiB  # decoded pixels per request: 64 one-megapixel photos, or 4 images at max_image_pixels
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.server.calls import Call, Rejection, deadline_of
 from cifar10_serving.server.config import ServerConfig
-from cifar10_serving.server.imaging import ImageError, decode_into
+from cifar10_serving.server.images import ImageError, decode_into
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel, load_artifact
 from cifar10_serving.server.priority import lower_priority

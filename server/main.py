@@ -28,24 +28,24 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
-from cifar10_serving.server import answers, grpc_metrics, inference
-from cifar10_serving.server.batching import Batcher, ThreadBudget, wide_from
+from cifar10_serving.server import grpc_metrics, open_inference, wire
+from cifar10_serving.server.batching import Batcher, ThreadShares, wide_from
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.connections import close_port
-from cifar10_serving.server.gate import Gate
+from cifar10_serving.server.drain import DrainGate
 from cifar10_serving.server.health import DrainingHealthServicer
 from cifar10_serving.server.metrics import GpuMemoryCollector, Metrics, serve_metrics
 from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
-from cifar10_serving.server.process import remove_ready_file, write_ready_file
+from cifar10_serving.server.ready_file import remove_ready_file, write_ready_file
 from cifar10_serving.server.security import SecurityConfigError, add_port, check_models_dir
 from cifar10_serving.server.security import interceptors as security_interceptors
-from cifar10_serving.server.service import ClassifierService
+from cifar10_serving.server.cifar10_v1 import ClassifierService
 from cifar10_serving.server.workers import supervise
 
 log = logging.getLogger("server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "cifar10.v1.Classifier"
-SERVICES = ("", SERVICE_NAME, inference.SERVICE_NAME)  # the names the health service answers for
+SERVICES = ("", SERVICE_NAME, open_inference.SERVICE_NAME)  # the names the health service answers for
 # oneDNN's kernel cache, unless the environment sets it: its default, 1,024, is about what the bundled
 # models' two architectures need with every rung of the batch ladder warmed at both thread counts, and
 # a thrashing cache fragments the heap (README "Reliability", Memory). oneDNN reads the variable when
@@ -64,7 +64,7 @@ class App:
     health: health.aio.HealthServicer
     metrics: Metrics
     _metrics_http: object | None = None
-    gate: Gate | None = None
+    gate: DrainGate | None = None
     device: str = ""
 
     async def stop(self, grace: float | None = None) -> None:
@@ -125,7 +125,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     if device.type == "cuda":
         registry.register(GpuMemoryCollector([device.index or 0]))
     # One for the process: every model's passes share it.
-    budget = ThreadBudget(threads, instances * len(models), wide_from(config.compute_nice))
+    budget = ThreadShares(threads, instances * len(models), wide_from(config.compute_nice))
     batchers = {name: Batcher(model, metrics, config.max_batch_size, config.max_queue_delay_us,
                               config.max_queue_images, instances, budget, config.compute_nice)
                 for name, model in models.items()}
@@ -135,7 +135,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             "version": model.version, "pooling": str(pooling.get("kind", "")),
             "pool_window": str(pooling.get("window", "")), "device": str(device)})
 
-    gate = Gate((SERVICE_NAME, inference.SERVICE_NAME))  # one gate: each call is counted once
+    gate = DrainGate((SERVICE_NAME, open_inference.SERVICE_NAME))  # one gate: each call is counted once
     # The given interceptors (the metrics one by default) go first, so calls refused by authentication
     # or the drain gate are counted.
     server = grpc.aio.server(interceptors=[*interceptors, *security_interceptors(config), gate], options=[
@@ -146,12 +146,12 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         *connection_options(config),
     ])
     classifier = ClassifierService(config, models, batchers, metrics)
-    answers.add_classifier(classifier, server)  # as the generated code does, and answers may be wire bytes
+    wire.add_classifier(classifier, server)  # as the generated code does, and answers may be wire bytes
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    answers.add_service(inference.InferenceService(classifier, health_servicer), server, v2, "GRPCInferenceService")
+    wire.add_service(open_inference.InferenceService(classifier, health_servicer), server, v2, "GRPCInferenceService")
     reflection.enable_server_reflection(
-        (SERVICE_NAME, inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, open_inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     metrics_http, metrics_port = None, None
     try:
         for service in SERVICES:
@@ -211,7 +211,7 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def ready_document(app: App) -> dict[str, Any]:
-    """What ``--ready-file`` holds (server/process.py reads it); the supervisor of ``--workers`` adds ``workers``."""
+    """What ``--ready-file`` holds (server/launcher.py reads it); the supervisor of ``--workers`` adds ``workers``."""
     config = app.config
     return {"pid": os.getpid(), "host": config.host, "port": app.port,
             "metrics_host": config.metrics_host or config.host,

@@ -18,7 +18,7 @@ NAMESPACE = "cifar10"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The method label's values; server.calls refuses any other. Another API's methods go on this line.
 METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo", "Explain",
-           "ModelInfer", "ModelMetadata")  # the Open Inference Protocol's (server.inference); its probes are not counted
+           "ModelInfer", "ModelMetadata")  # the Open Inference Protocol's (server.open_inference); its probes are not counted
 UNKNOWN_MODEL = "unknown"  # label for requests naming a model that is not loaded: keeps the set bounded
 DROP_REASONS = ("cancelled", "deadline")  # cifar10_dropped_requests_total{reason}
 FAILURE_REASONS = ("out_of_memory", "error")  # cifar10_batch_failures_total{reason}

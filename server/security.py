@@ -24,7 +24,7 @@ from typing import Sequence
 import grpc
 
 from cifar10_serving.server.config import ServerConfig
-from cifar10_serving.server.gate import refusing
+from cifar10_serving.server.drain import refusing
 
 log = logging.getLogger(__name__)
 

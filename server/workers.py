@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cifar10_serving.server.config import ServerConfig, default_torch_threads
-from cifar10_serving.server.process import read_ready_file, remove_ready_file, write_ready_file
+from cifar10_serving.server.ready_file import read_ready_file, remove_ready_file, write_ready_file
 
 log = logging.getLogger("server.workers")
 

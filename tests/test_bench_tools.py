@@ -16,7 +16,7 @@ from bench.overhead import group_cpu_seconds
 from bench.serverproc import cpu_seconds
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 
 needs_h2load = pytest.mark.skipif(h2floor.available() is None, reason="h2load (apt-get install nghttp2-client) absent")
 

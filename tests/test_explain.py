@@ -22,7 +22,7 @@ from cifar10_serving.server.batching import Batcher
 from cifar10_serving.server.explain import Explainer
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import load_models_dir
-from cifar10_serving.server.service import ClassifierService
+from cifar10_serving.server.cifar10_v1 import ClassifierService
 from tests.support import make_config, random_images
 
 LAST_STAGE = "stage3.act2"  # the tiny models' last layer with an H x W map

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from tests.hostile import fix_png_crcs, jpeg_declaring, mutate, png16, png_declaring, seed_files
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.imaging import ImageError, decode_into
+from cifar10_serving.server.images import ImageError, decode_into
 from tests.support import RunningServer, encode, make_config, random_images
 
 MAX_MESSAGE = 1 << 20  # this module's server takes 1 MiB requests, so oversized ones are cheap to send

@@ -17,7 +17,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from cifar10_serving.server.batching import Batcher, DeadlineExpired, ModelFailure, QueueFull, ThreadBudget, wide_from
+from cifar10_serving.server.batching import Batcher, DeadlineExpired, ModelFailure, QueueFull, ThreadShares, wide_from
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import load_artifact
@@ -203,7 +203,7 @@ def test_a_lone_pass_gets_the_whole_budget_and_one_beside_it_a_share(model):
     watched = _Watched(model.module, before=_barrier(2))
 
     async def run():
-        batcher, _ = make(model, watched, instances=2, budget=ThreadBudget(2, 2, wide_from=1))
+        batcher, _ = make(model, watched, instances=2, budget=ThreadShares(2, 2, wide_from=1))
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(images(1, 1), (), None))
         await asyncio.sleep(0)  # the first pass starts alone
@@ -216,27 +216,27 @@ def test_a_lone_pass_gets_the_whole_budget_and_one_beside_it_a_share(model):
 
 
 def test_the_budget_has_two_sizes_the_whole_and_an_even_share():
-    budget = ThreadBudget(8, 3, wide_from=16)
+    budget = ThreadShares(8, 3, wide_from=16)
     assert budget.sizes == (2, 8)
     assert [budget.take(16), budget.take(64), budget.take(64)] == [8, 2, 2]
     budget.give_back(), budget.give_back(), budget.give_back()
     assert budget.take(64) == 8  # idle again: the next large pass gets every thread
     budget.give_back()
     assert budget.take(15) == 2  # a small pass never goes wide, even alone
-    assert ThreadBudget(2, 8).sizes == (1, 2) and ThreadBudget(1, 2).sizes == (1,)
+    assert ThreadShares(2, 8).sizes == (1, 2) and ThreadShares(1, 2).sizes == (1,)
     with pytest.raises(ValueError, match="instances >= 1"):
-        ThreadBudget(2, 0)
+        ThreadShares(2, 0)
 
 
 def test_a_lone_single_image_goes_wide_only_when_the_compute_runs_below_the_loop():
-    assert ThreadBudget(2, 2, wide_from(10)).take(1) == 2  # the default --compute-nice
-    assert ThreadBudget(2, 2, wide_from(0)).take(1) == 1  # same priority: the spin-wait would take the loop's core
-    assert ThreadBudget(2, 2, wide_from(0)).take(16) == 2
+    assert ThreadShares(2, 2, wide_from(10)).take(1) == 2  # the default --compute-nice
+    assert ThreadShares(2, 2, wide_from(0)).take(1) == 1  # same priority: the spin-wait would take the loop's core
+    assert ThreadShares(2, 2, wide_from(0)).take(16) == 2
 
 
 def test_warm_up_makes_every_kernel_once_and_every_instance_its_thread_team(model):
     watched = _Watched(model.module)
-    batcher, _ = make(model, watched, instances=2, max_batch_size=4, budget=ThreadBudget(2, 2, wide_from=3))
+    batcher, _ = make(model, watched, instances=2, max_batch_size=4, budget=ThreadShares(2, 2, wide_from=3))
     batcher.warm_up(1)
     first, second = dict.fromkeys(thread for thread, _, _ in watched.passes)  # in the order they ran
     seen = {t: {(threads, n) for thread, threads, n in watched.passes if thread == t} for t in (first, second)}

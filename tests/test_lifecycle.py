@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 
 GRACE = 3.0
 LONG_WARMUP = ["--warmup-batches", "100000"]  # rounds of warm-up: far longer than any test waits

@@ -1,4 +1,4 @@
-"""``--ready-file`` and the harness over it (server/process.py), against real server processes."""
+"""``--ready-file`` and the harness over it (server/launcher.py), against real server processes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.server.config import parse_config
-from cifar10_serving.server.process import ServerProcess, ServerStartError, read_ready_file, write_ready_file
+from cifar10_serving.server.launcher import ServerProcess, ServerStartError
+from cifar10_serving.server.ready_file import read_ready_file, write_ready_file
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 SLOW_WARMUP = "10"  # warm-up rounds: long enough (most of a second at least) to see the port NOT_SERVING first
@@ -110,7 +111,7 @@ def test_the_ready_file_is_written_whole_and_replaced_atomically(tmp_path):
 
 
 def test_the_harness_imports_neither_torch_nor_grpc():
-    code = ("import sys, cifar10_serving.server.process; "
+    code = ("import sys, cifar10_serving.server.launcher; "
             "print(sorted(m for m in ('torch', 'grpc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

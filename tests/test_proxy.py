@@ -36,7 +36,7 @@ import yaml
 from cifar10_serving.client import ClassifierClient, ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 from tests.support import export_tiny, random_images
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 from tests.support import random_images
 
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "artifacts"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from cifar10_serving.client import ClassifierClient
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 from tests.support import encode, random_images
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.server.config import ServerConfig
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 from tests.support import random_images
 
 WORKERS = 2

@@ -3,7 +3,7 @@
 Every failure raises ``ImageError`` with a message that names the image's index and says what to
 send instead; the service answers it as INVALID_ARGUMENT. Encoded images are refused from their
 header when they declare too many pixels, before any pixel is decoded: ``open_image`` reads and
-checks the header, and its result's ``decode`` does the work (``server.decoding`` schedules it).
+checks the header, and its result's ``decode`` does the work (``server.decode_lanes`` schedules it).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.process import ServerProcess
+from cifar10_serving.server.launcher import ServerProcess
 from tests.hostile import PNG_SIGNATURE, png_chunk
 from tests.support import encode, random_images
 

@@ -8,7 +8,7 @@ feature map of 64 images is 35 MB of answer for small-max, 70 MB for base-max, a
 format on a thread (the parts every image shares once per layer, the tensors by numpy copies, which
 release the GIL, straight into the answer's bytes), and ``add_classifier`` registers the Classifier
 service with a serializer that passes such bytes through: gRPC's own copy is all that is left on
-the loop. The bytes are those protobuf writes for the same message (tests/test_answers.py).
+the loop. The bytes are those protobuf writes for the same message (tests/test_wire.py).
 """
 
 from __future__ import annotations

@@ -27,14 +27,14 @@ from grpc_health.v1 import health_pb2
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from cifar10_serving.server import answers
+from cifar10_serving.server import wire
 from cifar10_serving.server.batching import BatchError, BatchResult
-from cifar10_serving.server.budget import Reservation
+from cifar10_serving.server.answer_budget import Reservation
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
-from cifar10_serving.server.decoding import DecodeExpired
-from cifar10_serving.server.imaging import ImageError
+from cifar10_serving.server.decode_lanes import DecodeExpired
+from cifar10_serving.server.images import ImageError
 from cifar10_serving.server.models import LoadedModel, ModelLoadError
-from cifar10_serving.server.service import ClassifierService, _quote
+from cifar10_serving.server.cifar10_v1 import ClassifierService, _quote
 
 RAW_OUTPUT_FIELD = v2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
@@ -146,7 +146,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             result = await self.classifier.batchers[plan.model.name].submit(images, plan.layers, deadline)
         except BatchError as exc:
             raise rejection_for(exc, plan.model.name) from None
-        if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.answers)
+        if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
             return await asyncio.get_running_loop().run_in_executor(
                 self.classifier._respond_pool, encode_infer_response, request, plan, result)
         return respond(request, plan, result)
@@ -250,7 +250,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------------ decode
     async def _decode(self, plan: InferPlan, deadline: float | None) -> np.ndarray:
         """Raw tensors here (a copy bounded by the batch limit); encoded files on the Classifier's
-        fair, abandonable decode lanes (server/decoding.py)."""
+        fair, abandonable decode lanes (server/decode_lanes.py)."""
         model, tensor = plan.model, plan.tensor
         n = _batch_size(tensor)
         if tensor.name == IMAGE:
@@ -298,7 +298,7 @@ def _image_tensor(tensor, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarr
             raise _invalid(f"input {IMAGE!r}: FP32 data holds NaN or Inf")
         if array.min() < 0.0 or array.max() > 1.0:
             raise _invalid(f"input {IMAGE!r}: FP32 values must lie in [0, 1]")
-        array = np.rint(array * 255.0).astype(np.uint8)  # as server.imaging does for the own API's raw FLOAT32
+        array = np.rint(array * 255.0).astype(np.uint8)  # as server.images does for the own API's raw FLOAT32
     return array.reshape(shape)
 
 
@@ -370,7 +370,7 @@ def encode_infer_response(request: v2.ModelInferRequest, plan: InferPlan, result
         return respond(request, plan, result).SerializeToString()
     parts: list = []
     head = respond(request, plan, result, parts)
-    return answers.with_raw_fields(head.SerializeToString(), RAW_OUTPUT_FIELD, parts)
+    return wire.with_raw_fields(head.SerializeToString(), RAW_OUTPUT_FIELD, parts)
 
 
 def _classification(model: LoadedModel, probabilities: np.ndarray, k: int) -> np.ndarray:

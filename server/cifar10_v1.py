@@ -2,7 +2,7 @@
 
 Every bad input maps to one status code with a message a caller can act on; a bad request fails
 alone and the server keeps serving. Each request reserves the memory its answer will hold from the
-server's answer budget (``server.budget``) before any work, and gives it back once the answer has
+server's answer budget (``server.answer_budget``) before any work, and gives it back once the answer has
 been written or the call has ended, so answers nobody reads cannot grow the server without bound.
 """
 
@@ -19,15 +19,15 @@ import numpy as np
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server import answers
+from cifar10_serving.server import wire
 from cifar10_serving.server.batching import Batcher, BatchError, BatchResult
-from cifar10_serving.server.budget import (AnswerBudget, OverBudget, Reservation, answer_bytes, default_budget_bytes,
+from cifar10_serving.server.answer_budget import (AnswerBudget, OverBudget, Reservation, answer_bytes, default_budget_bytes,
                                            layer_elements)
 from cifar10_serving.server.calls import Call, Rejection, deadline_of, model_label, rejection_for
 from cifar10_serving.server.config import ServerConfig
-from cifar10_serving.server.decoding import DecodeExpired, Decoder
+from cifar10_serving.server.decode_lanes import DecodeExpired, Decoder
 from cifar10_serving.server.explain import Explainer
-from cifar10_serving.server.imaging import ImageError, decode_into, enum_name
+from cifar10_serving.server.images import ImageError, decode_into, enum_name
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel
 from cifar10_serving.server.modelinfo import model_info
@@ -38,7 +38,7 @@ DEFAULT_TOP_K = 5
 # Stream requests in progress at once, which keeps answers in order; their bytes are bounded by the
 # answer budget, which every request of every stream reserves from.
 STREAM_WINDOW = 64
-# Answers with feature maps are built on this thread, off the event loop (server.answers): tens of
+# Answers with feature maps are built on this thread, off the event loop (server.wire): tens of
 # megabytes copied on the loop would hold every call's progress and health check with it. One
 # thread: more would only compete with the loop for the GIL and the machine's memory bandwidth.
 RESPOND_THREADS = 1
@@ -235,7 +235,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def _respond(self, request: pb.ClassifyRequest, plan: Plan,
                        result: BatchResult) -> pb.ClassifyResponse | bytes:
         """The answer. With feature maps, a ClassifyResponse's wire bytes built on a thread
-        (``server.answers``), which gRPC sends as they are; without, the message."""
+        (``server.wire``), which gRPC sends as they are; without, the message."""
         if not plan.layers:
             return self._build(request, plan, result)  # a few small messages: cheaper here than a hop
         return await asyncio.get_running_loop().run_in_executor(self._respond_pool, self._encode, request, plan, result)
@@ -245,7 +245,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         byte_order, dtype_enum = plan.feature_dtype
         order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
         maps = {name: np.ascontiguousarray(result.features[name], dtype=byte_order) for name in plan.layers}
-        return answers.encode_response(request.request_id, model.name, model.version, model.class_names,
+        return wire.encode_response(request.request_id, model.name, model.version, model.class_names,
                                        result.probabilities, order, maps, dtype_enum)
 
     def _build(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:

@@ -50,7 +50,7 @@ class _StreamEnd:
     cut: bool = False  # the drain stopped reading
 
 
-class Gate(grpc.aio.ServerInterceptor):
+class DrainGate(grpc.aio.ServerInterceptor):
     """Guards the methods of the given services (``package.Service``) and counts the calls of every
     service in flight; during a drain, refuses new calls to any service but those under
     ``open_prefixes`` (health: probes must see NOT_SERVING)."""

@@ -1,4 +1,4 @@
-"""The real server as a child process, for tests and benchmarks; and the ready file it writes.
+"""The real server as a child process, for tests and benchmarks (``ServerProcess``).
 
 ``ServerProcess(args)`` starts ``python -m cifar10_serving.server --port 0 --metrics-port 0 ARGS
 --ready-file TMP`` and returns once the server has written its ready file (``--ready-file``: a JSON
@@ -9,7 +9,6 @@ lines. Imports neither torch nor grpc: it is cheap to import from a benchmark's 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shutil
 import signal
@@ -21,35 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cifar10_serving.server.ready_file import read_ready_file
+
 MAX_LOG_LINES = 10_000  # the server logs per start, stop and error, not per request: this is never reached in normal runs
 LOG_TAIL_LINES = 40  # shown when a start fails
-
-
-# ----------------------------------------------------------------------------- the ready file
-def write_ready_file(path: str | os.PathLike, document: dict[str, Any]) -> None:
-    """Writes ``document`` as JSON to ``path`` atomically: a reader sees the whole file or none."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_ready_file(path: str | os.PathLike) -> None:
-    Path(path).unlink(missing_ok=True)
-
-
-def read_ready_file(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The document, or None while there is none (the rename makes a half-written file impossible)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
 
 
 def connect_host(host: str) -> str:

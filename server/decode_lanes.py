@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cifar10_serving.server.imaging import ImageError, Opened, open_image
+from cifar10_serving.server.images import ImageError, Opened, open_image
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.priority import lower_priority
 
