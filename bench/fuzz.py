@@ -3,12 +3,13 @@
     python -m bench.fuzz                                   # 60 s in-process, then 3,000 requests
     python -m bench.fuzz --duration 600 --server-requests 20000
 
-Inputs (tests/hostile.py): random bytes; mutations of valid PNG and JPEG files of every mode (flips,
+Inputs (bench/hostile.py): random bytes; mutations of valid PNG and JPEG files of every mode (flips,
 overwrites, insertions, deletions, truncations, splices; PNG checksums repaired half the time so the
 mutation reaches the decoder); PNG headers declaring any size, depth, colour type and interlace;
 JPEGs declaring any size; raw tensors of any shape, dtype, layout, length and content (NaN, Inf).
 
-In-process, each input goes through ``server.images.decode_into``: the outcome must be a decoded
+In-process, each input goes through ``server.cifar10_v1.source`` and ``server.images.decode_into``:
+the outcome must be a decoded
 image or an ``ImageError``. Decoding runs in a child process, so a native crash (SIGSEGV in a
 decoder) is caught too: it is counted, its input saved under ``--out`` (a serialised
 ``cifar10.v1.Image``), and a new child goes on. Through the server, a crash is any status but OK,
@@ -40,7 +41,7 @@ class Inputs:
     """Endless hostile images, each with the resize mode to decode it with."""
 
     def __init__(self, seed: int) -> None:
-        from tests import hostile  # the hostile-input makers are shared with the test suite
+        from bench import hostile  # the hostile-input makers, shared with the test suite
 
         self.hostile = hostile
         self.rng = np.random.default_rng(seed)
@@ -93,6 +94,7 @@ def worker(seed: int, seconds: float, current: Path) -> None:
     dies the parent knows which input killed it. Prints a JSON summary."""
     import warnings
 
+    from cifar10_serving.server.cifar10_v1 import RESIZE, source
     from cifar10_serving.server.images import ImageError, decode_into
 
     warnings.simplefilter("ignore")
@@ -111,7 +113,7 @@ def worker(seed: int, seconds: float, current: Path) -> None:
             f.truncate()
             f.flush()
             try:
-                decode_into(image, 0, out, resize, MAX_PIXELS)
+                decode_into(source(image, 0), 0, out, RESIZE[resize], MAX_PIXELS)
                 counts[f"{kind}: decoded"] += 1
             except ImageError:
                 counts[f"{kind}: ImageError"] += 1
@@ -191,24 +193,29 @@ def main(argv=None) -> int:
     p.add_argument("--replay", type=Path, default=None, help="decode one saved crash input, in this process")
     args = p.parse_args(argv)
     if args.replay is not None:
+        from cifar10_serving.server.cifar10_v1 import RESIZE, source
         from cifar10_serving.server.images import decode_into
 
         data = args.replay.read_bytes()
-        decode_into(pb.Image.FromString(data[1:]), 0, np.empty((3, 32, 32), np.uint8), data[0], MAX_PIXELS)
+        decode_into(source(pb.Image.FromString(data[1:]), 0), 0, np.empty((3, 32, 32), np.uint8), RESIZE[data[0]],
+                    MAX_PIXELS)
         print("decoded without a crash")
         return 0
     if args.worker is not None:
         worker(args.worker, args.duration, args.current)
         return 0
 
-    from bench.serverproc import MiB, ServerProcess, machine
+    from bench.procfs import MiB, machine, memory_bytes, reset_peak
+    from bench.servers import timed_stop
+    from cifar10_serving.server.launcher import ServerProcess
 
     print(f"machine: {machine()}")
     start = time.monotonic()
     counts, crashes = fuzz_in_process(args.duration, args.out)
     seconds = time.monotonic() - start
     tried = sum(counts.values())
-    print(f"\nin-process: {tried:,} inputs in {seconds:.0f} s ({tried / seconds:,.0f}/s) through server.images.decode_into")
+    print(f"\nin-process: {tried:,} inputs in {seconds:.0f} s ({tried / seconds:,.0f}/s) through "
+          "server.cifar10_v1.source and server.images.decode_into")
     for key in sorted(counts):
         print(f"  {key:<36} {counts[key]:>9,}")
     crash_count = sum(v for k, v in counts.items() if "CRASH" in k or "native" in k)
@@ -220,14 +227,14 @@ def main(argv=None) -> int:
     if args.server_requests:
         server = ServerProcess()
         try:
-            before = server.memory()
-            server.reset_peak()
+            before = memory_bytes(server.pid)
+            reset_peak(server.pid)
             t0 = time.monotonic()
             codes = asyncio.run(fuzz_server(server.target, args.server_requests, args.seed))
             elapsed = time.monotonic() - t0
-            alive, after, peak = server.alive, server.memory(), server.memory("VmHWM")
+            alive, after, peak = server.alive, memory_bytes(server.pid), memory_bytes(server.pid, "VmHWM")
         finally:
-            exit_seconds = server.timed_stop()
+            exit_seconds = timed_stop(server)
         bad = {k: v for k, v in codes.items() if k not in ("OK", "INVALID_ARGUMENT", "NOT_FOUND")}
         server_crashes = sum(bad.values()) + (not alive)
         print(f"\nthrough the server: {sum(codes.values()):,} requests in {elapsed:.0f} s, by status: "

@@ -28,6 +28,12 @@ HELD_COPIES = 3
 # probabilities; generous, so that many small answers are not under-counted.
 IMAGE_OVERHEAD_BYTES = 1024
 MAP_OVERHEAD_BYTES = 128
+# A caller's id echoed in its answer: the request's gRPC bytes and parsed message (counted with the
+# request), the answer's message, its serialisation and gRPC's copy, and the Python string between:
+# an outside review measured the process holding a request_id about 5.8 times (issue 28).
+ECHO_COPIES = 4  # beside the request's two
+# A refusal inside a stream: the answer message around its text, in HELD_COPIES copies.
+REFUSAL_OVERHEAD_BYTES = 256
 FEATURE_SHARE = 0.75  # of the budget, for requests that ask for feature maps
 DEFAULT_MEMORY_SHARE = 4  # the automatic budget: a quarter of the memory the process may use
 # cgroup v2, then v1: a container's limit, which is what the kernel enforces, not the host's memory
@@ -109,6 +115,18 @@ def answer_bytes(images: int, elements: int, layers: int, itemsize: int, classes
     forward pass's float32 maps, which live until the answer is built."""
     per_image = elements * itemsize + layers * MAP_OVERHEAD_BYTES + classes * 4 + IMAGE_OVERHEAD_BYTES
     return images * (HELD_COPIES * per_image + 4 * elements)
+
+
+def explanation_bytes(images: int, pixels: int) -> int:
+    """An explanation's answer while held: two float32 maps of ``pixels`` per image, in protobuf's
+    repeated floats, in ``HELD_COPIES`` copies; and the gradients of the pass, about four maps more."""
+    per_image = 2 * pixels * 4 + IMAGE_OVERHEAD_BYTES
+    return images * (HELD_COPIES * per_image + 4 * 2 * pixels * 4)
+
+
+def refusal_bytes(message_bytes: int, echo_bytes: int) -> int:
+    """A refusal answered inside a stream: its message and echoed id, in ``HELD_COPIES`` copies."""
+    return HELD_COPIES * (REFUSAL_OVERHEAD_BYTES + message_bytes + echo_bytes)
 
 
 def _mb(nbytes: int) -> str:

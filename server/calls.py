@@ -1,15 +1,11 @@
-"""The bookkeeping of one call, or one request of a stream: its status code, its time, its metrics.
+"""The bookkeeping of one call, or one request of a stream: how it ended, its time, its metrics.
 
-Any gRPC front-end uses it the same way: a handler raises ``Rejection`` for what it refuses (and
-``rejection_for`` to turn the batcher's errors into one), wraps the work in ``Call``, and decides
-only what to do with the outcome: abort a unary call with the code, or put an error in a stream's
-response::
+Every front-end uses it the same way: the core and the front-end raise ``Rejection`` for what they
+refuse, the work runs inside ``Call``, and the front-end decides only what to do with the outcome
+(``server.grpc_handlers`` aborts a unary call with the code, or puts an error in a stream's answer)::
 
-    try:
-        with Call(metrics, "Classify", model, len(request.images), deadline=deadline, in_flight=True):
-            return await work()
-    except Rejection as rejection:
-        await context.abort(rejection.code, rejection.message)
+    with Call(metrics, "Classify", model, len(images), deadline=deadline, in_flight=True):
+        return await work()
 """
 
 from __future__ import annotations
@@ -18,9 +14,7 @@ import asyncio
 import logging
 import time
 
-import grpc
-
-from cifar10_serving.server.batching import BatchError, DeadlineExpired, ModelFailure, QueueFull
+from cifar10_serving.server.errors import Code, Rejection
 from cifar10_serving.server.metrics import METHODS, UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger(__name__)
@@ -29,36 +23,9 @@ DEADLINE_SLACK_SECONDS = 0.05  # a cancellation this close to the deadline is th
 INTERNAL_MESSAGE = "internal error; see the server log"  # the details stay in the log, not with the caller
 
 
-class Rejection(Exception):
-    """A request the service refuses, with the status code and message the caller gets."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def rejection_for(exc: BatchError, model: str) -> Rejection:
-    """What the caller is told when the batcher could not serve its request on ``model``."""
-    if isinstance(exc, QueueFull):
-        return Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, DeadlineExpired):
-        return Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-    # Running out of memory is load, worth a retry later; any other failure of the model is ours.
-    oom = isinstance(exc, ModelFailure) and exc.out_of_memory
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED if oom else grpc.StatusCode.INTERNAL
-    return Rejection(code, f"model {model!r} failed on this batch: {_summary(str(exc))}")
-
-
 def model_label(name: str, loaded) -> str:
     """The model label for a request naming ``name``: callers choose names, so only loaded ones are kept."""
     return name if name in loaded else UNKNOWN_MODEL
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on ``time.monotonic()``'s clock; None when the caller set none."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 class Call:
@@ -81,7 +48,7 @@ class Call:
         self.model = model
         self.images = images
         self.deadline = deadline  # on time.monotonic()'s clock
-        self.code = grpc.StatusCode.OK
+        self.code = Code.OK
         self._gauge = metrics.in_flight.labels(method) if in_flight else None
         self._start = 0.0
 
@@ -100,37 +67,30 @@ class Call:
         self._record(seconds)
         if unexpected:
             log.error("%s failed", self.method, exc_info=exc)
-            raise Rejection(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE) from exc
+            raise Rejection(Code.INTERNAL, INTERNAL_MESSAGE) from exc
 
-    def _code(self, exc: BaseException | None) -> grpc.StatusCode:
+    def _code(self, exc: BaseException | None) -> Code:
         if exc is None:
-            return grpc.StatusCode.OK
+            return Code.OK
         if isinstance(exc, Rejection):
             return exc.code
         if isinstance(exc, asyncio.CancelledError):
             return _cancelled_code(None if self.deadline is None else self.deadline - time.monotonic())
-        return grpc.StatusCode.INTERNAL
+        return Code.INTERNAL
 
     def _record(self, seconds: float) -> None:
         m, code = self.metrics, self.code.name
         m.request_seconds.labels(self.method, self.model, code).observe(seconds)
         m.requests.labels(self.method, self.model, code).inc()
         if self.images:
-            m.images.labels(self.model, "ok" if self.code == grpc.StatusCode.OK else code).inc(self.images)
+            m.images.labels(self.model, "ok" if self.code == Code.OK else code).inc(self.images)
 
 
-def _cancelled_code(remaining: float | None) -> grpc.StatusCode:
+def _cancelled_code(remaining: float | None) -> Code:
     """What the caller of a cancelled handler saw, given the seconds left before its deadline.
 
     A caller's deadline can reach the server as a cancellation just before the server's copy of the
     deadline (which started when the request arrived) runs out, hence the slack.
     """
     expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-
-
-def _summary(text: str, limit: int = 300) -> str:
-    """The last line of an error: a TorchScript error's is the exception, the lines above it code."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = lines[-1] if lines else "unknown error"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    return Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED

@@ -1,17 +1,16 @@
-"""The Classifier gRPC service: validate, reserve, decode, queue, batch, infer, postprocess, respond.
+"""The ``cifar10.v1.Classifier`` API: a thin translator between its messages and the serving core.
 
-Every bad input maps to one status code with a message a caller can act on; a bad request fails
-alone and the server keeps serving. Each request reserves the memory its answer will hold from the
-server's answer budget (``server.answer_budget``) before any work, and gives it back once the answer has
-been written or the call has ended, so answers nobody reads cannot grow the server without bound.
+Each handler plans a request (which model, which options), turns its ``Image`` messages into the
+core's image sources, and builds the answer from the core's result; every step in between (the
+budget, decoding, batching, explanations) is the core's (``server.core``), and the handler skeleton
+(deadline, bookkeeping, reservation, status) is ``server.grpc_handlers``'. Every bad input maps to
+one status code with a message a caller can act on; a bad request fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import time
-from concurrent.futures import ThreadPoolExecutor
+import json
 from dataclasses import dataclass
 
 import grpc
@@ -20,72 +19,51 @@ import numpy as np
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server import wire
-from cifar10_serving.server.batching import Batcher, BatchError, BatchResult
-from cifar10_serving.server.answer_budget import (AnswerBudget, OverBudget, Reservation, answer_bytes, default_budget_bytes,
-                                           layer_elements)
-from cifar10_serving.server.calls import Call, Rejection, deadline_of, model_label, rejection_for
-from cifar10_serving.server.config import ServerConfig
-from cifar10_serving.server.decode_lanes import DecodeExpired, Decoder
-from cifar10_serving.server.explain import Explainer
-from cifar10_serving.server.images import ImageError, decode_into, enum_name
-from cifar10_serving.server.metrics import Metrics
+from cifar10_serving.server.answer_budget import Reservation
+from cifar10_serving.server.batching import BatchResult
+from cifar10_serving.server.calls import Call
+from cifar10_serving.server.core import ServingCore, top_k
+from cifar10_serving.server.errors import Rejection, invalid, listing, quote
+from cifar10_serving.server.explain import GRAD_CAM, INPUT, SALIENCY, Maps
+from cifar10_serving.server.grpc_handlers import GRPC_STATUS, NO_RESERVATION, deadline_of, lookup, unary
+from cifar10_serving.server.images import Encoded, ImageError, Raw, Resize, Source
 from cifar10_serving.server.models import LoadedModel
-from cifar10_serving.server.modelinfo import model_info
-from cifar10_serving.server.priority import lower_priority
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "cifar10.v1.Classifier"
 ALL_LAYERS = "*"
 DEFAULT_TOP_K = 5
 # Stream requests in progress at once, which keeps answers in order; their bytes are bounded by the
-# answer budget, which every request of every stream reserves from.
+# answer budget, which every request of every stream reserves from, refusals included.
 STREAM_WINDOW = 64
-# Answers with feature maps are built on this thread, off the event loop (server.wire): tens of
-# megabytes copied on the loop would hold every call's progress and health check with it. One
-# thread: more would only compete with the loop for the GIL and the machine's memory bandwidth.
-RESPOND_THREADS = 1
-NO_RESERVATION = Reservation(None, 0)
-RESIZE_MODES = frozenset(pb.ResizeMode.values())
+RESIZE = {pb.RESIZE_CENTER_CROP: Resize.CENTER_CROP, pb.RESIZE_REJECT: Resize.REJECT}
+RAW_DTYPES = {pb.DTYPE_UNSPECIFIED: np.dtype(np.uint8), pb.DTYPE_UINT8: np.dtype(np.uint8),
+              pb.DTYPE_FLOAT32: np.dtype("<f4")}
 FEATURE_DTYPES = {pb.DTYPE_UNSPECIFIED: ("<f4", pb.DTYPE_FLOAT32), pb.DTYPE_FLOAT32: ("<f4", pb.DTYPE_FLOAT32),
                   pb.DTYPE_FLOAT16: ("<f2", pb.DTYPE_FLOAT16)}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A validated request: which model, which options."""
+    """A validated Classify request: which model, which options."""
 
     model: LoadedModel
     top_k: int
     layers: tuple[str, ...]
-    feature_dtype: tuple[str, int]
+    feature_dtype: tuple[str, int]  # numpy byte order and type, and the DType the answer names
+    resize: Resize
+    echo_bytes: int
 
 
-class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, config: ServerConfig, models: dict[str, LoadedModel], batchers: dict[str, Batcher],
-                 metrics: Metrics) -> None:
-        self.config = config
-        self.models = models
-        self.batchers = batchers
-        self.metrics = metrics
-        self.budget = AnswerBudget(config.answer_budget_bytes or default_budget_bytes(), metrics)
-        self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels, config.compute_nice)
-        self._respond_pool = ThreadPoolExecutor(RESPOND_THREADS, thread_name_prefix="respond",
-                                                initializer=lower_priority, initargs=(config.compute_nice,))
-        self._elements = {name: layer_elements(model.metadata) for name, model in models.items()}
-        self.explainer = Explainer(config, metrics, self._resolve, self._model_label)
+class V1Servicer(pb_grpc.ClassifierServicer):
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+        self.config = core.config
+        self.metrics = core.metrics
 
     # ------------------------------------------------------------------ rpcs
-    async def Classify(self, request: pb.ClassifyRequest,
-                       context: grpc.aio.ServicerContext) -> pb.ClassifyResponse | bytes:
-        deadline = deadline_of(context)
-        try:
-            with Call(self.metrics, "Classify", self._model_label(request.model), len(request.images),
-                      deadline=deadline, in_flight=True):
-                response, reservation = await self._classify(request, deadline)
-        except Rejection as rejection:
-            await context.abort(rejection.code, rejection.message)
-        # The answer is held until gRPC has written it (within the client's flow-control window) or
-        # the call has ended: grpc.aio runs done callbacks only after its last send completes.
-        context.add_done_callback(lambda _context: reservation.release())
-        return response
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext):
+        return await unary(context, self.metrics, "Classify", self.core.label(request.model),
+                           lambda call, deadline: self._classify(request, deadline), images=len(request.images))
 
     async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
         deadline = deadline_of(context)
@@ -104,7 +82,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         reservation = NO_RESERVATION
         try:
             while (task := await pending.get()) is not None:
-                response, reservation = await task
+                try:
+                    response, reservation = await task
+                except Rejection as rejection:  # no room for even a refusal: the stream ends here
+                    await context.abort(GRPC_STATUS[rejection.code], rejection.message)
                 yield response
                 reservation.release()  # gRPC asks for the next answer only once this one is written
             await reader  # surfaces a broken request stream
@@ -119,176 +100,219 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     task.add_done_callback(_release_result)  # an answer that was ready but never written
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        try:
-            with Call(self.metrics, "ListModels", ""):  # names no model: the empty label
-                return pb.ListModelsResponse(models=[self._info(m) for m in self.models.values()],
-                                             default_model=self.config.default_model)
-        except Rejection as rejection:
-            await context.abort(rejection.code, rejection.message)
+        return await lookup(context, self.metrics, "ListModels", "", lambda: pb.ListModelsResponse(  # names no model
+            models=[self._info(m) for m in self.core.models()], default_model=self.core.default_model))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        try:
-            with Call(self.metrics, "GetModelInfo", self._model_label(request.name)):
-                return self._info(self._resolve(request.name))
-        except Rejection as rejection:
-            await context.abort(rejection.code, rejection.message)
+        return await lookup(context, self.metrics, "GetModelInfo", self.core.label(request.name),
+                            lambda: self._info(self.core.model(request.name)))
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
-        return await self.explainer.Explain(request, context)  # a path of its own, apart from the batcher's
+        return await unary(context, self.metrics, "Explain", self.core.label(request.model),
+                           lambda call, deadline: self._explain(request, deadline))
 
-    # ------------------------------------------------------------------ the serving path
+    # ------------------------------------------------------------------ Classify
     async def _classify(self, request: pb.ClassifyRequest,
                         deadline: float | None) -> tuple[pb.ClassifyResponse | bytes, Reservation]:
         """The answer, and its reservation from the answer budget, which the caller releases once
         the answer is written (released here if anything fails)."""
         plan = self._plan(request)
-        reservation = self._reserve(request, plan)
+        reservation = self.core.reserve(plan.model, images=len(request.images), request_bytes=request.ByteSize(),
+                                        echo_bytes=plan.echo_bytes, layers=plan.layers,
+                                        itemsize=np.dtype(plan.feature_dtype[0]).itemsize, advice=_advice(plan))
         try:
-            images = await self._decode(request, plan, deadline)
-            try:
-                result = await self.batchers[plan.model.name].submit(images, plan.layers, deadline)
-            except BatchError as exc:
-                raise rejection_for(exc, plan.model.name) from None
-            return await self._respond(request, plan, result), reservation
+            images = await self.core.decode(plan.model, sources(request.images), plan.resize, deadline)
+            result = await self.core.infer(plan.model, images, plan.layers, deadline)
+            if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
+                return await self.core.off_loop(_encode, request, plan, result), reservation
+            return _build(request, plan, result), reservation  # a few small messages: cheaper here than a hop
         except BaseException:
             reservation.release()
             raise
 
-    def _reserve(self, request: pb.ClassifyRequest, plan: Plan) -> Reservation:
-        itemsize = np.dtype(plan.feature_dtype[0]).itemsize
-        if plan.layers:
-            cheaper = "" if itemsize == 2 else ", feature_dtype=FLOAT16"
-            advice = f"ask for fewer feature_layers (this asks for {len(plan.layers)}){cheaper}, or fewer images per request"
-        else:
-            advice = "send fewer images per request"
-        return self.reserve(plan.model, len(request.images), request.ByteSize(), plan.layers, itemsize, advice)
-
-    def reserve(self, model: LoadedModel, images: int, request_bytes: int, layers: tuple[str, ...], itemsize: int,
-                advice: str) -> Reservation:
-        """Reserves what a request (of either API) will hold: itself (gRPC's bytes and the parsed
-        message), its decoded images and its answer; RESOURCE_EXHAUSTED at once when that does not fit."""
-        elements = sum(self._elements[model.name][name] for name in layers)
-        nbytes = (2 * request_bytes + images * math.prod(model.input_shape)
-                  + answer_bytes(images, elements, len(layers), itemsize, len(model.class_names)))
-        try:
-            return self.budget.reserve(nbytes, features=bool(layers), model=model.name, advice=advice)
-        except OverBudget as exc:
-            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-
     def _plan(self, request: pb.ClassifyRequest) -> Plan:
-        model = self._resolve(request.model)
+        model = self.core.model(request.model)
+        echo = self.core.check_echo("request_id", request.request_id)
         n = len(request.images)
         if n == 0:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"no images in the request; send 1 to {self.config.max_batch_size}")
+            raise invalid(f"no images in the request; send 1 to {self.config.max_batch_size}")
         if n > self.config.max_batch_size:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{n} images in one request; the limit is {self.config.max_batch_size}, split the batch")
+            raise invalid(f"{n} images in one request; the limit is {self.config.max_batch_size}, split the batch")
         classes = len(model.class_names)
-        top_k = request.top_k or min(DEFAULT_TOP_K, classes)
-        if top_k > classes:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"top_k is {top_k}; it must be 1 to {classes}")
-        if request.resize not in RESIZE_MODES:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"unknown resize mode {request.resize}")
+        k = request.top_k or min(DEFAULT_TOP_K, classes)
+        if k > classes:
+            raise invalid(f"top_k is {k}; it must be 1 to {classes}")
+        resize = RESIZE.get(request.resize)
+        if resize is None:
+            raise invalid(f"unknown resize mode {request.resize}")
         dtype = FEATURE_DTYPES.get(request.feature_dtype)
         if dtype is None:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"feature_dtype {enum_name(pb.DType, request.feature_dtype)} not offered; use FLOAT32 or FLOAT16")
-        return Plan(model, top_k, self._layers(model, request.feature_layers), dtype)
-
-    def _layers(self, model: LoadedModel, names) -> tuple[str, ...]:
-        if not names:
-            return ()
-        names = list(names)
-        if ALL_LAYERS in names:
-            if len(names) > 1:
-                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"{ALL_LAYERS!r} asks for all layers; send it alone")
-            return tuple(model.layer_names)
-        seen = set()
-        for name in names:
-            if name in seen:
-                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"layer {_quote(name)} asked for twice")
-            seen.add(name)
-            if name not in model.layer_names:
-                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"model {model.name!r} has no layer {_quote(name)}; "
-                                f"its layers: {', '.join(model.layer_names)}")
-        order = {name: i for i, name in enumerate(model.layer_names)}
-        return tuple(sorted(names, key=order.__getitem__))
-
-    async def _decode(self, request: pb.ClassifyRequest, plan: Plan, deadline: float | None) -> np.ndarray:
-        """The request's images as the model's input; encoded and large ones on ``self.decoder``'s threads."""
-        model = plan.model
-        try:
-            if _small_raw_only(request, model):  # microseconds: cheaper than a hop to a decode thread
-                start = time.perf_counter()
-                images = np.empty((len(request.images), *model.input_shape), dtype=np.uint8)
-                for i, image in enumerate(request.images):
-                    decode_into(image, i, images[i], request.resize, self.config.max_image_pixels)
-                self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
-                return images
-            return await self.decoder.decode(request.images, model.name, model.input_shape, request.resize, deadline)
-        except ImageError as exc:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        except DecodeExpired as exc:
-            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
-
-    async def _respond(self, request: pb.ClassifyRequest, plan: Plan,
-                       result: BatchResult) -> pb.ClassifyResponse | bytes:
-        """The answer. With feature maps, a ClassifyResponse's wire bytes built on a thread
-        (``server.wire``), which gRPC sends as they are; without, the message."""
-        if not plan.layers:
-            return self._build(request, plan, result)  # a few small messages: cheaper here than a hop
-        return await asyncio.get_running_loop().run_in_executor(self._respond_pool, self._encode, request, plan, result)
-
-    def _encode(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> bytes:
-        model = plan.model
-        byte_order, dtype_enum = plan.feature_dtype
-        order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
-        maps = {name: np.ascontiguousarray(result.features[name], dtype=byte_order) for name in plan.layers}
-        return wire.encode_response(request.request_id, model.name, model.version, model.class_names,
-                                       result.probabilities, order, maps, dtype_enum)
-
-    def _build(self, request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
-        """An answer without feature maps."""
-        model = plan.model
-        order = np.argsort(-result.probabilities, axis=1, kind="stable")[:, : plan.top_k]
-        results = [pb.Result(probabilities=probs.tolist(), top_k=[
-            pb.Prediction(label=model.class_names[j], index=int(j), probability=float(probs[j])) for j in order[i]])
-            for i, probs in enumerate(result.probabilities)]
-        return pb.ClassifyResponse(request_id=request.request_id, model=model.name, model_version=model.version,
-                                   results=results)
+            raise invalid(f"feature_dtype {_enum_name(pb.DType, request.feature_dtype)} not offered; "
+                          "use FLOAT32 or FLOAT16")
+        return Plan(model, k, feature_layers(model, request.feature_layers), dtype, resize, echo)
 
     async def _stream_one(self, request: pb.ClassifyRequest,
                           deadline: float | None) -> tuple[pb.ClassifyResponse | bytes, Reservation]:
-        """One request of a stream: a refusal is this request's answer, and the stream goes on."""
+        """One request of a stream: a refusal is this request's answer, and the stream goes on. The
+        refusal reserves its bytes too; when even that does not fit, the stream ends
+        RESOURCE_EXHAUSTED (the requests not answered are the client's to send again)."""
+        label = self.core.label(request.model)
         try:
-            with Call(self.metrics, "ClassifyStream", self._model_label(request.model), len(request.images),
-                      deadline=deadline):
+            with Call(self.metrics, "ClassifyStream", label, len(request.images), deadline=deadline):
                 return await self._classify(request, deadline)
         except Rejection as rejection:
-            return pb.ClassifyResponse(request_id=request.request_id,
-                                       error=pb.Error(code=rejection.code.value[0], message=rejection.message)), \
-                NO_RESERVATION
+            try:
+                echo = request.request_id if self.core.check_echo("request_id", request.request_id) else ""
+            except Rejection:
+                echo = ""  # the refusal is for its length: not echoed
+            reservation = self.core.reserve_refusal(label, rejection.message, len(echo))
+            return pb.ClassifyResponse(request_id=echo, error=pb.Error(code=rejection.code.value,
+                                                                       message=rejection.message)), reservation
 
-    # ------------------------------------------------------------------ helpers
-    def _resolve(self, name: str) -> LoadedModel:
-        model = self.models.get(name or self.config.default_model)
-        if model is None:
-            raise Rejection(grpc.StatusCode.NOT_FOUND,
-                            f"model {_quote(name)} is not loaded; loaded models: {', '.join(sorted(self.models))}")
-        return model
-
-    def _model_label(self, name: str) -> str:
-        return model_label(name or self.config.default_model, self.models)
+    # ------------------------------------------------------------------ Explain
+    async def _explain(self, request: pb.ExplainRequest,
+                       deadline: float | None) -> tuple[pb.ExplainResponse, Reservation]:
+        model = self.core.model(request.model)
+        echo = self.core.check_echo("request_id", request.request_id)
+        resize = RESIZE.get(request.resize)
+        if resize is None:
+            raise invalid(f"unknown resize mode {request.resize}")
+        target = request.class_index if request.HasField("class_index") else None
+        layer = self.core.explainer.plan(model, len(request.images), request.layer, target)
+        reservation = self.core.reserve_explanation(model, images=len(request.images),
+                                                    request_bytes=request.ByteSize(), echo_bytes=echo)
+        try:
+            maps = await self.core.explain(model, sources(request.images), resize, layer, target, deadline)
+            return await self.core.off_loop(_explanation, request, model, layer, maps), reservation
+        except BaseException:
+            reservation.release()
+            raise
 
     def _info(self, model: LoadedModel) -> pb.ModelInfo:
-        return model_info(model, is_default=model.name == self.config.default_model)
+        return model_info(model, is_default=model.name == self.core.default_model)
 
 
-def _quote(name: str, limit: int = 80) -> str:
-    """A caller's string, quoted and cut short: the message travels in trailers, which gRPC caps at
-    16 KiB; past that the caller gets RESOURCE_EXHAUSTED "Stream removed" instead of its error."""
-    return repr(name if len(name) <= limit else name[: limit - 3] + "...")
+# ----------------------------------------------------------------------------- requests in
+def sources(images) -> list[Source]:
+    """The request's ``Image`` messages as the core's image sources; ImageError names the image."""
+    out: list[Source] = []
+    try:
+        for i, image in enumerate(images):
+            out.append(source(image, i))
+    except ImageError as exc:
+        raise invalid(str(exc)) from None
+    return out
+
+
+def source(image: pb.Image, index: int) -> Source:
+    """One ``Image`` message as the core's image source; ImageError names the image and the fix."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return Encoded(image.encoded)
+    if kind != "raw":
+        raise ImageError(f"image {index}: empty; set Image.encoded (PNG/JPEG bytes) or Image.raw")
+    raw = image.raw
+    dtype = RAW_DTYPES.get(raw.dtype)
+    if dtype is None:
+        raise ImageError(f"image {index}: raw dtype {_enum_name(pb.DType, raw.dtype)} not accepted; use UINT8 or FLOAT32")
+    if raw.layout not in (pb.LAYOUT_HWC, pb.LAYOUT_CHW):
+        raise ImageError(f"image {index}: raw layout {raw.layout} unknown; use LAYOUT_HWC or LAYOUT_CHW")
+    if len(raw.shape) != 3:  # its length first: a shape of millions is refused without reading it
+        expected = "[H, W, 3]" if raw.layout == pb.LAYOUT_HWC else "[3, H, W]"
+        raise ImageError(f"image {index}: raw shape {listing(raw.shape)} with {pb.Layout.Name(raw.layout)}; "
+                         f"expected {expected}")
+    return Raw(raw.data, tuple(raw.shape), dtype, channels_last=raw.layout == pb.LAYOUT_HWC)
+
+
+def feature_layers(model: LoadedModel, names) -> tuple[str, ...]:
+    """The layers a request asks for, in the model's order; ``*`` for all."""
+    if not names:
+        return ()
+    if len(names) > len(model.layer_names):  # its length first: more names than layers repeats or invents some
+        raise invalid(f"{len(names):,} feature_layers asked for; model {model.name!r} has {len(model.layer_names)} "
+                      f"layers: {', '.join(model.layer_names)}, or send {ALL_LAYERS!r} alone")
+    names = list(names)
+    if ALL_LAYERS in names:
+        if len(names) > 1:
+            raise invalid(f"{ALL_LAYERS!r} asks for all layers; send it alone")
+        return tuple(model.layer_names)
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise invalid(f"layer {quote(name)} asked for twice")
+        seen.add(name)
+        if name not in model.layer_names:
+            raise invalid(f"model {model.name!r} has no layer {quote(name)}; its layers: {', '.join(model.layer_names)}")
+    order = {name: i for i, name in enumerate(model.layer_names)}
+    return tuple(sorted(names, key=order.__getitem__))
+
+
+# ----------------------------------------------------------------------------- answers out
+def _advice(plan: Plan) -> str:
+    if not plan.layers:
+        return "send fewer images per request"
+    cheaper = "" if plan.feature_dtype[0] == "<f2" else ", feature_dtype=FLOAT16"
+    return f"ask for fewer feature_layers (this asks for {len(plan.layers)}){cheaper}, or fewer images per request"
+
+
+def _encode(request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> bytes:
+    """An answer with feature maps, as ClassifyResponse wire bytes (on the core's encoding thread)."""
+    model = plan.model
+    byte_order, dtype_enum = plan.feature_dtype
+    maps = {name: np.ascontiguousarray(result.features[name], dtype=byte_order) for name in plan.layers}
+    return wire.encode_response(request.request_id, model.name, model.version, model.class_names,
+                                result.probabilities, top_k(result.probabilities, plan.top_k), maps, dtype_enum)
+
+
+def _build(request: pb.ClassifyRequest, plan: Plan, result: BatchResult) -> pb.ClassifyResponse:
+    """An answer without feature maps."""
+    model = plan.model
+    order = top_k(result.probabilities, plan.top_k)
+    results = [pb.Result(probabilities=probs.tolist(), top_k=[
+        pb.Prediction(label=model.class_names[j], index=int(j), probability=float(probs[j])) for j in order[i]])
+        for i, probs in enumerate(result.probabilities)]
+    return pb.ClassifyResponse(request_id=request.request_id, model=model.name, model_version=model.version,
+                               results=results)
+
+
+def _explanation(request: pb.ExplainRequest, model: LoadedModel, layer: str, maps: Maps) -> pb.ExplainResponse:
+    shape = list(maps.saliency.shape[1:])
+    explanations = [
+        pb.Explanation(class_index=int(c), label=model.class_names[int(c)], probability=float(p), maps=[
+            pb.ExplanationMap(method=SALIENCY, layer=INPUT, shape=shape, values=s.ravel().tolist()),
+            pb.ExplanationMap(method=GRAD_CAM, layer=layer, shape=shape, values=g.ravel().tolist())])
+        for c, p, s, g in zip(maps.classes, maps.probabilities, maps.saliency, maps.grad_cam)]
+    return pb.ExplainResponse(request_id=request.request_id, model=model.name, model_version=model.version,
+                              explanations=explanations)
+
+
+def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:
+    """A model's ModelInfo, from its artifact's embedded metadata."""
+    meta = model.metadata
+    pooling = meta.get("pooling", {})
+    validation = meta.get("validation") or {}
+    dataset = meta.get("dataset") or {}
+    source = dataset.get("source", "")
+    return pb.ModelInfo(
+        name=model.name,
+        version=model.version,
+        is_default=is_default,
+        class_names=model.class_names,
+        input=pb.InputSpec(shape=model.input_shape, dtype=meta["input"].get("dtype", "uint8"),
+                           color=meta["input"].get("color", "RGB")),
+        pooling=pb.Pooling(kind=pooling.get("kind", ""), window=pooling.get("window", 0),
+                           stride=pooling.get("stride", 0), padding=pooling.get("padding", 0)),
+        layers=[pb.Layer(name=row["name"], kind=row["kind"], output_shape=row["output_shape"],
+                         flops=row.get("flops", 0), kernel=row.get("kernel", 0), stride=row.get("stride", 0))
+                for row in meta["layers"]],
+        flops_per_image=meta.get("flops_per_image", 0),
+        parameters=meta.get("parameters", 0),
+        validation_accuracy=validation.get("accuracy") or 0.0,
+        validation_images=validation.get("images") or 0,
+        dataset="CIFAR-10 (JPEG)" if source.startswith("jpeg-archive") else ("CIFAR-10" if source else ""),
+        device=str(model.device),
+        metadata_json=json.dumps(meta),
+    )
 
 
 def _release_result(task: asyncio.Task) -> None:
@@ -297,10 +321,6 @@ def _release_result(task: asyncio.Task) -> None:
         task.result()[1].release()
 
 
-def _small_raw_only(request: pb.ClassifyRequest, model: LoadedModel) -> bool:
-    """Whether every image is a raw tensor no bigger than the model's input: then decoding is a copy
-    whose cost is bounded by the request's size, and it stays on the event loop."""
-    c, h, w = model.input_shape
-    limit = 4 * c * h * w  # float32 at the model's size
-    return all(image.WhichOneof("data") == "raw" and len(image.raw.data) <= limit for image in request.images)
-
+def _enum_name(enum, value: int) -> str:
+    """The name of an enum value, or its number: proto3 keeps values this server does not know."""
+    return enum.Name(value) if value in enum.values() else str(value)

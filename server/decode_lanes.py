@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cifar10_serving.server.images import ImageError, Opened, open_image
+from cifar10_serving.server.images import ImageError, Opened, Resize, open_image
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.priority import lower_priority
 
@@ -43,10 +43,10 @@ class DecodeExpired(Exception):
 
 @dataclass(eq=False)
 class _Job:
-    images: list  # the request's pb.Image messages
+    images: list  # the request's images (server.images.Source)
     model: str
     out: np.ndarray  # n x C x H x W uint8
-    resize: int
+    resize: Resize
     deadline: float | None  # on time.monotonic()'s clock
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -69,7 +69,7 @@ class Decoder:
         self._small = _Lane("decode-small", 1, self, self._small_step)
         self._large = _Lane("decode-large", LARGE_LANE_THREADS, self, self._large_step)
 
-    async def decode(self, images, model: str, shape: tuple[int, int, int], resize: int,
+    async def decode(self, images, model: str, shape: tuple[int, int, int], resize: Resize,
                      deadline: float | None) -> np.ndarray:
         """The request's images as n x C x H x W uint8. Raises ``ImageError`` or ``DecodeExpired``;
         cancelling the caller abandons the decoding at the next image."""

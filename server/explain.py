@@ -11,28 +11,24 @@ their own copy of each model, loaded from the same file without freezing (the se
 and runs under inference mode), loaded on a model's first explanation; their own thread, so a slow
 explanation never holds a forward pass; and their own limits, a few images per request and a short
 queue, past which a caller gets RESOURCE_EXHAUSTED at once. On a CPU they share the cores with
-classification: that is the cost the limits bound.
+classification: that is the cost the limits bound. Images reach it decoded, through the core's
+decode lanes and limits like any other request's (``server.core``); the answer is the front-end's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
-import grpc
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
-from cifar10_serving.server.calls import Call, Rejection, deadline_of
-from cifar10_serving.server.config import ServerConfig
-from cifar10_serving.server.images import ImageError, decode_into
-from cifar10_serving.server.metrics import Metrics
+from cifar10_serving.server.errors import Code, Rejection, invalid, quote
 from cifar10_serving.server.models import LoadedModel, load_artifact
 from cifar10_serving.server.priority import lower_priority
 
@@ -94,76 +90,63 @@ def explain(module: torch.jit.ScriptModule, images: torch.Tensor, classes: torch
 
 
 class Explainer:
-    """The Explain RPC's handler. ``resolve`` finds a model by a request's name and ``label`` names it
-    in the metrics: the service's own rules, so Explain finds and counts models as Classify does."""
+    """The explanation path: its limits, its thread and each model's unfrozen copy.
 
-    def __init__(self, config: ServerConfig, metrics: Metrics, resolve: Callable[[str], LoadedModel],
-                 label: Callable[[str], str], max_images: int = MAX_IMAGES, threads: int = THREADS,
-                 max_waiting: int = MAX_WAITING) -> None:
-        self.config = config
-        self.metrics = metrics
-        self.resolve = resolve
-        self.label = label
+    ``plan`` checks a request, ``slot`` holds one of the path's places (refusing at once when all
+    are taken), ``run`` computes on the path's thread. ``executor`` is the thread to run on (a test
+    can pass one it holds); by default one thread of its own at ``compute_nice``."""
+
+    def __init__(self, compute_nice: int = 0, *, max_images: int = MAX_IMAGES, threads: int = THREADS,
+                 max_waiting: int = MAX_WAITING, executor: Executor | None = None) -> None:
         self.max_images = max_images
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="explain", initializer=lower_priority,
-                                        initargs=(config.compute_nice,))
+        self._pool = executor or ThreadPoolExecutor(threads, thread_name_prefix="explain", initializer=lower_priority,
+                                                    initargs=(compute_nice,))
         self._slots = threads + max_waiting  # requests running or queued
         self._taken = 0
-        self._modules: dict[str, torch.jit.ScriptModule] = {}
+        self._modules: dict[tuple[str, str], torch.jit.ScriptModule] = {}
         self._load_lock = threading.Lock()
 
-    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
-        deadline = deadline_of(context)
-        try:
-            with Call(self.metrics, "Explain", self.label(request.model), deadline=deadline, in_flight=True):
-                return await self._explain(request, deadline)
-        except Rejection as rejection:
-            await context.abort(rejection.code, rejection.message)
+    @property
+    def in_use(self) -> int:
+        """Explanations running or waiting for the thread (or decoding, before they wait)."""
+        return self._taken
 
-    async def _explain(self, request: pb.ExplainRequest, deadline: float | None) -> pb.ExplainResponse:
-        model, layer, classes = self._plan(request)
-        if self._taken >= self._slots:
-            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{self._taken} explanations running or waiting, the limit; retry later")
-        self._taken += 1  # counted on the event loop's thread: no lock needed
-        try:
-            maps = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._run, request, model, layer, classes, deadline)
-        finally:
-            self._taken -= 1
-        return _respond(request, model, layer, maps)
-
-    def _plan(self, request: pb.ExplainRequest) -> tuple[LoadedModel, str, int | None]:
-        model = self.resolve(request.model)
-        n = len(request.images)
-        if not 1 <= n <= self.max_images:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{n} images to explain; send 1 to {self.max_images} per request")
-        if request.resize not in pb.ResizeMode.values():
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, f"unknown resize mode {request.resize}")
-        layer = request.layer or default_layer(model)
+    def plan(self, model: LoadedModel, images: int, layer: str, target: int | None) -> str:
+        """The Grad-CAM layer for a request (``layer``, or the default), once the request is checked."""
+        if not 1 <= images <= self.max_images:
+            raise invalid(f"{images} images to explain; send 1 to {self.max_images} per request")
+        layer = layer or default_layer(model)
         if layer not in spatial_layers(model):
             known = "has no layer" if layer not in model.layer_names else "has no H x W map at"
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"model {model.name!r} {known} {layer[:80]!r} for Grad-CAM; "
-                            f"choose one of: {', '.join(spatial_layers(model))}")
-        classes = request.class_index if request.HasField("class_index") else None
-        if classes is not None and classes >= len(model.class_names):
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"class_index {classes}; model {model.name!r} has classes 0 to {len(model.class_names) - 1}")
-        return model, layer, classes
+            raise invalid(f"model {model.name!r} {known} {quote(layer)} for Grad-CAM; "
+                          f"choose one of: {', '.join(spatial_layers(model))}")
+        if target is not None and not 0 <= target < len(model.class_names):
+            raise invalid(f"class_index {target}; model {model.name!r} has classes 0 to {len(model.class_names) - 1}")
+        return layer
 
-    def _run(self, request: pb.ExplainRequest, model: LoadedModel, layer: str, target: int | None,
-             deadline: float | None) -> Maps:
-        """On an explain thread: decode, then the forward and backward pass."""
-        if deadline is not None and time.monotonic() >= deadline:
-            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the explanation waited")
-        images = np.empty((len(request.images), *model.input_shape), dtype=np.uint8)
+    @contextlib.contextmanager
+    def slot(self):
+        """One of the path's places for the block; RESOURCE_EXHAUSTED at once when none is free.
+        Used on the event loop's thread only: no lock needed."""
+        if self._taken >= self._slots:
+            raise Rejection(Code.RESOURCE_EXHAUSTED, f"{self._taken} explanations running or waiting, the limit; "
+                            "retry later")
+        self._taken += 1
         try:
-            for i, image in enumerate(request.images):
-                decode_into(image, i, images[i], request.resize, self.config.max_image_pixels)
-        except ImageError as exc:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            yield
+        finally:
+            self._taken -= 1
+
+    async def run(self, model: LoadedModel, images: np.ndarray, layer: str, target: int | None,
+                  deadline: float | None) -> Maps:
+        """Saliency and Grad-CAM for uint8 images N x C x H x W, on the path's thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._run, model, images, layer, target, deadline)
+
+    def _run(self, model: LoadedModel, images: np.ndarray, layer: str, target: int | None,
+             deadline: float | None) -> Maps:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Rejection(Code.DEADLINE_EXCEEDED, "the deadline passed while the explanation waited")
         x = torch.from_numpy(images).to(model.device)
         classes = None if target is None else torch.full((len(images),), target, dtype=torch.long, device=model.device)
         return explain(self._module(model), x, classes, layer, logits_layer(model))
@@ -171,17 +154,7 @@ class Explainer:
     def _module(self, model: LoadedModel) -> torch.jit.ScriptModule:
         """The model's unfrozen copy, from the file the served one came from; loaded once, on first use."""
         with self._load_lock:
-            if model.name not in self._modules:
-                self._modules[model.name] = load_artifact(model.path, model.device, optimize=False).module
-            return self._modules[model.name]
-
-
-def _respond(request: pb.ExplainRequest, model: LoadedModel, layer: str, maps: Maps) -> pb.ExplainResponse:
-    shape = list(maps.saliency.shape[1:])
-    explanations = [
-        pb.Explanation(class_index=int(c), label=model.class_names[int(c)], probability=float(p), maps=[
-            pb.ExplanationMap(method=SALIENCY, layer=INPUT, shape=shape, values=s.ravel().tolist()),
-            pb.ExplanationMap(method=GRAD_CAM, layer=layer, shape=shape, values=g.ravel().tolist())])
-        for c, p, s, g in zip(maps.classes, maps.probabilities, maps.saliency, maps.grad_cam)]
-    return pb.ExplainResponse(request_id=request.request_id, model=model.name, model_version=model.version,
-                              explanations=explanations)
+            key = (model.name, model.version)
+            if key not in self._modules:
+                self._modules[key] = load_artifact(model.path, model.device, optimize=False).module
+            return self._modules[key]

@@ -1,9 +1,11 @@
 """Start the CIFAR-10 gRPC server: ``python -m cifar10_serving.server`` (or ``cifar10-server``); ``--help``
 lists the settings.
 
-``create_server(config)`` loads every model in the models directory, starts gRPC (with the standard
-health and reflection services) and the Prometheus endpoint, warms the models up, and only then
-reports SERVING; what a benchmark swaps (the metrics, the first interceptors) are its arguments.
+``create_server(config)`` loads every model in the models directory into the serving core
+(``server.core``), puts each API's front-end over it (``server.cifar10_v1``, ``server.open_inference``)
+beside the health and reflection services, starts gRPC and the Prometheus endpoint, warms the
+models up, and only then reports SERVING; what a benchmark swaps (the metrics, the first
+interceptors) are its arguments.
 ``App.stop(grace)`` drains: health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight
 finish within the grace period. ``serve`` adds the signals and the ``--ready-file``.
 """
@@ -28,7 +30,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
-from cifar10_serving.server import grpc_metrics, open_inference, wire
+from cifar10_serving.server import cifar10_v1, grpc_metrics, open_inference, registration
 from cifar10_serving.server.batching import Batcher, ThreadShares, wide_from
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.connections import close_port
@@ -39,12 +41,12 @@ from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_mode
 from cifar10_serving.server.ready_file import remove_ready_file, write_ready_file
 from cifar10_serving.server.security import SecurityConfigError, add_port, check_models_dir
 from cifar10_serving.server.security import interceptors as security_interceptors
-from cifar10_serving.server.cifar10_v1 import ClassifierService
+from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.workers import supervise
 
 log = logging.getLogger("server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "cifar10.v1.Classifier"
+SERVICE_NAME = cifar10_v1.SERVICE_NAME  # "cifar10.v1.Classifier"
 SERVICES = ("", SERVICE_NAME, open_inference.SERVICE_NAME)  # the names the health service answers for
 # oneDNN's kernel cache, unless the environment sets it: its default, 1,024, is about what the bundled
 # models' two architectures need with every rung of the batch ladder warmed at both thread counts, and
@@ -60,7 +62,7 @@ class App:
     port: int
     metrics_port: int | None
     models: dict[str, LoadedModel]
-    batchers: dict[str, Batcher]
+    core: ServingCore
     health: health.aio.HealthServicer
     metrics: Metrics
     _metrics_http: object | None = None
@@ -83,8 +85,7 @@ class App:
             listeners, connections = close_port(self.port)
             log.debug("closed %d listening sockets and %d connections", listeners, connections)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
-        for batcher in self.batchers.values():
-            await batcher.stop()
+        await self.core.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -145,11 +146,13 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         ("grpc.so_reuseport", 1 if config.worker_index >= 0 else 0),
         *connection_options(config),
     ])
-    classifier = ClassifierService(config, models, batchers, metrics)
-    wire.add_classifier(classifier, server)  # as the generated code does, and answers may be wire bytes
+    core = ServingCore(config, models, batchers, metrics)
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    wire.add_service(open_inference.InferenceService(classifier, health_servicer), server, v2, "GRPCInferenceService")
+    # Each API over the core, registered as the generated code does, but answers may be wire bytes.
+    registration.add_service(cifar10_v1.V1Servicer(core), server, pb, "Classifier")
+    registration.add_service(open_inference.OpenInferenceServicer(core, health_servicer), server, v2,
+                             "GRPCInferenceService")
     reflection.enable_server_reflection(
         (SERVICE_NAME, open_inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     metrics_http, metrics_port = None, None
@@ -163,17 +166,11 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             metrics_http, metrics_port = serve_metrics(registry, config.metrics_host or config.host,
                                                        config.metrics_port)
         await server.start()
-        # Warm-up runs before SERVING: the first passes pay for allocation and kernel selection. One
-        # round at a time, so that a signal during warm-up (start-up is cancelled) waits for one round only.
-        loop = asyncio.get_running_loop()
-        for batcher in batchers.values():
-            for _ in range(config.warmup_batches):
-                await loop.run_in_executor(None, batcher.warm_up, 1)
-            batcher.start()
+        # Warm-up runs before SERVING: the first passes pay for allocation and kernel selection.
+        await core.warm_up(config.warmup_batches)
     except BaseException:  # a signal (cancelled) or a failure mid-start: nothing stays open
         await server.stop(0)
-        for batcher in batchers.values():
-            await batcher.stop()
+        await core.stop()
         if metrics_http is not None:
             metrics_http.shutdown()
             metrics_http.server_close()
@@ -185,7 +182,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
              "default model %s%s)", ", ".join(sorted(models)), config.host, port,
              metrics_port if metrics_port is not None else "off", device, instances, threads, config.default_model,
              f", worker {config.worker_index}" if config.worker_index >= 0 else "")
-    return App(config, server, port, metrics_port, models, batchers, health_servicer, metrics, metrics_http, gate=gate,
+    return App(config, server, port, metrics_port, models, core, health_servicer, metrics, metrics_http, gate=gate,
                device=str(device))
 
 

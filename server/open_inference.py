@@ -1,11 +1,12 @@
 """The Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService``.
 
-Served beside ``cifar10.v1.Classifier`` on the same port, behind the same TLS, tokens and drain, and
-through the Classifier's own path: its model lookup, decode pool, batcher and metrics. A request is
-planned (model, version, input tensor, requested outputs), decoded to uint8 images, queued, and its
-outputs are built from the batch's result, in the request's encoding (raw bytes or typed contents).
+A thin translator over the serving core (``server.core``), served beside ``cifar10.v1.Classifier`` on
+the same port, behind the same TLS, tokens and drain: the same model set, budget, decode lanes,
+batchers and metrics. A request is planned (model, version, input tensor, requested outputs), its
+input handed to the core as images, and its outputs are built from the batch's result, in the
+request's encoding (raw bytes or typed contents). It imports nothing of the cifar10.v1 API.
 
-Tensor names are the own API's words, so one vocabulary serves both APIs: the input ``image`` (the
+Tensor names are the cifar10.v1 API's words, so one vocabulary serves both APIs: the input ``image`` (the
 model's own layout, N x 3 x 32 x 32) or ``encoded_image`` (PNG/JPEG files), the output
 ``probabilities`` (``Result.probabilities``), and every layer by the name ListModels gives it
 (``stage1.pool``). Triton's ``INPUT__0`` style exists because its PyTorch backend cannot know names;
@@ -14,27 +15,24 @@ this server can, and v2 clients read them from ModelMetadata.
 
 from __future__ import annotations
 
-import asyncio
 import struct
-import time
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 
-import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server import wire
-from cifar10_serving.server.batching import BatchError, BatchResult
 from cifar10_serving.server.answer_budget import Reservation
-from cifar10_serving.server.calls import Call, Rejection, deadline_of, rejection_for
-from cifar10_serving.server.decode_lanes import DecodeExpired
-from cifar10_serving.server.images import ImageError
+from cifar10_serving.server.batching import BatchResult
+from cifar10_serving.server.calls import Call
+from cifar10_serving.server.core import ServingCore, top_k
+from cifar10_serving.server.errors import LIST_ITEMS, Code, Rejection, invalid, listing, quote
+from cifar10_serving.server.grpc_handlers import lookup, unary
+from cifar10_serving.server.images import Encoded, Resize
 from cifar10_serving.server.models import LoadedModel, ModelLoadError
-from cifar10_serving.server.cifar10_v1 import ClassifierService, _quote
 
 RAW_OUTPUT_FIELD = v2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
@@ -67,21 +65,24 @@ class InferPlan:
     tensor: v2.ModelInferRequest.InferInputTensor
     raw: bytes | None  # the input's raw contents; None: typed contents (and the answer typed too)
     outputs: tuple[Output, ...]
+    echo_bytes: int  # the request's id, which the answer echoes
 
     @property
     def layers(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs if o.name != PROBABILITIES)
 
 
-class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
-    """The v2 API over a ClassifierService: same models, batchers, decode pool and metrics."""
+class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
+    """The v2 API over the serving core."""
 
-    def __init__(self, classifier: ClassifierService, health) -> None:
-        self.classifier = classifier
-        self.config = classifier.config
-        self.metrics = classifier.metrics
-        self.health = health  # the standard health servicer: readiness follows it
-        self._metadata = {name: model_metadata(model) for name, model in classifier.models.items()}
+    def __init__(self, core: ServingCore, health) -> None:
+        self.core = core
+        self.config = core.config
+        self.metrics = core.metrics
+        self.health = health  # the health servicer: readiness follows it
+        self._metadata: dict[tuple[str, str], v2.ModelMetadataResponse] = {}
+        for model in core.models():
+            self._metadata_of(model)  # a model whose layers clash with the tensor names stops start-up
         try:
             self._version = package_metadata.version(SERVER_NAME)
         except package_metadata.PackageNotFoundError:  # running from a checkout that is not installed
@@ -97,7 +98,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
         # A readiness probe wants a yes or no: a model or version that is not loaded is not ready.
         try:
-            self._resolve(request.name, request.version)
+            self.core.model(request.name, request.version)
         except Rejection:
             return v2.ModelReadyResponse(ready=False)
         return v2.ModelReadyResponse(ready=await self._serving(SERVICE_NAME))
@@ -106,76 +107,58 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return v2.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
-        try:
-            with Call(self.metrics, "ModelMetadata", self.classifier._model_label(request.name)):
-                return self._metadata[self._resolve(request.name, request.version).name]
-        except Rejection as rejection:
-            await context.abort(rejection.code, rejection.message)
+        return await lookup(context, self.metrics, "ModelMetadata", self.core.label(request.name),
+                            lambda: self._metadata_of(self.core.model(request.name, request.version)))
+
+    def _metadata_of(self, model: LoadedModel) -> v2.ModelMetadataResponse:
+        key = (model.name, model.version)
+        if key not in self._metadata:
+            self._metadata[key] = model_metadata(model)
+        return self._metadata[key]
 
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse | bytes:
-        deadline = deadline_of(context)
-        try:
-            with Call(self.metrics, "ModelInfer", self.classifier._model_label(request.model_name),
-                      deadline=deadline, in_flight=True) as call:
-                plan = self._plan(request)
-                call.images = _batch_size(plan.tensor)  # known once the shape is checked
-                reservation = self._reserve(request, plan)
-                try:
-                    response = await self._infer(request, plan, deadline)
-                except BaseException:
-                    reservation.release()
-                    raise
-        except Rejection as rejection:
-            await context.abort(rejection.code, rejection.message)
-        # Held until gRPC has written the answer or the call has ended, as for Classify.
-        context.add_done_callback(lambda _context: reservation.release())
-        return response
+        return await unary(context, self.metrics, "ModelInfer", self.core.label(request.model_name),
+                           lambda call, deadline: self._infer(request, call, deadline))
 
-    def _reserve(self, request: v2.ModelInferRequest, plan: InferPlan) -> Reservation:
-        """The answer budget, as the own API reserves it; feature maps counted at float32, the
-        largest type an output may ask for."""
+    async def _infer(self, request: v2.ModelInferRequest, call: Call,
+                     deadline: float | None) -> tuple[v2.ModelInferResponse | bytes, Reservation]:
+        plan = self._plan(request)
+        call.images = _batch_size(plan.tensor)  # known once the shape is checked
+        # Feature maps counted at float32, the largest type an output may ask for.
         advice = (f"request fewer layer outputs (this asks for {len(plan.layers)}), FP16 ones, or fewer images"
                   if plan.layers else "send fewer images per request")
-        return self.classifier.reserve(plan.model, _batch_size(plan.tensor), request.ByteSize(), plan.layers, 4, advice)
-
-    async def _infer(self, request: v2.ModelInferRequest, plan: InferPlan,
-                     deadline: float | None) -> v2.ModelInferResponse | bytes:
-        images = await self._decode(plan, deadline)
+        reservation = self.core.reserve(plan.model, images=call.images, request_bytes=request.ByteSize(),
+                                        echo_bytes=plan.echo_bytes, layers=plan.layers, advice=advice)
         try:
-            result = await self.classifier.batchers[plan.model.name].submit(images, plan.layers, deadline)
-        except BatchError as exc:
-            raise rejection_for(exc, plan.model.name) from None
-        if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
-            return await asyncio.get_running_loop().run_in_executor(
-                self.classifier._respond_pool, encode_infer_response, request, plan, result)
-        return respond(request, plan, result)
+            images = await self._images(plan, deadline)
+            result = await self.core.infer(plan.model, images, plan.layers, deadline)
+            if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
+                return await self.core.off_loop(encode_infer_response, request, plan, result), reservation
+            return respond(request, plan, result), reservation
+        except BaseException:
+            reservation.release()
+            raise
 
     # ------------------------------------------------------------------ plan
-    def _resolve(self, name: str, version: str) -> LoadedModel:
-        model = self.classifier._resolve(name)
-        if version and version != model.version:
-            raise Rejection(grpc.StatusCode.NOT_FOUND, f"model {model.name!r} is loaded at version "
-                            f"{model.version!r}, not {_quote(version)}; send that version or none")
-        return model
-
     def _plan(self, request: v2.ModelInferRequest) -> InferPlan:
-        model = self._resolve(request.model_name, request.model_version)
+        model = self.core.model(request.model_name, request.model_version)
+        echo = self.core.check_echo("id", request.id)
         _no_parameters(request.parameters, "the request")
         if len(request.inputs) != 1:
-            raise _invalid(f"{len(request.inputs)} input tensors; send one: {IMAGE!r} (UINT8 or FP32 "
+            raise invalid(f"{len(request.inputs)} input tensors; send one: {IMAGE!r} (UINT8 or FP32 "
                            f"[N, {', '.join(map(str, model.input_shape))}]) or {ENCODED_IMAGE!r} (BYTES [N])")
         tensor = request.inputs[0]
         raw = None
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
-                raise _invalid(f"{len(request.raw_input_contents)} raw_input_contents for 1 input; send one per input")
+                raise invalid(f"{len(request.raw_input_contents)} raw_input_contents for 1 input; send one per input")
             if tensor.HasField("contents"):
-                raise _invalid(f"input {_quote(tensor.name)}: both raw_input_contents and typed contents; send one")
+                raise invalid(f"input {quote(tensor.name)}: both raw_input_contents and typed contents; send one")
             raw = request.raw_input_contents[0]
-        _no_parameters(tensor.parameters, f"input {_quote(tensor.name)}")
+        _no_parameters(tensor.parameters, f"input {quote(tensor.name)}")
         self._check_input(model, tensor)
-        return InferPlan(model, tensor, raw, self._outputs(model, request.outputs, typed=raw is None))
+        return InferPlan(model, tensor, raw, self._outputs(model, request.outputs, typed=raw is None), echo)
 
     def _check_input(self, model: LoadedModel, tensor: v2.ModelInferRequest.InferInputTensor) -> None:
         limit = self.config.max_batch_size
@@ -186,24 +169,29 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             expected, dtypes = [-1], "BYTES"
             dtype_ok = tensor.datatype == "BYTES"
         else:
-            raise _invalid(f"model {model.name!r} has no input {_quote(tensor.name)}; "
+            raise invalid(f"model {model.name!r} has no input {quote(tensor.name)}; "
                            f"its inputs: {IMAGE!r}, {ENCODED_IMAGE!r}")
         if not dtype_ok:
-            raise _invalid(f"input {tensor.name!r}: datatype {_quote(tensor.datatype)}; send {dtypes}")
+            raise invalid(f"input {tensor.name!r}: datatype {quote(tensor.datatype)}; send {dtypes}")
+        if len(tensor.shape) != len(expected):  # its length first: a shape of millions is refused unread
+            raise invalid(f"input {tensor.name!r}: shape {listing(tensor.shape)}; expected {_dims(expected)}")
         shape = list(tensor.shape)
-        if len(shape) != len(expected) or shape[1:] != expected[1:]:
-            raise _invalid(f"input {tensor.name!r}: shape {shape}; expected {_dims(expected)}")
+        if shape[1:] != expected[1:]:
+            raise invalid(f"input {tensor.name!r}: shape {shape}; expected {_dims(expected)}")
         if not 1 <= shape[0] <= limit:
-            raise _invalid(f"input {tensor.name!r}: {shape[0]} images; send 1 to {limit}, split a larger batch")
+            raise invalid(f"input {tensor.name!r}: {shape[0]} images; send 1 to {limit}, split a larger batch")
 
     def _outputs(self, model: LoadedModel, requested, typed: bool) -> tuple[Output, ...]:
         if not requested:
             return (Output(PROBABILITIES),)
+        if len(requested) > 1 + len(model.layer_names):  # its length first: more than there are repeats some
+            raise invalid(f"{len(requested):,} outputs requested; model {model.name!r} has "
+                           f"{1 + len(model.layer_names)}: {PROBABILITIES!r} and its layers")
         outputs, seen = [], set()
         for tensor in requested:
-            name, what = tensor.name, f"output {_quote(tensor.name)}"
+            name, what = tensor.name, f"output {quote(tensor.name)}"
             if name in seen:
-                raise _invalid(f"{what} asked for twice")
+                raise invalid(f"{what} asked for twice")
             seen.add(name)
             params = dict(tensor.parameters)
             if name == PROBABILITIES:
@@ -213,11 +201,11 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             elif name in model.layer_names:
                 dtype = self._feature_dtype(params.pop(DATATYPE, None), what, typed)
                 if CLASSIFICATION in params:
-                    raise _invalid(f"{what}: {CLASSIFICATION!r} applies to {PROBABILITIES!r} only")
+                    raise invalid(f"{what}: {CLASSIFICATION!r} applies to {PROBABILITIES!r} only")
                 _no_parameters(params, what)
                 outputs.append(Output(name, dtype=dtype))
             else:
-                raise _invalid(f"model {model.name!r} has no {what}; its outputs: {PROBABILITIES!r} and "
+                raise invalid(f"model {model.name!r} has no {what}; its outputs: {PROBABILITIES!r} and "
                                f"its layers, {', '.join(model.layer_names)}")
         return tuple(outputs)
 
@@ -228,8 +216,9 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         kind = param.WhichOneof("parameter_choice")
         classes = len(model.class_names)
         if kind not in ("int64_param", "uint64_param") or not 1 <= getattr(param, kind) <= classes:
-            shown = getattr(param, kind) if kind else "unset"
-            raise _invalid(f"{what}: {CLASSIFICATION!r} is {shown}; send an integer 1 to {classes}")
+            value = getattr(param, kind) if kind else "unset"
+            shown = quote(value) if isinstance(value, str) else value
+            raise invalid(f"{what}: {CLASSIFICATION!r} is {shown}; send an integer 1 to {classes}")
         return getattr(param, kind)
 
     @staticmethod
@@ -238,67 +227,60 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             return FEATURE_DTYPES["FP32"]
         value = param.string_param if param.WhichOneof("parameter_choice") == "string_param" else None
         if value not in FEATURE_DTYPES:
-            raise _invalid(f"{what}: {DATATYPE!r} must be the string \"FP32\" or \"FP16\"")
+            raise invalid(f"{what}: {DATATYPE!r} must be the string \"FP32\" or \"FP16\"")
         if value == "FP16" and typed:
-            raise _invalid(f"{what}: FP16 travels only as raw contents; send the input as raw_input_contents")
+            raise invalid(f"{what}: FP16 travels only as raw contents; send the input as raw_input_contents")
         return FEATURE_DTYPES[value]
 
     async def _serving(self, service: str) -> bool:
         response = await self.health.Check(health_pb2.HealthCheckRequest(service=service), None)
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
-    # ------------------------------------------------------------------ decode
-    async def _decode(self, plan: InferPlan, deadline: float | None) -> np.ndarray:
-        """Raw tensors here (a copy bounded by the batch limit); encoded files on the Classifier's
-        fair, abandonable decode lanes (server/decode_lanes.py)."""
+    # ------------------------------------------------------------------ the input as images
+    async def _images(self, plan: InferPlan, deadline: float | None) -> np.ndarray:
+        """The input as the model's uint8 images: a raw ``image`` tensor here (a copy bounded by the
+        batch limit), typed contents on the core's thread (a Python list per value), encoded files
+        on the core's fair, abandonable decode lanes."""
         model, tensor = plan.model, plan.tensor
         n = _batch_size(tensor)
         if tensor.name == IMAGE:
-            start = time.perf_counter()
-            images = _image_tensor(tensor, plan.raw, (n, *model.input_shape))
-            self.metrics.preprocess_seconds.labels(model.name).observe(time.perf_counter() - start)
-            return images
-        files = [pb.Image(encoded=data) for data in _bytes_elements(tensor, plan.raw, n)]
+            shape = (n, *model.input_shape)
+            array = (_image_tensor(tensor, plan.raw, shape) if plan.raw is not None
+                     else await self.core.off_loop(_image_tensor, tensor, None, shape))
+            return self.core.tensor(model, array, f"input {IMAGE!r}: {tensor.datatype}")
+        files = [Encoded(data) for data in _bytes_elements(tensor, plan.raw, n)]
         try:
-            return await self.classifier.decoder.decode(files, model.name, model.input_shape,
-                                                        pb.RESIZE_CENTER_CROP, deadline)
-        except ImageError as exc:
-            raise _invalid(f"input {ENCODED_IMAGE!r}: {exc}") from None
-        except DecodeExpired as exc:
-            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+            return await self.core.decode(model, files, Resize.CENTER_CROP, deadline)
+        except Rejection as rejection:
+            if rejection.code is Code.INVALID_ARGUMENT:
+                raise invalid(f"input {ENCODED_IMAGE!r}: {rejection.message}") from None
+            raise
 
 
 # ----------------------------------------------------------------------------- tensors in
 def _image_tensor(tensor, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
-    """The ``image`` input as uint8 N x C x H x W; FP32 in [0, 1] is rounded as the own API rounds it."""
+    """The ``image`` input as N x C x H x W, uint8 or float32 as sent; the core checks float32's
+    range and rounds it to uint8 (``ServingCore.tensor``), as it does for cifar10.v1's raw images."""
     dtype = IMAGE_DTYPES[tensor.datatype]
     count = int(np.prod(shape))
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
-            raise _invalid(f"input {IMAGE!r}: raw contents are {len(raw)} bytes; shape {list(shape)} of "
+            raise invalid(f"input {IMAGE!r}: raw contents are {len(raw)} bytes; shape {list(shape)} of "
                            f"{tensor.datatype} needs {count * dtype.itemsize}")
         array = np.frombuffer(raw, dtype=dtype)
-        if dtype == np.uint8:
-            array = array.copy()  # frombuffer's view of the request is read-only; the batcher's torch wants it writable
     else:
         field = "uint_contents" if dtype == np.uint8 else "fp32_contents"
         values = getattr(tensor.contents, field)
         if len(values) != count:
-            raise _invalid(f"input {IMAGE!r}: {len(values)} elements in contents.{field}; shape {list(shape)} "
+            raise invalid(f"input {IMAGE!r}: {len(values)} elements in contents.{field}; shape {list(shape)} "
                            f"needs {count}")
         if dtype == np.uint8:
             wide = np.array(values, dtype=np.uint32)
             if wide.max(initial=0) > 255:
-                raise _invalid(f"input {IMAGE!r}: UINT8 values must lie in 0..255")
+                raise invalid(f"input {IMAGE!r}: UINT8 values must lie in 0..255")
             array = wide.astype(np.uint8)
         else:
             array = np.array(values, dtype=dtype)
-    if array.dtype != np.uint8:
-        if not np.isfinite(array).all():
-            raise _invalid(f"input {IMAGE!r}: FP32 data holds NaN or Inf")
-        if array.min() < 0.0 or array.max() > 1.0:
-            raise _invalid(f"input {IMAGE!r}: FP32 values must lie in [0, 1]")
-        array = np.rint(array * 255.0).astype(np.uint8)  # as server.images does for the own API's raw FLOAT32
     return array.reshape(shape)
 
 
@@ -307,23 +289,23 @@ def _bytes_elements(tensor, raw: bytes | None, n: int) -> list[bytes]:
     if raw is None:
         files = list(tensor.contents.bytes_contents)
         if len(files) != n:
-            raise _invalid(f"input {ENCODED_IMAGE!r}: {len(files)} elements in contents.bytes_contents; "
+            raise invalid(f"input {ENCODED_IMAGE!r}: {len(files)} elements in contents.bytes_contents; "
                            f"shape [{n}] needs {n}")
         return files
     files, offset = [], 0
     for i in range(n):
         if offset + _LENGTH.size > len(raw):
-            raise _invalid(f"input {ENCODED_IMAGE!r}: raw contents end before element {i} of {n} (each element is "
+            raise invalid(f"input {ENCODED_IMAGE!r}: raw contents end before element {i} of {n} (each element is "
                            "a 4-byte little-endian length, then that many bytes)")
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += _LENGTH.size
         if offset + length > len(raw):
-            raise _invalid(f"input {ENCODED_IMAGE!r}: element {i} declares {length} bytes; "
+            raise invalid(f"input {ENCODED_IMAGE!r}: element {i} declares {length} bytes; "
                            f"{len(raw) - offset} remain in the raw contents")
         files.append(raw[offset: offset + length])
         offset += length
     if offset != len(raw):
-        raise _invalid(f"input {ENCODED_IMAGE!r}: {len(raw) - offset} bytes after the last of {n} elements")
+        raise invalid(f"input {ENCODED_IMAGE!r}: {len(raw) - offset} bytes after the last of {n} elements")
     return files
 
 
@@ -376,7 +358,7 @@ def encode_infer_response(request: v2.ModelInferRequest, plan: InferPlan, result
 def _classification(model: LoadedModel, probabilities: np.ndarray, k: int) -> np.ndarray:
     """Triton's classification extension: the k best classes of each image, best first, as
     ``b"score:index:label"``; the score is the float32 probability's shortest exact decimal form."""
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]  # the own API's top_k order
+    order = top_k(probabilities, k)  # cifar10.v1's top_k order
     rows = [[f"{probs[j]!s}:{j}:{model.class_names[j]}".encode() for j in best]  # !s: float32's own str
             for probs, best in zip(probabilities, order)]
     array = np.empty((len(rows), k), dtype=object)
@@ -401,16 +383,15 @@ def model_metadata(model: LoadedModel) -> v2.ModelMetadataResponse:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _invalid(message: str) -> Rejection:
-    return Rejection(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
 def _no_parameters(parameters, what: str) -> None:
     """Parameters this server does not know are refused, so that a typo or an unsupported feature
-    (shared memory, sequences, priorities) does not pass unnoticed."""
+    (shared memory, sequences, priorities) does not pass unnoticed. The message names a few."""
     if parameters:
-        names = ", ".join(_quote(name) for name in sorted(parameters))
-        raise _invalid(f"{what}: parameter {names} not offered by this server")
+        n = len(parameters)
+        first = [name for name, _ in zip(parameters, range(LIST_ITEMS))]
+        names = ", ".join(quote(name) for name in sorted(first))
+        more = f", ... ({n:,} parameters)" if n > LIST_ITEMS else ""
+        raise invalid(f"{what}: parameter {names}{more} not offered by this server")
 
 
 def _dims(shape: list[int]) -> str:

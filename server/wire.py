@@ -1,14 +1,13 @@
-"""Answers with feature maps as ready-made wire bytes, built off the event loop, and the
-registration that lets gRPC send them as they are.
+"""Answers with feature maps as ready-made wire bytes, built off the event loop
+(``server.registration`` lets gRPC send them as they are).
 
 grpc.aio serialises a handler's answer on the event loop, then copies the bytes into its own buffer
 there too, and the loop runs nothing else meanwhile: not other calls, not health checks. Every
 feature map of 64 images is 35 MB of answer for small-max, 70 MB for base-max, and on a busy
 2-core machine each copy of that took 20-50 ms. So the answer is written in ClassifyResponse's wire
 format on a thread (the parts every image shares once per layer, the tensors by numpy copies, which
-release the GIL, straight into the answer's bytes), and ``add_classifier`` registers the Classifier
-service with a serializer that passes such bytes through: gRPC's own copy is all that is left on
-the loop. The bytes are those protobuf writes for the same message (tests/test_wire.py).
+release the GIL, straight into the answer's bytes), and the service is registered with a serializer
+that passes such bytes through: gRPC's own copy is all that is left on the loop. The bytes are those protobuf writes for the same message (tests/test_wire.py).
 """
 
 from __future__ import annotations
@@ -16,38 +15,10 @@ from __future__ import annotations
 import ctypes
 import struct
 
-import grpc
 import numpy as np
-
-from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 
 # Wire tags (field number << 3 | wire type), from protos/cifar10/v1/classifier.proto
 _LEN, _VARINT, _FIXED32 = 2, 0, 5
-_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-
-
-def serialize(answer) -> bytes:
-    """What gRPC sends for an answer: a message's serialisation, or bytes already in wire format."""
-    return answer if type(answer) is bytes else answer.SerializeToString()
-
-
-def add_service(servicer, server, module, name: str) -> None:
-    """What the generated ``add_<name>Servicer_to_server`` does for service ``name`` of the ``_pb2``
-    ``module``, with ``serialize`` as every method's serializer."""
-    service = module.DESCRIPTOR.services_by_name[name]
-    handlers = {method.name: _HANDLERS[method.client_streaming, method.server_streaming](
-        getattr(servicer, method.name), request_deserializer=getattr(module, method.input_type.name).FromString,
-        response_serializer=serialize) for method in service.methods}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
-
-
-def add_classifier(servicer, server) -> None:
-    """``add_ClassifierServicer_to_server``, with ``serialize`` as every method's serializer."""
-    add_service(servicer, server, pb, "Classifier")
-
-
 def with_raw_fields(head: bytes, field: int, parts: list[np.ndarray]) -> bytes:
     """``head`` (a message's serialisation) followed by ``parts`` as repeated bytes field ``field``,
     copied by numpy into one fresh bytes object. When ``field`` is the message's highest-numbered

@@ -6,13 +6,12 @@ import asyncio
 import logging
 import time
 
-import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
 from cifar10_serving.server.batching import DeadlineExpired, ModelFailure, QueueFull
-from cifar10_serving.server.calls import (DEADLINE_SLACK_SECONDS, INTERNAL_MESSAGE, Call, Rejection, model_label,
-                                          rejection_for)
+from cifar10_serving.server.calls import DEADLINE_SLACK_SECONDS, INTERNAL_MESSAGE, Call, model_label
+from cifar10_serving.server.errors import Code, Rejection, rejection_for
 from cifar10_serving.server.metrics import METHODS, UNKNOWN_MODEL, Metrics
 
 MODEL = "tiny-max"
@@ -64,12 +63,12 @@ def test_a_call_that_returns_counts_ok_with_its_time_and_images(metrics):
     requests, samples, seconds, images = read(metrics)
     assert (requests, samples, images) == (1, 1, 3)
     assert 0.02 <= seconds < 5
-    assert call.code == grpc.StatusCode.OK
+    assert call.code == Code.OK
     assert in_flight(metrics) == 0
 
 
 def test_a_rejection_passes_through_with_its_code_counted(metrics):
-    refusal = Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+    refusal = Rejection(Code.RESOURCE_EXHAUSTED, "queue full")
     with pytest.raises(Rejection) as info:
         with Call(metrics, "Classify", MODEL, 4, in_flight=True):
             raise refusal
@@ -85,7 +84,7 @@ def test_an_unexpected_exception_is_internal_logged_once_and_handed_back_as_a_re
         with pytest.raises(Rejection) as info:
             with Call(metrics, "GetModelInfo", MODEL, in_flight=True):
                 raise ZeroDivisionError("a bug")
-    assert (info.value.code, info.value.message) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    assert (info.value.code, info.value.message) == (Code.INTERNAL, INTERNAL_MESSAGE)
     assert isinstance(info.value.__cause__, ZeroDivisionError)  # the log keeps the details, not the caller
     logged = [r for r in caplog.records if r.name == "cifar10_serving.server.calls"]
     assert len(logged) == 1 and "GetModelInfo" in logged[0].getMessage() and logged[0].exc_info
@@ -105,7 +104,7 @@ def test_a_cancellation_is_cancelled_or_deadline_exceeded_by_the_time_left(metri
     deadline = None if deadline_in is None else time.monotonic() + deadline_in
     seen = run_cancelled(metrics, deadline)
     assert seen["during"] == 1
-    assert seen["call"].code == getattr(grpc.StatusCode, code)
+    assert seen["call"].code == Code[code]
     assert read(metrics, method="ClassifyStream", code=code)[:2] == (1, 1)
     assert read(metrics, method="ClassifyStream", code=code)[3] == 2
     other = "DEADLINE_EXCEEDED" if code == "CANCELLED" else "CANCELLED"
@@ -137,12 +136,12 @@ def test_method_labels_are_a_declared_bounded_set(metrics):
 
 
 @pytest.mark.parametrize("error, code, message", [
-    (QueueFull("8 images queued; the limit is 8"), grpc.StatusCode.RESOURCE_EXHAUSTED, "the limit is 8"),
-    (DeadlineExpired("deadline passed while queued"), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed"),
-    (ModelFailure("RuntimeError: CUDA out of memory", True), grpc.StatusCode.RESOURCE_EXHAUSTED,
+    (QueueFull("8 images queued; the limit is 8"), Code.RESOURCE_EXHAUSTED, "the limit is 8"),
+    (DeadlineExpired("deadline passed while queued"), Code.DEADLINE_EXCEEDED, "deadline passed"),
+    (ModelFailure("RuntimeError: CUDA out of memory", True), Code.RESOURCE_EXHAUSTED,
      "model 'tiny-max' failed on this batch: RuntimeError: CUDA out of memory"),
     (ModelFailure("RuntimeError: The following operation failed\n  code line\nValueError: poisoned input", False),
-     grpc.StatusCode.INTERNAL, "model 'tiny-max' failed on this batch: ValueError: poisoned input"),
+     Code.INTERNAL, "model 'tiny-max' failed on this batch: ValueError: poisoned input"),
 ])
 def test_the_batchers_errors_become_rejections(error, code, message):
     rejection = rejection_for(error, MODEL)

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -19,11 +20,13 @@ from cifar10_serving.client import ClassifierClient, ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.batching import Batcher
+from cifar10_serving.server.cifar10_v1 import V1Servicer
+from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.explain import Explainer
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import load_models_dir
-from cifar10_serving.server.cifar10_v1 import ClassifierService
-from tests.support import make_config, random_images
+from tests.helpers.images import random_images
+from tests.helpers.servers import make_config
 
 LAST_STAGE = "stage3.act2"  # the tiny models' last layer with an H x W map
 
@@ -114,7 +117,8 @@ def test_metrics_count_explain_under_its_own_method(tiny_server, tiny_client):
 
 class Served:
     """A Classifier service on a real port with an explanation path of one slot, whose one thread the
-    test can hold: the service as create_server builds it, with the explainer's limits as arguments."""
+    test can hold: the core and front-end as create_server builds them, with the explainer's limits
+    and thread as arguments."""
 
     def __init__(self, models_dir) -> None:
         self.config = make_config(models_dir)
@@ -132,25 +136,24 @@ class Served:
         self.batchers = {n: Batcher(m, self.metrics, 8, 500, 64) for n, m in models.items()}
         for batcher in self.batchers.values():
             batcher.start()
-        service = ClassifierService(self.config, models, self.batchers, self.metrics)
-        service.explainer = self.explainer = Explainer(self.config, self.metrics, service._resolve,
-                                                       service._model_label, threads=1, max_waiting=0)
+        self.thread_pool = ThreadPoolExecutor(1)
+        self.explainer = Explainer(threads=1, max_waiting=0, executor=self.thread_pool)
+        self.core = ServingCore(self.config, models, self.batchers, self.metrics, explainer=self.explainer)
         self.server = grpc.aio.server()
-        pb_grpc.add_ClassifierServicer_to_server(service, self.server)
+        pb_grpc.add_ClassifierServicer_to_server(V1Servicer(self.core), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
 
     def hold(self) -> threading.Event:
         """Occupies the explanation thread until the returned event is set."""
         release = threading.Event()
-        self.explainer._pool.submit(release.wait, 30)
+        self.thread_pool.submit(release.wait, 30)
         return release
 
     def stop(self) -> None:
         async def stop():
             await self.server.stop(1.0)
-            for batcher in self.batchers.values():
-                await batcher.stop()
+            await self.core.stop()
         self.run(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -167,7 +170,7 @@ def test_a_busy_explanation_path_refuses_at_once_and_classify_is_untouched(tiny_
                 shape=[32, 32, 3], layout=pb.LAYOUT_HWC, data=random_images(1)[0].tobytes()))])
             waiting = stub.Explain.future(request, timeout=30)  # takes the one slot, queued behind the hold
             deadline = time.monotonic() + 10
-            while served.explainer._taken < 1 and time.monotonic() < deadline:
+            while served.explainer.in_use < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             with pytest.raises(ClassifierError) as busy:
                 client.explain(list(random_images(1)))

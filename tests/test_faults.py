@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,8 +14,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from cifar10_serving.client import ClassifierClient, ClassifierError
-from tests.faultmodel import HOG, POISON, SLOW, export_faulty, marked
-from tests.support import RunningServer, make_config, random_images
+from tests.helpers.faults import hold_the_model, slow_units, wait_for
+from tests.helpers.faulty_model import HOG, POISON, export_faulty, marked
+from tests.helpers.images import random_images
+from tests.helpers.servers import RunningServer, make_config
 
 BATCH = 4  # small batches make "only the requests in that batch" checkable
 QUEUE = 8
@@ -62,22 +63,6 @@ def _expected(direct, images_hwc: np.ndarray) -> np.ndarray:
 def _computed_images(faulty_server) -> float:
     """Images that went through a forward pass whose results were delivered or failed."""
     return _metric(faulty_server, "cifar10_batch_size_images_sum")
-
-
-def _slow_units(faulty_client, seconds: float) -> int:
-    """How many units of work make a SLOW image take about ``seconds`` on this machine now."""
-    image = marked(random_images(1, seed=90)[0], SLOW + (4,))
-    start = time.perf_counter()
-    faulty_client.classify([image])
-    per_unit = (time.perf_counter() - start) / 4
-    return int(min(255, max(8, seconds / per_unit)))
-
-
-def _wait_for(predicate, timeout: float = 30.0) -> None:
-    until = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < until, "condition not reached in time"
-        time.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------- model faults
@@ -157,11 +142,11 @@ def test_a_failing_batch_fails_only_the_requests_in_it(faulty_server, faulty_cli
         else:
             np.testing.assert_allclose(answer, expected[i], atol=1e-6)
     # counted once the server has finished the calls, which can be just after the clients hear back
-    _wait_for(lambda: _metric(faulty_server, "cifar10_images_total", outcome="INTERNAL") == failed_images + len(failures))
+    wait_for(lambda: _metric(faulty_server, "cifar10_images_total", outcome="INTERNAL") == failed_images + len(failures))
 
 
 def test_a_stream_survives_a_failing_batch(faulty_client, direct):
-    n, poisoned = 10, 1
+    n, poisoned = QUEUE, 1  # no more than the queue holds: a slow batcher must not turn one away
     images = random_images(n, seed=4)
     sent = [[marked(images[i], POISON)] if i == poisoned else [images[i]] for i in range(n)]
     answers = list(faulty_client.classify_stream(sent))
@@ -177,29 +162,18 @@ def test_a_stream_survives_a_failing_batch(faulty_client, direct):
 
 
 # ----------------------------------------------------------------------------- queue and deadlines
-def _hold_the_model(faulty_server, faulty_client, units: int):
-    """Starts a SLOW request and returns (thread, result list) once its forward pass has begun."""
-    started = _metric(faulty_server, "cifar10_queue_wait_seconds_count")
-    result = []
-    thread = threading.Thread(
-        target=lambda: result.append(faulty_client.classify([marked(random_images(1, seed=91)[0], SLOW + (units,))])))
-    thread.start()
-    _wait_for(lambda: _metric(faulty_server, "cifar10_queue_wait_seconds_count") > started)
-    return thread, result
-
-
 def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(faulty_server, faulty_client, direct):
-    units = _slow_units(faulty_client, seconds=2.0)
+    units = slow_units(faulty_client, seconds=2.0)
     computed = _computed_images(faulty_server)
     dropped = sum(_metric(faulty_server, "cifar10_dropped_requests_total", reason=r) for r in ("deadline", "cancelled"))
-    thread, result = _hold_the_model(faulty_server, faulty_client, units)
+    thread, result = hold_the_model(faulty_server, faulty_client, units)
     with pytest.raises(ClassifierError) as info:
         faulty_client.classify([random_images(1, seed=5)[0]], timeout=0.3)  # waits behind ~2 s of work
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     thread.join(120)
     assert len(result) == 1  # the slow request itself succeeded
     # the expired request was dropped before compute: only the slow image was computed since
-    _wait_for(lambda: sum(_metric(faulty_server, "cifar10_dropped_requests_total", reason=r)
+    wait_for(lambda: sum(_metric(faulty_server, "cifar10_dropped_requests_total", reason=r)
                           for r in ("deadline", "cancelled")) == dropped + 1)
     assert _computed_images(faulty_server) == computed + 1
     images = random_images(2, seed=6)
@@ -208,10 +182,10 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(faulty_ser
 
 
 def test_a_full_queue_sheds_at_once_and_what_was_queued_succeeds(faulty_server, faulty_client, direct):
-    units = _slow_units(faulty_client, seconds=3.0)
+    units = slow_units(faulty_client, seconds=3.0)
     images = random_images(QUEUE + 4, seed=7)
     expected = _expected(direct, images)
-    thread, slow = _hold_the_model(faulty_server, faulty_client, units)
+    thread, slow = hold_the_model(faulty_server, faulty_client, units)
     queued_answers: dict[int, object] = {}
 
     def call(i):
@@ -223,7 +197,7 @@ def test_a_full_queue_sheds_at_once_and_what_was_queued_succeeds(faulty_server, 
     callers = [threading.Thread(target=call, args=(i,)) for i in range(QUEUE)]
     for caller in callers:
         caller.start()
-    _wait_for(lambda: _metric(faulty_server, "cifar10_queue_images") == QUEUE)
+    wait_for(lambda: _metric(faulty_server, "cifar10_queue_images") == QUEUE)
     # the queue holds QUEUE images: every further request is refused at once, while the model is busy
     for i in range(QUEUE, QUEUE + 4):
         with pytest.raises(ClassifierError) as info:

@@ -14,11 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from tests.hostile import fix_png_crcs, jpeg_declaring, mutate, png16, png_declaring, seed_files
+from bench.hostile import fix_png_crcs, jpeg_declaring, mutate, png16, png_declaring, seed_files
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.cifar10_v1 import RESIZE, source
 from cifar10_serving.server.images import ImageError, decode_into
-from tests.support import RunningServer, encode, make_config, random_images
+from tests.helpers.images import encode, random_images
+from tests.helpers.servers import RunningServer, make_config
 
 MAX_MESSAGE = 1 << 20  # this module's server takes 1 MiB requests, so oversized ones are cheap to send
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -239,7 +241,7 @@ def _decode(image: pb.Image, resize: int) -> np.ndarray | None:
     """Decodes into a 3 x 32 x 32 buffer: the result, or None for an ImageError; anything else fails."""
     out = np.full((3, 32, 32), 7, dtype=np.uint8)
     try:
-        decode_into(image, 0, out, resize, LIMIT)
+        decode_into(source(image, 0), 0, out, RESIZE[resize], LIMIT)
     except ImageError as exc:
         assert str(exc).startswith("image 0: ") and len(str(exc)) < 400
         return None

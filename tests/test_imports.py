@@ -1,7 +1,9 @@
 """The project's import graph, read from the source (every import, at module level or inside a
 function): no cycles, and the layering the install relies on: the server never imports the trainer
 (``model``) nor the trainer the server, and the client (the torch-free base install) reaches neither
-them nor torch."""
+them nor torch. Inside the server, the serving core speaks no protocol and each API's front-end
+stands alone over it. No module imports another's underscore names. Each rule is a function that
+lists its violations, and is also run on a planted violation, so that a rule that cannot fail fails."""
 
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"protos": "cifar10_serving.protos", "server": "cifar10_serving.server",
-            "client": "cifar10_serving.client", "model": "cifar10_serving.model", "bench": "bench"}
+            "client": "cifar10_serving.client", "model": "cifar10_serving.model", "bench": "bench", "tests": "tests"}
+V1 = "cifar10_serving.server.cifar10_v1"
+OPEN_INFERENCE = "cifar10_serving.server.open_inference"
+FRONT_ENDS = (V1, OPEN_INFERENCE)  # one per API, each over the core alone
+CORE = "cifar10_serving.server.core"
+V1_MESSAGES = "cifar10_serving.protos.cifar10"  # the generated code of the cifar10.v1 API
+V2_MESSAGES = "cifar10_serving.protos.inference"  # the Open Inference Protocol's
 
 
 def module_name(path: Path) -> str:
@@ -31,9 +39,13 @@ def sources() -> dict[str, Path]:
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """Every module ``name`` imports (project modules and third-party top-level names alike)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return imports_in(name, path.read_text(), known, is_package=path.name == "__init__.py")
+
+
+def imports_in(name: str, source: str, known: set[str], is_package: bool = False) -> set[str]:
+    package = name if is_package else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source, name)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -127,6 +139,49 @@ def _in(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+def private_imports(name: str, source: str, known: set[str]) -> list[str]:
+    """``from project.module import _name``: another module's underscore name, which is its own to
+    change. (A public name imported under a private alias is not one: ``import x as _x``.)"""
+    bad = []
+    for node in ast.walk(ast.parse(source, name)):
+        if isinstance(node, ast.ImportFrom) and node.module and _project(node.module):
+            bad += [f"{name} imports {node.module}.{alias.name}" for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                    and f"{node.module}.{alias.name}" not in known]  # a private module is a module
+    return bad
+
+
+def front_end_crossings(graph: dict[str, set[str]]) -> list[str]:
+    """A front-end that reaches another front-end: each API translates for itself, over the core."""
+    bad = []
+    for start in FRONT_ENDS:
+        via = reach(graph, start)
+        bad += [chain(via, start, other) for other in FRONT_ENDS if other != start and other in via]
+    return bad
+
+
+def protocol_leaks(graph: dict[str, set[str]]) -> list[str]:
+    """The core reaching a front-end or either API's generated code, and the Open Inference
+    Protocol's front-end reaching cifar10.v1's generated code."""
+    rules = [(CORE, (*FRONT_ENDS, V1_MESSAGES, V2_MESSAGES)), (OPEN_INFERENCE, (V1, V1_MESSAGES))]
+    bad = []
+    for start, forbidden in rules:
+        via = reach(graph, start)
+        bad += [chain(via, start, target) for target in sorted(via) if any(_in(target, f) for f in forbidden)]
+    return bad
+
+
+def chain(via: dict[str, str], start: str, target: str) -> str:
+    links = [target]
+    while links[-1] != start:
+        links.append(via[links[-1]])
+    return " -> ".join(reversed(links))
+
+
+def _project(module: str) -> bool:
+    return module.split(".")[0] in ("cifar10_serving", "bench", "tests")
+
+
 def test_the_graph_is_read(graph):
     # guards the reader itself: these edges exist, so an empty or wrong graph fails here first
     assert "cifar10_serving.protos.artifact" in graph["cifar10_serving.server.models"]
@@ -178,3 +233,58 @@ def test_the_client_reaches_neither_torch_nor_the_server_nor_the_trainer(graph):
 def test_the_artifact_format_needs_only_the_standard_library(graph):
     third_party = {m.split(".")[0] for m in graph["cifar10_serving.protos.artifact"]} - {"__future__"}
     assert third_party <= set(sys.stdlib_module_names), third_party - set(sys.stdlib_module_names)
+
+
+# ----------------------------------------------------------------------------- the server's structure
+def test_no_front_end_reaches_another(graph):
+    assert all(f in graph for f in FRONT_ENDS), "a front-end moved: update FRONT_ENDS"
+    assert not front_end_crossings(graph), "\n".join(front_end_crossings(graph))
+
+
+def test_the_core_speaks_no_protocol_and_open_inference_no_cifar10_v1(graph):
+    assert CORE in graph and CORE in graph[V1] and CORE in graph[OPEN_INFERENCE]  # both stand on the core
+    assert not protocol_leaks(graph), "\n".join(protocol_leaks(graph))
+
+
+def test_no_module_imports_another_modules_underscore_names():
+    files = sources()
+    bad = [line for name, path in files.items() for line in private_imports(name, path.read_text(), set(files))]
+    assert not bad, "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- each rule can fail
+def planted(graph: dict[str, set[str]], importer: str, imported: str) -> dict[str, set[str]]:
+    copy = {name: set(edges) for name, edges in graph.items()}
+    copy[importer].add(imported)
+    return copy
+
+
+@pytest.mark.parametrize("importer,imported", [(OPEN_INFERENCE, V1), (V1, OPEN_INFERENCE),
+                                               (OPEN_INFERENCE, "cifar10_serving.server.explain")])
+def test_a_planted_front_end_crossing_is_caught(graph, importer, imported):
+    # the third goes through another module: explain -> cifar10_v1 planted below
+    graph = planted(planted(graph, importer, imported), "cifar10_serving.server.explain", V1)
+    assert front_end_crossings(graph)
+
+
+@pytest.mark.parametrize("importer,imported", [
+    (CORE, "cifar10_serving.protos.cifar10.v1.classifier_pb2"),
+    (CORE, "cifar10_serving.protos.inference.open_inference_grpc_pb2"),
+    (CORE, V1),
+    ("cifar10_serving.server.images", "cifar10_serving.protos.cifar10.v1.classifier_pb2"),  # through the core
+    (OPEN_INFERENCE, "cifar10_serving.protos.cifar10.v1.classifier_pb2"),
+])
+def test_a_planted_protocol_leak_is_caught(graph, importer, imported):
+    assert protocol_leaks(planted(graph, importer, imported))
+
+
+@pytest.mark.parametrize("source,caught", [
+    ("from cifar10_serving.server.cifar10_v1 import _encode", True),
+    ("from tests.test_faults import _wait_for", True),
+    ("def f():\n    from bench.load import _percentile", True),
+    ("from cifar10_serving.server.cifar10_v1 import source as _source", False),  # a public name, privately bound
+    ("from torchvision.io import _image", False),  # not the project's
+    ("from cifar10_serving.server import __version__", False),
+])
+def test_a_planted_underscore_import_is_caught(source, caught):
+    assert bool(private_imports("tests.planted", source, set())) is caught

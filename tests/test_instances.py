@@ -21,8 +21,9 @@ from cifar10_serving.server.batching import Batcher, DeadlineExpired, ModelFailu
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import load_artifact
-from tests.faultmodel import POISON, SLOW, export_faulty, marked
-from tests.support import RunningServer, make_config, random_images
+from tests.helpers.faulty_model import POISON, SLOW, export_faulty, marked
+from tests.helpers.images import random_images
+from tests.helpers.servers import RunningServer, make_config
 
 WAIT_SECONDS = 30  # only ever waited out when the behaviour under test is broken
 SLOW_UNITS = 64  # 64 matmuls of 1024 x 1024 on one thread: a second or more even on a fast core
@@ -253,11 +254,11 @@ def test_a_slow_pass_on_a_real_server_does_not_hold_up_the_other_instance(tmp_pa
     export_faulty(tmp_path)
     server = RunningServer(make_config(tmp_path, default_model="faulty", instances=2, max_queue_delay_us=0))
     try:
-        assert [len(b.instances) for b in server.app.batchers.values()] == [2]
+        assert [len(b.instances) for b in server.app.core.batchers.values()] == [2]
         with ClassifierClient(server.target, timeout=120) as client:
             slow = threading.Thread(target=client.classify, args=([marked(random_images(1)[0], SLOW + (SLOW_UNITS,))],))
             slow.start()
-            batcher = server.app.batchers["faulty"]
+            batcher = server.app.core.batchers["faulty"]
             deadline = time.monotonic() + WAIT_SECONDS
             while not batcher._passes:  # the slow pass is in flight
                 assert time.monotonic() < deadline

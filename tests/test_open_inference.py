@@ -21,9 +21,10 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
-from tests.faultmodel import HOG, POISON, export_faulty, marked
-from tests.support import RunningServer, encode, make_config, random_images
-from tests.test_faults import _hold_the_model, _slow_units, _wait_for
+from tests.helpers.faulty_model import HOG, POISON, export_faulty, marked
+from tests.helpers.images import encode, random_images
+from tests.helpers.servers import RunningServer, make_config
+from tests.helpers.faults import hold_the_model, slow_units, wait_for
 from tests.test_security import TOKENS, pki, tls_token_server  # noqa: F401 (fixtures)
 
 Input = v2.ModelInferRequest.InferInputTensor
@@ -405,12 +406,12 @@ def test_model_failures_and_a_full_queue_have_the_own_apis_codes(faulty):
             assert stub.ModelInfer(image_request(good, model="faulty"), timeout=60).outputs
 
         # Hold the model with a slow image, fill the queue of 4 with one v2 request, and one more is shed.
-        thread, _ = _hold_the_model(faulty, client, _slow_units(client, seconds=3.0))
+        thread, _ = hold_the_model(faulty, client, slow_units(client, seconds=3.0))
         queued = []
         filler = threading.Thread(target=lambda: queued.append(
             stub.ModelInfer(image_request(random_images(4, seed=41), model="faulty"), timeout=120)))
         filler.start()
-        _wait_for(lambda: faulty.registry.get_sample_value("cifar10_queue_images", {"model": "faulty"}) == 4)
+        wait_for(lambda: faulty.registry.get_sample_value("cifar10_queue_images", {"model": "faulty"}) == 4)
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(image_request(good, model="faulty"), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Retry with backoff" in info.value.details()
