@@ -27,15 +27,16 @@ The metadata, ``metadata.json`` (a UTF-8 JSON object; the server also hands it t
     ``layers`` list of objects, one per entry of ``layer_names``, in order: ``name`` str,
     ``kind`` str (conv, maxpool, avgpool, batchnorm, gelu, residual_add, fc, ...),
     ``output_shape`` list[int] per image; optionally ``flops``, ``kernel``, ``stride``, ``padding`` ints.
+    The last layer of kind ``fc`` gives the scores: its ``output_shape`` is [len(class_names)].
 
 Optional keys (the exporter writes them all; readers must cope with their absence)
-    ``pooling`` object: ``kind``, ``window``, ``stride``, ``padding``.
-    ``output`` object: ``kind`` ("softmax") and ``shape``.
+    ``pooling`` object: ``kind`` str, ``window`` positive int, ``stride`` positive int, ``padding`` int >= 0.
+    ``output`` object: ``kind`` ("softmax") and ``shape`` [-1, len(class_names)].
     ``architecture`` object: the network's configuration, enough to rebuild it eagerly (``model.export``).
     ``flops_per_image``, ``parameters`` int.
     ``torch_version`` str: the torch that wrote the file.
     ``dataset``, ``training`` objects; ``validation`` object or null: provenance and the held-out
-    accuracy (``accuracy``, ``accuracy_flip_tta``, ``images``, ``split_seed``).
+    accuracy (``accuracy``, ``accuracy_flip_tta`` numbers or null, ``images``, ``split_seed`` ints or null).
     Other keys may be added without a version bump; readers ignore keys they do not know.
 
 Versions
@@ -45,7 +46,9 @@ Versions
     unit changed, or the module's exported methods changed. A reader that can still read the old
     version keeps it in ``READABLE_VERSIONS``. Adding an optional key needs no bump.
 
-    1: the format above.
+    1: the format above. (The value checks on ``pooling``, ``output``, ``validation`` and the fc
+    layer's width came later without a bump: the exporter always wrote them so, and a file that
+    broke them could not be served.)
 
 This module needs only the standard library (the client-only install has no torch): it reads,
 checks and encodes metadata; loading the module itself is the server's (``server/models.py``).
@@ -161,6 +164,50 @@ def _check_body(metadata: dict, where: str) -> None:
         if row["name"] in seen:
             raise ArtifactFormatError(f"{where}: layer name {row['name']!r} appears twice")
         seen.add(row["name"])
+    _check_scores(metadata, where)
+    _check_optional(metadata, where)
+
+
+def _check_scores(metadata: dict, where: str) -> None:
+    # The server names each score by its index into class_names: fewer names than scores made every call fail.
+    classes = len(metadata["class_names"])
+    fc = [row for row in metadata["layers"] if row["kind"] == "fc"]
+    if not fc:
+        raise ArtifactFormatError(f"{where}: 'layers' has no layer of kind 'fc'; the last one gives the scores")
+    if fc[-1]["output_shape"] != [classes]:
+        raise ArtifactFormatError(f"{where}: {classes} class_names, but the last fc layer ({fc[-1]['name']}) "
+                                  f"has output_shape {fc[-1]['output_shape']}; expected [{classes}]")
+    output = metadata.get("output", {})
+    if "shape" in output and output["shape"] != [-1, classes]:
+        raise ArtifactFormatError(f"{where}: 'output.shape' is {output['shape']!r}; {classes} class_names "
+                                  f"need [-1, {classes}]")
+
+
+# key -> (types, least value): the optional objects' fields that readers put into typed messages
+_POOLING_FIELDS = {"kind": ((str,), None), "window": ((int,), 1), "stride": ((int,), 1), "padding": ((int,), 0)}
+_VALIDATION_FIELDS = {"accuracy": ((int, float, type(None)), 0), "accuracy_flip_tta": ((int, float, type(None)), 0),
+                      "images": ((int, type(None)), 0), "split_seed": ((int, type(None)), None)}
+
+
+def _check_optional(metadata: dict, where: str) -> None:
+    for key, fields in (("pooling", _POOLING_FIELDS), ("validation", _VALIDATION_FIELDS)):
+        section = metadata.get(key) or {}
+        for name, (types, least) in fields.items():
+            if name not in section:
+                continue
+            value = section[name]
+            expected = " or ".join(_json_type(t()) for t in types)
+            if not _is(value, types):
+                raise ArtifactFormatError(f"{where}: '{key}.{name}' is {_json_type(value)} ({value!r}), "
+                                          f"expected {expected}")
+            if least is not None and value is not None and not isinstance(value, str) and value < least:
+                raise ArtifactFormatError(f"{where}: '{key}.{name}' is {value!r}, expected at least {least}")
+    output = metadata.get("output", {})
+    if "kind" in output and not isinstance(output["kind"], str):
+        raise ArtifactFormatError(f"{where}: 'output.kind' is {_json_type(output['kind'])}, expected a string")
+    source = (metadata.get("dataset") or {}).get("source")
+    if source is not None and not isinstance(source, str):
+        raise ArtifactFormatError(f"{where}: 'dataset.source' is {_json_type(source)}, expected a string")
 
 
 def encode_metadata(metadata: dict) -> str:

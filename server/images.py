@@ -1,22 +1,26 @@
-"""Decode and validate request images into uint8 C x H x W arrays, the model's input.
+"""Decode and validate one request image into a uint8 C x H x W array, the model's input.
 
-Every failure raises ``ImageError`` with a message that names the image's index and says what to
-send instead; the service answers it as INVALID_ARGUMENT. Encoded images are refused from their
-header when they declare too many pixels, before any pixel is decoded: ``open_image`` reads and
-checks the header, and its result's ``decode`` does the work (``server.decode_lanes`` schedules it).
+Protocol-free: an image is ``Encoded`` (PNG or JPEG bytes) or ``Raw`` (a tensor's bytes, shape,
+dtype and layout), and the size rule is a ``Resize``; each API's front-end translates its own
+messages into these. Every failure raises ``ImageError`` with a message that names the image's index
+and says what to send instead; the front-ends answer it as INVALID_ARGUMENT. Encoded images are
+refused from their header when they declare too many pixels, before any pixel is decoded:
+``open_image`` reads and checks the header, and its result's ``decode`` does the work
+(``server.decode_lanes`` schedules it).
 """
 
 from __future__ import annotations
 
+import enum
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
+from cifar10_serving.server.jpeg_markers import check_encoded
 
 import torch
 from torchvision.io import ImageReadMode
@@ -32,12 +36,38 @@ ACCEPTED_FORMATS = ("PNG", "JPEG")
 # Modes that convert to RGB without loss; others (grey, alpha, 16-bit, CMYK) are refused, since a
 # silent conversion would classify a different image than the caller holds.
 LOSSLESS_TO_RGB = ("RGB", "P")
-LAYOUTS = frozenset(pb.Layout.values())
-RAW_DTYPES = {pb.DTYPE_UNSPECIFIED: np.uint8, pb.DTYPE_UINT8: np.uint8, pb.DTYPE_FLOAT32: np.dtype("<f4")}
+RAW_DTYPES = (np.dtype(np.uint8), np.dtype("<f4"))  # 0..255, or 0..1 rounded to the nearest 1/255
 
 
 class ImageError(ValueError):
     """A request image that cannot be classified; the message is meant for the caller."""
+
+
+class Resize(enum.Enum):
+    """What to do with an image that is not the model's size."""
+
+    REJECT = "reject"  # refuse it, saying its size
+    CENTER_CROP = "center_crop"  # scale the shorter side to the model's, then crop the centre
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A PNG or JPEG file."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A tensor of one RGB image: ``shape`` is [H, W, 3] when ``channels_last``, else [3, H, W]."""
+
+    data: bytes
+    shape: tuple[int, ...]
+    dtype: np.dtype  # one of RAW_DTYPES
+    channels_last: bool = True
+
+
+Source = Union[Encoded, Raw]
 
 
 @dataclass(frozen=True)
@@ -50,25 +80,24 @@ class Opened:
     decode: Callable[[], np.ndarray]  # H x W x 3 uint8 at the model's size; raises ImageError
 
 
-def decode_into(image: pb.Image, index: int, out: np.ndarray, resize: int, max_pixels: int) -> None:
+def decode_into(image: Source, index: int, out: np.ndarray, resize: Resize, max_pixels: int) -> None:
     """Writes ``image`` into ``out`` (uint8, 3 x H x W, the model's input size)."""
     out[...] = open_image(image, index, out.shape[1:], resize, max_pixels).decode().transpose(2, 0, 1)
 
 
-def open_image(image: pb.Image, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> Opened:
+def open_image(image: Source, index: int, size: tuple[int, int], resize: Resize, max_pixels: int) -> Opened:
     """Reads and checks ``image``'s header (every check that needs no pixels); decoding is left to
     the result's ``decode``, so a caller can weigh the work first."""
-    kind = image.WhichOneof("data")
-    if kind == "encoded":
-        return _open_encoded(image.encoded, index, tuple(size), resize, max_pixels)
-    if kind == "raw":
-        return _open_raw(image.raw, index, tuple(size), resize, max_pixels)
-    raise ImageError(f"image {index}: empty; set Image.encoded (PNG/JPEG bytes) or Image.raw")
+    if isinstance(image, Encoded):
+        return _open_encoded(image.data, index, tuple(size), resize, max_pixels)
+    return _open_raw(image, index, tuple(size), resize, max_pixels)
 
 
-def _open_encoded(data: bytes, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> Opened:
+def _open_encoded(data: bytes, index: int, size: tuple[int, int], resize: Resize, max_pixels: int) -> Opened:
     if not data:
         raise ImageError(f"image {index}: encoded bytes are empty")
+    if (refusal := check_encoded(data, index, max_pixels)) is not None:  # before Pillow's slower header walk
+        raise ImageError(refusal)
     try:
         # Reads the header only. (PIL's own bomb check only warns below 2 x 89 Mpixel; ours is below.)
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
@@ -115,27 +144,24 @@ def _decode_native(data: bytes, index: int, fmt: str) -> np.ndarray:
     return chw.permute(1, 2, 0).numpy()
 
 
-def _open_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: int, max_pixels: int) -> Opened:
-    dtype = RAW_DTYPES.get(raw.dtype)
-    if dtype is None:
-        raise ImageError(
-            f"image {index}: raw dtype {enum_name(pb.DType, raw.dtype)} not accepted; use UINT8 or FLOAT32")
-    if raw.layout not in LAYOUTS:
-        raise ImageError(f"image {index}: raw layout {raw.layout} unknown; use LAYOUT_HWC or LAYOUT_CHW")
-    shape = tuple(raw.shape)
-    channel_axis = 2 if raw.layout == pb.LAYOUT_HWC else 0
-    layout = pb.Layout.Name(raw.layout)
+def _open_raw(raw: Raw, index: int, size: tuple[int, int], resize: Resize, max_pixels: int) -> Opened:
+    dtype, shape = np.dtype(raw.dtype), tuple(raw.shape)
+    if dtype not in RAW_DTYPES:
+        raise ImageError(f"image {index}: raw dtype {dtype.name} not accepted; use uint8 or float32")
+    channel_axis = 2 if raw.channels_last else 0
     if len(shape) != 3 or shape[channel_axis] != 3:
-        expected = "[H, W, 3]" if channel_axis == 2 else "[3, H, W]"
-        raise ImageError(f"image {index}: raw shape {list(shape)} with {layout}; expected {expected}")
+        expected = "[H, W, 3]" if raw.channels_last else "[3, H, W]"
+        shown = list(shape) if len(shape) <= 4 else f"of {len(shape):,} dimensions"
+        raise ImageError(f"image {index}: raw shape {shown} with channels {'last' if raw.channels_last else 'first'}; "
+                         f"expected {expected}")
     h, w = (shape[0], shape[1]) if channel_axis == 2 else (shape[1], shape[2])
     if h < 1 or w < 1 or h * w > max_pixels:
         raise ImageError(f"image {index}: raw image is {w}x{h} pixels; allowed 1 to {max_pixels}")
-    expected_bytes = 3 * h * w * np.dtype(dtype).itemsize
+    expected_bytes = 3 * h * w * dtype.itemsize
     if len(raw.data) != expected_bytes:
         raise ImageError(
             f"image {index}: raw data is {len(raw.data)} bytes; shape {list(shape)} of "
-            f"{np.dtype(dtype).name} needs {expected_bytes}"
+            f"{dtype.name} needs {expected_bytes}"
         )
     _check_size(index, "raw image", (h, w), size, resize)
 
@@ -143,19 +169,25 @@ def _open_raw(raw: pb.RawTensor, index: int, size: tuple[int, int], resize: int,
         array = np.frombuffer(raw.data, dtype=dtype).reshape(shape)
         if channel_axis == 0:
             array = array.transpose(1, 2, 0)
-        if array.dtype != np.uint8:
-            if not np.isfinite(array).all():
-                raise ImageError(f"image {index}: raw FLOAT32 data holds NaN or Inf")
-            if array.min() < 0.0 or array.max() > 1.0:
-                raise ImageError(f"image {index}: raw FLOAT32 values must lie in [0, 1]")
-            array = np.rint(array * 255.0).astype(np.uint8)
-        return _fit(np.ascontiguousarray(array), size)
+        return _fit(np.ascontiguousarray(to_uint8(array, f"image {index}: raw FLOAT32")), size)
 
     return Opened(index, h * w, decode)
 
 
-def _check_size(index: int, what: str, hw: tuple[int, int], size: tuple[int, int], resize: int) -> None:
-    if tuple(hw) != tuple(size) and resize == pb.RESIZE_REJECT:
+def to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """Pixels as uint8: uint8 as they are, float32 in [0, 1] rounded to the nearest of 0..255.
+    ``what`` names the data in the error (``image 3: raw float32``)."""
+    if array.dtype == np.uint8:
+        return array
+    if not np.isfinite(array).all():
+        raise ImageError(f"{what} data holds NaN or Inf")
+    if array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
+        raise ImageError(f"{what} values must lie in [0, 1]")
+    return np.rint(array * 255.0).astype(np.uint8)
+
+
+def _check_size(index: int, what: str, hw: tuple[int, int], size: tuple[int, int], resize: Resize) -> None:
+    if tuple(hw) != tuple(size) and resize is Resize.REJECT:
         raise ImageError(
             f"image {index}: {what} is {hw[1]}x{hw[0]}, expected {size[1]}x{size[0]} "
             "(or send resize=RESIZE_CENTER_CROP)"
@@ -177,12 +209,6 @@ def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     box = (left / scale, top / scale, (left + tw) / scale, (top + th) / scale)
     img = Image.fromarray(rgb).resize((tw, th), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
     return np.asarray(img)
-
-
-def enum_name(enum, value: int) -> str:
-    """The name of an enum value, or its number: proto3 keeps values this server does not know,
-    and ``Name`` raises on them."""
-    return enum.Name(value) if value in enum.values() else str(value)
 
 
 def _reason(exc: Exception) -> str:

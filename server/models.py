@@ -19,6 +19,13 @@ import torch
 from cifar10_serving.protos import artifact
 
 
+# The largest input side served. The decoder fills a batch of 3 x H x W uint8 per request and the
+# warm-up runs every batch size up to max_batch_size: at 1024, 64 images are 192 MiB of input and a
+# few GiB of activations, as much as one process should hold; CIFAR models take 32, ImageNet ones 224-512.
+MAX_INPUT_SIDE = 1024
+CHANNELS = 3  # the decoder always produces RGB
+
+
 class ModelLoadError(RuntimeError):
     """A model that cannot be served; the message names the file (or setting) and what is wrong."""
 
@@ -77,6 +84,7 @@ def load_artifact(path: str | Path, device: torch.device, optimize: bool = True)
         metadata = artifact.read_metadata(path)
     except artifact.ArtifactFormatError as exc:
         raise ModelLoadError(str(exc)) from exc
+    check_servable(metadata, path)
     try:
         with warnings.catch_warnings():
             # PyTorch 2.14 marks torch.jit.load deprecated; TorchScript is still this service's format.
@@ -85,15 +93,30 @@ def load_artifact(path: str | Path, device: torch.device, optimize: bool = True)
             module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError or its own types for a bad archive
         raise ModelLoadError(f"{path}: not a loadable TorchScript file: {exc}") from exc
-    check_module(module, metadata, path)
-    module.eval()
+    module.eval()  # before check_module's forward pass, which must not update batch-norm statistics
+    check_module(module, metadata, path, device)
     if optimize:
         module = optimize_for_serving(module)
     return LoadedModel(metadata["name"], metadata["version"], path, module, metadata, device)
 
 
-def check_module(module: torch.jit.ScriptModule, metadata: dict, path: Path) -> None:
-    """The module has what the format promises beside ``forward``, and its layers are the metadata's."""
+def check_servable(metadata: dict, path: Path) -> None:
+    """The metadata's input is one this server can decode into and warm up (checked before any code
+    loads); the format allows more."""
+    _, channels, height, width = metadata["input"]["shape"]
+    if channels != CHANNELS:
+        raise ModelLoadError(f"{path}: input.shape {metadata['input']['shape']} has {channels} channels; this "
+                             f"server decodes RGB images, {CHANNELS} channels")
+    if height > MAX_INPUT_SIDE or width > MAX_INPUT_SIDE:
+        raise ModelLoadError(f"{path}: input.shape {metadata['input']['shape']} asks for {width}x{height} "
+                             f"images; this server serves at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}")
+
+
+def check_module(module: torch.jit.ScriptModule, metadata: dict, path: Path,
+                 device: torch.device = torch.device("cpu")) -> None:
+    """The module has what the format promises beside ``forward``, its layers are the metadata's, and
+    one forward pass on a blank image gives as many scores as there are class names and each layer's
+    ``output_shape``: what the server relies on, checked once here rather than failing every call."""
     if not hasattr(module, artifact.FEATURES_METHOD):
         raise ModelLoadError(f"{path}: the module has no {artifact.FEATURES_METHOD} method")
     names = list(getattr(module, artifact.LAYER_NAMES_ATTR, None) or [])
@@ -101,6 +124,22 @@ def check_module(module: torch.jit.ScriptModule, metadata: dict, path: Path) -> 
     if names != described:
         raise ModelLoadError(f"{path}: the module's {artifact.LAYER_NAMES_ATTR} {names} are not the layers "
                              f"{artifact.METADATA_FILE} describes {described}")
+    blank = torch.zeros(1, *metadata["input"]["shape"][1:], dtype=torch.uint8, device=device)
+    try:
+        with torch.no_grad():
+            probs, features = getattr(module, artifact.FEATURES_METHOD)(blank, described)
+    except Exception as exc:  # TorchScript raises its own error types, with the script's traceback first
+        last_line = (str(exc).strip() or type(exc).__name__).splitlines()[-1]
+        raise ModelLoadError(f"{path}: a forward pass on one blank image of input.shape fails: {last_line}") from exc
+    classes = len(metadata["class_names"])
+    if tuple(probs.shape) != (1, classes):
+        raise ModelLoadError(f"{path}: the module gives scores of shape {list(probs.shape)[1:]} per image for "
+                             f"{classes} class_names")
+    for row in metadata["layers"]:
+        shape = list(features[row["name"]].shape)[1:]
+        if shape != row["output_shape"]:
+            raise ModelLoadError(f"{path}: layer {row['name']} gives output of shape {shape}, but "
+                                 f"{artifact.METADATA_FILE} says {row['output_shape']}")
 
 
 def load_models_dir(models_dir: str | Path, device: torch.device, optimize: bool = True) -> dict[str, LoadedModel]:

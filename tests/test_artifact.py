@@ -17,7 +17,7 @@ from cifar10_serving.model.export import build_metadata, export_torchscript, loa
 from cifar10_serving.model.network import CifarNet, NetConfig
 from cifar10_serving.protos import artifact
 from cifar10_serving.server.models import ModelLoadError, load_artifact
-from tests.support import TINY_WIDTHS, export_tiny
+from tests.helpers.models import TINY_WIDTHS, export_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -61,6 +61,10 @@ BAD = {
                                                                                        "expected a list"]),
     "bad-input-shape": (lambda m: json.dumps({**m, "input": {**m["input"], "shape": [3, 32, 32]}}),
                         ["'input.shape'", "[-1, C, H, W]"]),
+    "three-class-names": (lambda m: json.dumps({**m, "class_names": m["class_names"][:3]}),
+                          ["3 class_names", "classifier.fc", "expected [3]"]),
+    "pooling-window-string": (lambda m: json.dumps({**m, "pooling": {**m["pooling"], "window": "two"}}),
+                              ["'pooling.window' is a string", "expected an integer"]),
 }
 
 
@@ -119,7 +123,8 @@ def test_the_exporter_refuses_to_write_metadata_its_readers_would_refuse(tmp_pat
 
 def test_a_module_whose_layers_differ_from_its_metadata_is_refused(tmp_path, tiny):
     scripted, metadata = tiny
-    path = save_raw(tmp_path / "short.pt", scripted, json.dumps({**metadata, "layers": metadata["layers"][:-1]}))
+    short = [row for row in metadata["layers"] if row["name"] != "head.flatten"]  # the fc layer stays
+    path = save_raw(tmp_path / "short.pt", scripted, json.dumps({**metadata, "layers": short}))
     with pytest.raises(ModelLoadError, match="layer_names .* are not the layers") as refusal:
         load_artifact(path, CPU)
     assert str(path) in str(refusal.value)
@@ -145,6 +150,7 @@ def test_the_specification_names_every_key_the_code_checks_and_the_exporter_writ
     assert f"\n    {artifact.FORMAT_VERSION}: " in spec  # the version history names the current version
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("case", ["version-99", "no-metadata"])
 def test_the_server_refuses_to_start_on_a_file_of_another_format(tmp_path, tiny, case):
     scripted, metadata = tiny
