@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -29,55 +29,88 @@ DEFAULT_MODELS_DIR = bundled_models_dir()
 MiB = 1 << 20
 
 
+def setting(default, help: str, group: str):
+    """A field of ``ServerConfig`` with its meaning, shown by ``--help`` and docs/configuration.md."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+NETWORK, MODELS, BATCHING, LIMITS, CONNECTIONS, SECURITY, PROCESS = (
+    "network", "models and devices", "batching and threads", "limits under load", "connections", "security",
+    "process")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"  # 0.0.0.0 in the container
-    port: int = 50051  # gRPC; 0 picks a free port
-    metrics_port: int = 9090  # Prometheus /metrics over HTTP; 0 picks a free port, -1 turns it off
-    metrics_host: str = ""  # "" binds metrics on the same host as gRPC
-    models_dir: str = str(DEFAULT_MODELS_DIR)
-    default_model: str = "base-max"
-    device: str = "auto"  # auto: cuda when available, else cpu
-    max_batch_size: int = 64  # images per request and per forward pass
-    max_queue_delay_us: int = 500  # how long a forming batch may wait for company under load
-    max_queue_images: int = 1024  # images waiting per model before RESOURCE_EXHAUSTED
-    # Model instances (README "Performance"): forward passes of one model in flight at once, each on its
-    # own thread (and CUDA stream). 0: on CUDA 2, so that one pass's copies overlap another's kernels; on
-    # the CPU one per torch thread, so that a loaded server runs a one-thread pass on every core.
-    instances: int = 0
-    # Intra-op threads that the process's forward passes share: a pass that starts alone gets them all,
-    # one that starts beside others an equal share over every instance (batching.ThreadShares).
-    # 0: the cores this process may run on (its CPU affinity), shared out among the workers.
-    torch_threads: int = 0
-    workers: int = 1  # server processes sharing the gRPC port (SO_REUSEPORT); README "Performance"
-    # Forward, decoding and answer threads run this much nicer than the event loop, so that a loop with
-    # work is scheduled first on a host whose cores the compute fills (server.priority); 0: the same.
-    # 10: health p99 under 32 feature-map callers 57-86 ms against 92-154 ms at 0, and no throughput
-    # lost in an ABBA of bench.bench (README "Reliability").
-    compute_nice: int = 10
-    worker_index: int = -1  # set by the supervisor of --workers for each worker; -1: not a worker
-    max_receive_message_bytes: int = 64 * MiB  # a full batch of large encoded images fits
-    max_send_message_bytes: int = 256 * MiB  # all float32 feature maps of a full batch of the base model fit
-    max_image_pixels: int = 4096 * 4096  # encoded images declaring more are refused from their header
-    grace_period_seconds: float = 10.0  # in-flight calls may finish this long after SIGTERM
-    warmup_batches: int = 1  # warm-up rounds per model before SERVING, each at every ladder size (a 2nd: no gain)
-    log_level: str = "INFO"
-    ready_file: str = ""  # once SERVING, a JSON document (pid, ports, models, device) is written here; removed at stop
-    # Security (README "Security"): all off by default, for a server on 127.0.0.1.
-    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the gRPC port speaks TLS only
-    tls_key_file: str = ""  # PEM private key of tls_cert_file
-    tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
-    auth_token_file: str = ""  # accepted bearer tokens, one a line: every call but health must carry one
-    # Connections (README "Configuration"); 0 turns each off. Closing idle and old connections frees
-    # the sockets of clients that went away, and makes clients behind an L4 balancer reconnect and so
-    # spread over the replicas (one gRPC channel is one connection, pinned to one replica).
-    handshake_timeout_ms: int = 10_000  # no TLS handshake and HTTP/2 SETTINGS by then: closed (gRPC's own default: 120 s)
-    max_connection_idle_ms: int = 300_000  # no call for this long: GOAWAY, and closed
-    max_connection_age_ms: int = 600_000  # GOAWAY at this age (gRPC adds +-10% jitter), so clients rebalance
-    max_connection_age_grace_ms: int = 60_000  # after the age's GOAWAY, calls still open get this long; then closed
-    # Hostile load (README "Reliability"): memory for answers, and decoding.
-    answer_budget_bytes: int = 0  # answers computed but not yet sent, with their requests; 0: a quarter of the memory (server.answer_budget)
-    max_request_pixels: int = 64 * MiB  # decoded pixels per request: 64 one-megapixel photos, or 4 images at max_image_pixels
+    host: str = setting("127.0.0.1", "Address gRPC listens on; 0.0.0.0 (all interfaces) in the container.", NETWORK)
+    port: int = setting(50051, "gRPC port, for both APIs, health and reflection; 0 picks a free port.", NETWORK)
+    metrics_port: int = setting(9090, "Port of Prometheus' /metrics over HTTP; 0 picks a free port, -1 turns it "
+                                      "off.", NETWORK)
+    metrics_host: str = setting("127.0.0.1", "Address /metrics listens on: loopback unless set, since it takes no "
+                                             "token; 0.0.0.0 in the container and the pod, where Prometheus scrapes "
+                                             "it.", NETWORK)
+    models_dir: str = setting(str(DEFAULT_MODELS_DIR), "Folder whose *.pt model artifacts are served (not its "
+                                                       "subfolders); the bundled models by default.", MODELS)
+    default_model: str = setting("base-max", "Model that answers requests naming none.", MODELS)
+    device: str = setting("auto", "Where forward passes run: auto (cuda when available, else cpu), cpu, cuda or "
+                                  "cuda:N.", MODELS)
+    warmup_batches: int = setting(1, "Warm-up rounds per model before SERVING, each at every size of the batch "
+                                     "ladder; a second round was measured to gain nothing.", MODELS)
+    max_batch_size: int = setting(64, "Most images in one request and in one forward pass.", BATCHING)
+    max_queue_delay_us: int = setting(500, "How long a forming batch may wait for company, in microseconds, when "
+                                           "a pass is already running; an idle server starts at once.", BATCHING)
+    max_queue_images: int = setting(1024, "Images waiting per model before new requests get RESOURCE_EXHAUSTED.",
+                                    BATCHING)
+    instances: int = setting(0, "Forward passes of one model in flight at once, each on its own thread (and CUDA "
+                                "stream); 0: 2 on CUDA, so one pass's copies overlap another's kernels, and one per "
+                                "torch thread on the CPU, so a loaded server runs a one-thread pass on every core.",
+                             BATCHING)
+    torch_threads: int = setting(0, "Intra-op threads that the process's forward passes share (a lone pass gets "
+                                    "them all, concurrent passes an equal share); 0: the cores this process may "
+                                    "run on, shared among the workers.", BATCHING)
+    compute_nice: int = setting(10, "How much nicer than the event loop the forward, decoding and answer threads "
+                                    "run (0-19), so that the loop's health checks and small calls are scheduled "
+                                    "first on cores the compute fills; 0: the same priority. Why 10: "
+                                    "docs/reliability.md.", BATCHING)
+    answer_budget_bytes: int = setting(0, "Memory for requests in progress and answers not yet sent (their "
+                                          "decoded images, feature maps, explanations, echoed ids); a request "
+                                          "that does not fit gets RESOURCE_EXHAUSTED before any work. 0: a "
+                                          "quarter of the memory the process may use (its cgroup limit).", LIMITS)
+    max_image_pixels: int = setting(4096 * 4096, "Pixels one encoded or raw image may declare; more is refused "
+                                                 "from its header, before any pixel is decoded.", LIMITS)
+    max_request_pixels: int = setting(64 * MiB, "Decoded pixels per request: 64 one-megapixel photos, or 4 "
+                                                "images at --max-image-pixels.", LIMITS)
+    max_receive_message_bytes: int = setting(64 * MiB, "Largest request gRPC reads: a full batch of large "
+                                                       "encoded images fits.", LIMITS)
+    max_send_message_bytes: int = setting(256 * MiB, "Largest answer gRPC sends: every float32 feature map of "
+                                                     "a full batch of the base model fits.", LIMITS)
+    handshake_timeout_ms: int = setting(10_000, "A connection without its TLS handshake and HTTP/2 SETTINGS by "
+                                                "then is closed (gRPC's own default is 120 s); 0: gRPC's.",
+                                        CONNECTIONS)
+    max_connection_idle_ms: int = setting(300_000, "A connection without a call for this long gets GOAWAY and is "
+                                                   "closed, which frees the sockets of clients that went away; "
+                                                   "0: never.", CONNECTIONS)
+    max_connection_age_ms: int = setting(600_000, "GOAWAY at this age (gRPC adds +-10%% jitter), so clients "
+                                                  "behind an L4 balancer reconnect and spread over the replicas "
+                                                  "(one channel is one connection); 0: never.", CONNECTIONS)
+    max_connection_age_grace_ms: int = setting(60_000, "After the age's GOAWAY, calls still open get this long, "
+                                                       "then the connection closes; 0: forever.", CONNECTIONS)
+    tls_cert_file: str = setting("", "PEM certificate chain; with --tls-key-file the gRPC port speaks TLS only.",
+                                 SECURITY)
+    tls_key_file: str = setting("", "PEM private key of --tls-cert-file.", SECURITY)
+    tls_client_ca_file: str = setting("", "PEM CA bundle: clients must present a certificate it signed (mutual "
+                                          "TLS).", SECURITY)
+    auth_token_file: str = setting("", "Accepted bearer tokens, one a line: every call but health must carry "
+                                       "one (authorization: Bearer TOKEN).", SECURITY)
+    workers: int = setting(1, "Server processes sharing the gRPC port (SO_REUSEPORT), each with its own models "
+                              "and a share of the cores; docs/scaling.md.", PROCESS)
+    worker_index: int = setting(-1, "Set by the supervisor of --workers for each worker; -1: not a worker.",
+                                PROCESS)
+    grace_period_seconds: float = setting(10.0, "After SIGTERM, calls in flight may finish for this long; new "
+                                                "calls get UNAVAILABLE meanwhile.", PROCESS)
+    ready_file: str = setting("", "Once SERVING, a JSON document (pid, ports, models, device) is written here, "
+                                  "atomically; removed at stop.", PROCESS)
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR; the server logs a line per start, stop and "
+                                     "error, not per request.", PROCESS)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -147,18 +180,62 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line: one flag per setting, grouped, each with its meaning, variable and default."""
+    environ = os.environ if environ is None else environ
+    result = argparse.ArgumentParser(
+        prog="cifar10-server",
+        description="Serve CIFAR-10 TorchScript models over gRPC: the cifar10.v1 API and the Open Inference "
+        "Protocol on one port. Each flag can also be set as the environment variable "
+        f"{ENV_PREFIX}<FLAG_NAME>, e.g. {ENV_PREFIX}PORT=50051; a flag wins over the variable.",
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(ServerConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = result.add_argument_group(group)
+        kind = _kind(f)
+        default = environ.get(_env(f.name), f.default)
+        groups[group].add_argument(_flag(f.name), type=kind, default=kind(default), metavar=kind.__name__.upper(),
+                                   help=f"{f.metadata['help']} (env {_env(f.name)}, default {_shown(f.default)})")
+    return result
+
+
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
     """Builds the config from ``argv`` (flags) over ``environ`` (CIFAR10_* variables) over defaults."""
-    environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="cifar10-server",
-        description="Serve CIFAR-10 TorchScript models over gRPC. Each flag can also be set as the "
-        f"environment variable {ENV_PREFIX}<FLAG_NAME>, e.g. {ENV_PREFIX}PORT=50051.",
-    )
-    for f in fields(ServerConfig):
-        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        default = environ.get(_env(f.name), f.default)
-        parser.add_argument(_flag(f.name), type=kind, default=kind(default),
-                            help=f"(env {_env(f.name)}, default {f.default})")
-    args = parser.parse_args(argv)
+    args = parser(environ).parse_args(argv)
     return ServerConfig(**vars(args))
+
+
+def markdown() -> str:
+    """docs/configuration.md: every setting by group, from the same text as ``--help``."""
+    lines = ["# Configuration", "",
+             "Every setting of the server, as `python -m cifar10_serving.server --help` shows it. Each flag "
+             f"`--some-name` can also be set as the environment variable `{ENV_PREFIX}SOME_NAME`; a flag wins "
+             "over the variable, the variable over the default.", "",
+             "Generated by `python -m cifar10_serving.server.config > docs/configuration.md` from the "
+             "settings' own text in `server/config.py`; `tests/test_config.py` fails when they differ.", ""]
+    groups: dict[str, list] = {}
+    for f in fields(ServerConfig):
+        groups.setdefault(f.metadata["group"], []).append(f)
+    for group, members in groups.items():
+        lines += [f"## {group[0].upper()}{group[1:]}", "", "| flag | variable | default | meaning |",
+                  "| --- | --- | --- | --- |"]
+        for f in members:
+            default = "the bundled models" if f.name == "models_dir" else _shown(f.default)
+            meaning = f.metadata["help"].replace("%%", "%").replace("|", "\\|")
+            lines.append(f"| `{_flag(f.name)}` | `{_env(f.name)}` | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _kind(f) -> type:
+    return {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def _shown(default) -> str:
+    return repr(default) if default == "" else str(default)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
