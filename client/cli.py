@@ -22,6 +22,7 @@ from cifar10_serving.client._client import DEFAULT_TARGET, Classification, Class
 from cifar10_serving.client._credentials import tls_credentials
 from cifar10_serving.client.featuremaps import save_feature_maps
 from cifar10_serving.client.inspect_page import gather, load_input, write_page
+from cifar10_serving.client.server_text import inside, printable
 
 ENV_TARGET = "CIFAR10_TARGET"
 ENV_CA_CERT, ENV_CLIENT_CERT, ENV_CLIENT_KEY = "CIFAR10_CA_CERT", "CIFAR10_CLIENT_CERT", "CIFAR10_CLIENT_KEY"
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--features", nargs="+", default=[], metavar="LAYER",
                    help="layers whose feature maps to fetch; '*' for all")
     c.add_argument("--save-features", type=Path, default=None, metavar="DIR",
-                   help="write each feature map as a PNG grid under DIR/<image name>/<layer>.png")
+                   help="write each feature map as a PNG grid under DIR/<image name>/<layer>.png, the layer's "
+                        "name made a safe file name (a/b: a_b.png)")
     c.add_argument("--no-resize", action="store_true", help="refuse images that are not 32x32")
     c.add_argument("--json", action="store_true", help="print JSON")
 
@@ -81,11 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ClassifierClient(target, timeout=args.timeout, credentials=credentials, token=token) as client:
             return COMMANDS[args.command](client, args)
     except ClassifierError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _say(line: object = "", file=None) -> None:
+    """Prints one line of a table or message. Most hold strings the server sent (labels, model and layer
+    names, error details), so every line goes through ``printable``: control characters are shown
+    escaped, never obeyed by the terminal. ``--json`` output is printed as is: JSON escapes them itself."""
+    print(printable(line), file=file or sys.stdout)
 
 
 def _security(args):
@@ -114,21 +123,21 @@ def _classify(client: ClassifierClient, args) -> int:
     if args.save_features:
         kinds = {layer.name: layer.kind for layer in client.model_info(args.model).layers}
         for path, result in zip(args.images, results):
-            out = args.save_features / path.stem
+            out = inside(args.save_features, args.save_features / path.stem)
             saved[str(path)] = [str(p) for p in save_feature_maps(result.feature_maps, out, kinds)]
     if args.json:
         print(json.dumps([_result_json(path, r, saved.get(str(path), [])) for path, r in zip(args.images, results)],
                          indent=1))
         return 0
     for path, result in zip(args.images, results):
-        print(f"{path}")
+        _say(path)
         for p in result.top_k:
             bar = "#" * round(p.probability * 30)
-            print(f"  {p.label:<11} {100 * p.probability:6.2f}%  {bar}")
+            _say(f"  {p.label:<11} {100 * p.probability:6.2f}%  {bar}")
         for layer, fmap in result.feature_maps.items():
-            print(f"  feature map {layer:<16} {' x '.join(map(str, fmap.shape))}")
+            _say(f"  feature map {layer:<16} {' x '.join(map(str, fmap.shape))}")
         if str(path) in saved:
-            print(f"  saved {len(saved[str(path)])} feature-map PNGs under {args.save_features / path.stem}")
+            _say(f"  saved {len(saved[str(path)])} feature-map PNGs under {args.save_features / path.stem}")
     return 0
 
 
@@ -150,9 +159,9 @@ def _inspect(client: ClassifierClient, args) -> int:
     page = write_page(args.out, args.image.name, pixels, views)
     for view in views:
         note = "explained" if view.explanation is not None else f"explanations {view.explain_note}"
-        print(f"{view.info.name:<14} {view.result.label:<11} {100 * view.result.top_k[0].probability:6.2f}%  "
-              f"{len(view.layers)} layers; {note}")
-    print(f"wrote {page}")
+        _say(f"{view.info.name:<14} {view.result.label:<11} {100 * view.result.top_k[0].probability:6.2f}%  "
+             f"{len(view.layers)} layers; {note}")
+    _say(f"wrote {page}")
     return 0
 
 
@@ -162,13 +171,13 @@ def _layers(client: ClassifierClient, args) -> int:
         print(json.dumps([{"name": l.name, "kind": l.kind, "output_shape": list(l.output_shape), "flops": l.flops}
                           for l in info.layers], indent=1))
         return 0
-    print(f"model {info.name} (pooling: {info.pooling.kind}, window {info.pooling.window}, "
-          f"stride {info.pooling.stride}); input {' x '.join(map(str, info.input.shape))} {info.input.dtype}")
-    print(f"  {'layer':<18} {'kind':<16} {'output':>14}  {'MFLOP':>7}")
+    _say(f"model {info.name} (pooling: {info.pooling.kind}, window {info.pooling.window}, "
+         f"stride {info.pooling.stride}); input {' x '.join(map(str, info.input.shape))} {info.input.dtype}")
+    _say(f"  {'layer':<18} {'kind':<16} {'output':>14}  {'MFLOP':>7}")
     for layer in info.layers:
         shape = " x ".join(map(str, layer.output_shape))
-        print(f"  {layer.name:<18} {layer.kind:<16} {shape:>14}  {layer.flops / 1e6:7.2f}")
-    print(f"  total {info.flops_per_image / 1e6:.1f} MFLOP per image, {info.parameters:,} parameters")
+        _say(f"  {layer.name:<18} {layer.kind:<16} {shape:>14}  {layer.flops / 1e6:7.2f}")
+    _say(f"  total {info.flops_per_image / 1e6:.1f} MFLOP per image, {info.parameters:,} parameters")
     return 0
 
 
@@ -180,19 +189,19 @@ def _models(client: ClassifierClient, args) -> int:
              "validation_accuracy": m.validation_accuracy, "flops_per_image": m.flops_per_image,
              "device": m.device, "dataset": m.dataset} for m in response.models]}, indent=1))
         return 0
-    print(f"  {'model':<14} {'pooling':<9} {'val acc':>8} {'MFLOP':>7}  device")
+    _say(f"  {'model':<14} {'pooling':<9} {'val acc':>8} {'MFLOP':>7}  device")
     for m in response.models:
         star = "*" if m.name == response.default_model else " "
         acc = f"{100 * m.validation_accuracy:.2f}%" if m.validation_images else "-"
-        print(f"{star} {m.name:<14} {m.pooling.kind + ' ' + str(m.pooling.window):<9} {acc:>8} "
-              f"{m.flops_per_image / 1e6:7.1f}  {m.device}")
-    print("(* default; accuracy on the held-out validation split of CIFAR-10 (JPEG))")
+        _say(f"{star} {m.name:<14} {m.pooling.kind + ' ' + str(m.pooling.window):<9} {acc:>8} "
+             f"{m.flops_per_image / 1e6:7.1f}  {m.device}")
+    _say("(* default; accuracy on the held-out validation split of CIFAR-10 (JPEG))")
     return 0
 
 
 def _health(client: ClassifierClient, args) -> int:
     status = client.health(args.service)
-    print(status)
+    _say(status)
     return 0 if status == "SERVING" else 1
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from cifar10_serving.client.pictures import as_volume, captioned_grid, tile_scale
+from cifar10_serving.client.server_text import file_names, inside, printable
 
 MIN_TILE_PX = 32  # small maps (4x4 after the last pool) are enlarged so a person can see them
 GRID_WIDTH_PX = 768  # a grid's tiles are enlarged further while the grid fits about this wide
@@ -27,19 +28,22 @@ def readable_scale(fmap: np.ndarray) -> int:
 
 def feature_grid(fmap: np.ndarray, layer: str = "", kind: str = "") -> Image.Image:
     """A C x H x W map (or a vector) as a captioned greyscale grid: name, kind and shape above, scale below."""
-    title = "  ".join(part for part in (layer, kind, shape_text(np.shape(fmap))) if part)
+    title = printable("  ".join(part for part in (layer, kind, shape_text(np.shape(fmap))) if part))
     return captioned_grid(fmap, title, readable_scale(fmap))
 
 
 def save_feature_maps(maps: dict[str, np.ndarray], out_dir: str | Path,
                       kinds: dict[str, str] | None = None) -> list[Path]:
-    """Writes ``<layer>.png`` for each map into ``out_dir``; ``kinds`` (layer -> kind, from ModelInfo)
-    adds each layer's kind to its caption. Returns the paths in layer order."""
+    """Writes one PNG per map into ``out_dir``, named for its layer made a safe file name
+    (``stage1.pool.png``; ``a/b`` becomes ``a_b.png``, see ``server_text.file_names``): the names come
+    from the server, which must not choose where the client writes. ``kinds`` (layer -> kind, from
+    ModelInfo) adds each layer's kind to its caption. Returns the paths in layer order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stems = file_names(maps)
     paths = []
     for layer, fmap in maps.items():
-        path = out_dir / f"{layer}.png"
+        path = inside(out_dir, out_dir / f"{stems[layer]}.png")
         feature_grid(fmap, layer, (kinds or {}).get(layer, "")).save(path)
         paths.append(path)
     return paths
