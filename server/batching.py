@@ -15,7 +15,7 @@ process's intra-op threads among the passes in flight. Rules:
 - The queue is bounded in images: a request that would overflow it fails at once (``QueueFull``).
   Requests for feature maps may queue only one full batch of images (``max_batch_size``) beside the
   passes in flight: their answers cost far more to compute, build and send, and a plain request
-  queued behind several of their passes waited seconds (1.7-3 s for four, on the 2-core VM).
+  queued behind several of their passes waited seconds (bench/RESULTS.md).
 - Cancelled requests and requests past their deadline are dropped before compute.
 - A forward pass that raises fails the requests of that batch only (``ModelFailure``).
 - Forward passes run only at the batch sizes of a short ladder (``batch_ladder``): a batch of n
@@ -23,7 +23,7 @@ process's intra-op threads among the passes in flight. Rules:
   instance, at every thread count a pass can get.
 
 Why the ladder: on the CPU, oneDNN compiles kernels per input shape into a bounded cache; passes at
-every size thrashed it, and the churn grew the server's memory (README, "Reliability", Memory). The
+every size thrashed it, and the churn grew the server's memory (docs/reliability.md, "Memory"). The
 throughput the finer ladder bought is in bench/RESULTS.md.
 """
 
@@ -78,9 +78,8 @@ class ThreadShares:
     a lone large request on an idle server uses every core it may. Every other pass gets an equal
     share over every instance of every model (at least one), so that a loaded server runs its passes
     side by side on their own cores instead of each asking for them all. By default every lone pass
-    goes wide, a single image too: measured on the 2-core VM (bench/RESULTS.md, "Lone passes wide"),
-    one caller's single images took 7.5-8.2 ms instead of 10.2-10.9 at the median, and 8 and 32
-    callers lost nothing. Before the compute threads ran nicer than the loop (``--compute-nice``)
+    goes wide, a single image too: one caller's single images were faster at the median and 8 and
+    32 callers lost nothing (bench/RESULTS.md, "Compute below the loop, and lone passes wide"). Before the compute threads ran nicer than the loop (``--compute-nice``)
     this did not pay: the second thread's OpenMP spin-wait after each small pass took the core the
     event loop needed, so with ``--compute-nice 0`` passes go wide only from 16 images. Two sizes only:
     every size a pass can get is a set of oneDNN kernels that warm-up must make. Used from the event
@@ -220,8 +219,8 @@ class Batcher:
         will need is made before the server says SERVING. oneDNN makes kernels per shape and thread
         count, shared by every thread, so the first instance makes them all; OpenMP gives each calling
         thread its own team of workers, made the first time it asks for more than one, so every other
-        instance runs one pass at each thread count (the start of the 4 bundled models took 49 s when
-        every instance ran the whole ladder at both counts, 18 s with one instance)."""
+        instance runs one pass at each thread count (warming the whole ladder on every instance made
+        start-up several times longer: bench/RESULTS.md, "Memory and start-up")."""
         for i, instance in enumerate(self.instances):
             instance.executor.submit(self._warm_up, instance, rounds if i == 0 else 0).result()
 

@@ -168,7 +168,7 @@ def default_torch_threads(workers: int = 1) -> int:
 
 
 def default_instances(device_type: str, torch_threads: int) -> int:
-    """For ``instances=0``: 2 on CUDA; on the CPU one per torch thread (README "Performance")."""
+    """For ``instances=0``: 2 on CUDA; on the CPU one per torch thread (docs/scaling.md, "Instances")."""
     return 2 if device_type == "cuda" else torch_threads
 
 

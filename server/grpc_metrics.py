@@ -8,7 +8,7 @@ are go-grpc-prometheus's because existing gRPC dashboards and alerts query them.
 
 Why not gRPC's own OpenTelemetry plugin (``grpcio-observability``): with ``grpc.aio`` it deadlocked
 the server under load. That, and what these numbers leave out (cancelled calls, streams written with
-``context.write()``), is in the README's "Why these gRPC metrics".
+``context.write()``), is in docs/metrics.md, "Why these gRPC metrics".
 """
 
 from __future__ import annotations

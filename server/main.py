@@ -48,10 +48,11 @@ log = logging.getLogger("server")
 
 SERVICE_NAME = cifar10_v1.SERVICE_NAME  # "cifar10.v1.Classifier"
 SERVICES = ("", SERVICE_NAME, open_inference.SERVICE_NAME)  # the names the health service answers for
-# oneDNN's kernel cache, unless the environment sets it: its default, 1,024, is about what the bundled
-# models' two architectures need with every rung of the batch ladder warmed at both thread counts, and
-# a thrashing cache fragments the heap (README "Reliability", Memory). oneDNN reads the variable when
-# it makes its first kernel, so setting it here, before any model runs, is in time.
+# oneDNN's kernel cache, unless the environment sets it: its default, 1,024, is less than the bundled
+# models' architectures need with every rung of the batch ladder warmed at both thread counts, and a
+# thrashing cache fragments the heap (docs/reliability.md, "Memory"; the counts in bench/RESULTS.md,
+# "Memory and start-up"). oneDNN reads the variable when it makes its first kernel, so setting it
+# here, before any model runs, is in time.
 ONEDNN_CACHE_CAPACITY = "4096"
 
 
@@ -188,9 +189,10 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
 
 def settle_heap() -> int:
     """Collects start-up's garbage, then moves every object left (torch, the models, the protos: some
-    340,000) out of the cyclic collector's reach, as long-running Python servers do (``gc.freeze``).
-    Each full collection scanned all of them: 75-115 ms with the loop stopped on the 2-core VM, one
-    of them 1 s after SERVING and more as the serving heap grew. Returns how many objects were
+    hundreds of thousands) out of the cyclic collector's reach, as long-running Python servers do
+    (``gc.freeze``). Each full collection scanned all of them with the loop stopped, one of them soon
+    after SERVING and more as the serving heap grew (bench/RESULTS.md, "Responsiveness under
+    feature-map load"). Returns how many objects were
     frozen. Frozen objects are still freed when their last reference goes, but a cycle among them
     never is, so this runs once, when start-up is done."""
     gc.collect()

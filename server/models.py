@@ -58,14 +58,14 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def optimize_for_serving(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """Freezes weights into the graph, which folds batch norm into the convolutions: about twice the
-    throughput at batch 64 on a 2-core CPU; same outputs to ~1e-6.
+    """Freezes weights into the graph, which folds batch norm into the convolutions: much more
+    throughput at large batches on the CPU (bench/RESULTS.md); same outputs to ~1e-6.
 
     The frozen module is saved and loaded again: freezing leaves the graph's debug call stacks
     pointing at functions of a temporary copy, so an exception inside a forward pass (an allocation
     failure, say) made TorchScript read freed memory while writing its message: SIGSEGV, every time
     on a worker thread like the batcher's (torch 2.14.1). ``optimize_for_inference`` is left out: it
-    crashes the same way, its modules cannot be reloaded, and it added ~12% at batch 64 at best."""
+    crashes the same way, its modules cannot be reloaded, and it added little at best."""
     with warnings.catch_warnings():  # deprecated with the rest of TorchScript in 2.14, still what we serve
         warnings.simplefilter("ignore", FutureWarning)
         frozen = torch.jit.freeze(module, preserved_attrs=list(artifact.EXPORTED_NAMES))

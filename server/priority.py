@@ -2,7 +2,7 @@
 
 On a host whose cores the forward passes, decoding and answer encoding fill, the event loop thread
 is runnable but waits in the kernel's run queue behind them: on the 2-core VM that queueing, not
-loop work, was 65-90% of the loop's late wake-ups, and health checks waited for it. A thread that
+loop work, was most of the loop's late wake-ups (bench/RESULTS.md), and health checks waited for it. A thread that
 does compute raises its own nice value by ``compute_nice`` when it starts (on Linux nice is per
 thread, and the threads it then starts, OpenMP's among them, inherit it), so when the loop wakes
 the scheduler runs it first; the compute loses nothing it would not otherwise have lost to the loop.

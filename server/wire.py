@@ -3,11 +3,13 @@
 
 grpc.aio serialises a handler's answer on the event loop, then copies the bytes into its own buffer
 there too, and the loop runs nothing else meanwhile: not other calls, not health checks. Every
-feature map of 64 images is 35 MB of answer for small-max, 70 MB for base-max, and on a busy
-2-core machine each copy of that took 20-50 ms. So the answer is written in ClassifyResponse's wire
-format on a thread (the parts every image shares once per layer, the tensors by numpy copies, which
-release the GIL, straight into the answer's bytes), and the service is registered with a serializer
-that passes such bytes through: gRPC's own copy is all that is left on the loop. The bytes are those protobuf writes for the same message (tests/test_wire.py).
+feature map of 64 images is tens of MiB of answer (about 70 MiB for base-max), and each copy of
+that held the loop for tens of milliseconds on a busy 2-core machine (bench/RESULTS.md). So the
+answer is written in ClassifyResponse's wire format on a thread (the parts every image shares once
+per layer, the tensors by numpy copies, which release the GIL, straight into the answer's bytes),
+and the service is registered with a serializer that passes such bytes through: gRPC's own copy is
+all that is left on the loop. The bytes are those protobuf writes for the same message
+(tests/test_wire.py).
 """
 
 from __future__ import annotations
