@@ -1,8 +1,8 @@
 """Decoding off the event loop: fair between requests, and abandoned when the caller has gone.
 
-Two lanes of threads. Every request starts in the small lane, whose one thread reads all its
-image headers (cheap: no pixels) and refuses a request that would decode more than
-``max_request_pixels``. A request whose images are all small (``SMALL_IMAGE_FACTOR`` times the
+Two lanes of threads. Every request starts in the small lane, whose one thread reads its image
+headers (no pixels; each in bounded time, ``server.jpeg_markers``), one image a turn like decoding,
+and refuses a request as soon as it would decode more than ``max_request_pixels``. A request whose images are all small (``SMALL_IMAGE_FACTOR`` times the
 model's input or less: the usual exact-size CIFAR images) is decoded there; any other moves to the
 large lane. So a small image never waits behind a large one.
 
@@ -51,6 +51,8 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     opened: list[Opened] = field(default_factory=list)
+    pixels: int = 0  # what the opened images decode to
+    headers_read: bool = False
     next: int = 0  # the next image to claim
     finished: int = 0  # images decoded
     over: bool = False  # failed, abandoned or complete: claim nothing more
@@ -84,20 +86,29 @@ class Decoder:
 
     # ------------------------------------------------------------------ the lanes' work (their threads)
     def _small_step(self, lane: _Lane, job: _Job) -> None:
-        if not job.opened:
-            size = job.out.shape[2:]
-            job.opened = [open_image(image, i, size, job.resize, self.max_image_pixels)
-                          for i, image in enumerate(job.images)]
-            pixels = sum(o.pixels for o in job.opened)
-            if pixels > self.max_request_pixels:
-                raise RequestTooLarge(f"the request's {len(job.opened)} images decode to {pixels:,} pixels; the "
-                                      f"limit per request is {self.max_request_pixels:,}: send fewer or smaller images")
-            small = SMALL_IMAGE_FACTOR * size[0] * size[1]
-            if any(o.pixels > small for o in job.opened):
-                lane.drop(job)
-                self._large.put(job)
-                return
-        self._decode_one(lane, job)
+        if job.headers_read:
+            self._decode_one(lane, job)
+            return
+        # One header a turn: a request of many images takes its turns beside the others', and its
+        # caller's deadline or cancellation is seen between them.
+        size = job.out.shape[2:]
+        i = len(job.opened)
+        job.opened.append(open_image(job.images[i], i, size, job.resize, self.max_image_pixels))
+        job.pixels += job.opened[-1].pixels
+        n = len(job.images)
+        if job.pixels > self.max_request_pixels:
+            at_least = "" if i + 1 == n else "at least "
+            raise RequestTooLarge(f"the request's {n} images decode to {at_least}{job.pixels:,} pixels; the "
+                                  f"limit per request is {self.max_request_pixels:,}: send fewer or smaller images")
+        if i + 1 < n:
+            lane.requeue(job)
+            return
+        job.headers_read = True
+        small = SMALL_IMAGE_FACTOR * size[0] * size[1]
+        if any(o.pixels > small for o in job.opened):
+            self._large.put(job)
+        else:
+            lane.requeue(job)
 
     def _large_step(self, lane: _Lane, job: _Job) -> None:
         self._decode_one(lane, job)
@@ -140,10 +151,12 @@ class _Lane:
             self._jobs.append(job)
             self._cond.notify()
 
-    def drop(self, job: _Job) -> None:
+    def requeue(self, job: _Job) -> None:
+        """``job`` to the back of the line, for its next step."""
         with self._cond:
-            if job in self._jobs:
-                self._jobs.remove(job)
+            if job not in self._jobs:
+                self._jobs.append(job)
+                self._cond.notify()
 
     def claim(self, job: _Job) -> int | None:
         """The next image of ``job`` for this thread; the job goes to the back of the line while

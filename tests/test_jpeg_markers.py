@@ -22,6 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 from bench.hostile import PNG_SIGNATURE, png_chunk
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
+from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server import jpeg_markers
 from cifar10_serving.server.images import Encoded, ImageError, Resize, open_image
 from cifar10_serving.server.launcher import ServerProcess
@@ -124,19 +126,35 @@ NORMAL_TIMEOUT_SECONDS = 2.0
 BUDGET_SECONDS = 15.0  # on the code before the scan the normal calls all time out: bounded here
 
 
+def _bomb_call(channel, api: str):
+    """The 6 MB bomb (~17 s in Pillow before the scan) through ``api``, as a call taking a timeout."""
+    bomb = jpeg_bomb(6)
+    if api == "Classify":
+        return lambda timeout: pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(images=[pb.Image(encoded=bomb)]), timeout=timeout)
+    if api == "Explain":
+        return lambda timeout: pb_grpc.ClassifierStub(channel).Explain(
+            pb.ExplainRequest(images=[pb.Image(encoded=bomb)]), timeout=timeout)
+    tensor = v2.ModelInferRequest.InferInputTensor(name="encoded_image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(bomb)
+    return lambda timeout: v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+        v2.ModelInferRequest(model_name="tiny-max", inputs=[tensor]), timeout=timeout)
+
+
 @pytest.mark.system
-def test_one_clients_jpeg_bomb_is_refused_and_holds_up_nobody_else(tiny_models_dir):
-    bomb = pb.ClassifyRequest(images=[pb.Image(encoded=jpeg_bomb(6))])  # 6 MB: ~17 s in Pillow before the scan
+@pytest.mark.parametrize("api", ["Classify", "Explain", "ModelInfer"])
+def test_one_clients_jpeg_bomb_is_refused_and_holds_up_nobody_else(tiny_models_dir, api):
     normal = pb.ClassifyRequest(images=[pb.Image(encoded=encode(random_images(1, seed=4)[0], "JPEG"))])
     with ServerProcess(server_args(tiny_models_dir)) as server, grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         stub.Classify(normal, timeout=30)  # connected and warm
+        send = _bomb_call(channel, api)
         bomb_result: list = []
 
         def send_bomb() -> None:
             start = time.monotonic()
             try:
-                stub.Classify(bomb, timeout=1.0)
+                send(1.0)
                 bomb_result.append((grpc.StatusCode.OK, "", time.monotonic() - start))
             except grpc.RpcError as exc:
                 bomb_result.append((exc.code(), exc.details(), time.monotonic() - start))
