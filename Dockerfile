@@ -37,4 +37,6 @@ WORKDIR /home/classifier
 EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
     CMD ["cifar10-client", "--target", "127.0.0.1:50051", "--timeout", "5", "health"]
-CMD ["cifar10-server", "--host", "0.0.0.0"]
+# /metrics binds loopback unless told: here all interfaces, so Prometheus on the compose network can scrape it
+# (docker-compose.yml publishes only 50051 to the host).
+CMD ["cifar10-server", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]

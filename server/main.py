@@ -64,7 +64,7 @@ class App:
     metrics_port: int | None
     models: dict[str, LoadedModel]
     core: ServingCore
-    health: health.aio.HealthServicer
+    health: DrainingHealthServicer
     metrics: Metrics
     _metrics_http: object | None = None
     gate: DrainGate | None = None

@@ -4,14 +4,16 @@ Names follow Prometheus conventions: the ``cifar10_`` namespace, base units (``_
 on counters, and only labels with bounded values (method, model name, gRPC status code, outcome).
 Latencies are histograms so they can be aggregated across replicas with ``histogram_quantile``.
 The per-call ``grpc_server_*`` series come from an interceptor, in ``server.grpc_metrics``.
-The README's "Metrics and dashboard" section lists every series with an example query.
+docs/metrics.md lists every series with an example query.
+The HTTP endpoint that serves them, with its limits, is ``server.metrics_http``.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
+
+from cifar10_serving.server.metrics_http import serve_metrics  # noqa: F401  (server.main starts it from here)
 
 NAMESPACE = "cifar10"
 # From 100 us (a lone image on an idle CPU server) to 10 s (a full batch of large JPEGs under load).
@@ -128,9 +130,3 @@ class GpuMemoryCollector:
             reserved.add_metric([f"cuda:{index}"], float(torch.cuda.memory_reserved(index)))
         yield allocated
         yield reserved
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int):
-    """Starts the /metrics HTTP endpoint in a daemon thread; returns (server, bound port)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server, server.server_port

@@ -21,6 +21,8 @@ from tests.container.conftest import (CLASSIFIER_IMAGE, COMPOSE, FIGURES, HEALTH
                                       inspect, podman, wait_healthy)
 from tests.test_deploy import dockerfile_healthcheck, stop_grace_seconds
 
+pytestmark = pytest.mark.system  # the container image, built and run with podman
+
 
 @dataclass(frozen=True)
 class Container:
@@ -43,7 +45,7 @@ def container(built):
 def test_the_image_is_what_the_dockerfile_says(built):
     config = json.loads(podman("image", "inspect", CLASSIFIER_IMAGE).stdout)[0]
     assert config["Config"]["User"] == "classifier"
-    assert config["Config"]["Cmd"] == ["cifar10-server", "--host", "0.0.0.0"]
+    assert config["Config"]["Cmd"] == ["cifar10-server", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
     assert config["Healthcheck"]["Test"] == dockerfile_healthcheck()  # kept: the image is in Docker's format
     assert config["Healthcheck"]["Test"] == COMPOSE["services"]["classifier"]["healthcheck"]["test"]
     FIGURES["image size"] = f"{config['Size'] / 1e9:.2f} GB"
