@@ -28,6 +28,9 @@ The bound for single-image requests is 1 / (1/raw + 1/floor), the floor from the
 as the requests (the h2load floor is shown beside it, not used in the bound). The server runs as a
 separate process (``python -m cifar10_serving.server``) on loopback; the load client is one Python
 grpc.aio process, as a real client would be. Writes a table to stdout and JSON and CSV under ``--out``.
+
+This module is the CLI and the bounds; the closed loop and its callers are the library ``bench.load``,
+the requests ``bench.inputs``, the server's flags ``bench.servers``.
 """
 
 from __future__ import annotations
@@ -35,33 +38,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import io
 import json
 import os
 import platform
-import struct
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import grpc
-import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
+from grpc_health.v1 import health_pb2
 
-from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.launcher import ServerProcess
 
 from bench import h2floor
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
+from bench.inputs import ROOT, make_requests, make_v2_requests
+from bench.load import closed_loop, health_calls, spread, stream_calls, unary_calls, v2_calls
+from bench.servers import echo_problems, server_args
 
 
 @dataclass
@@ -91,184 +88,12 @@ class Level:
     api: str = "own"  # own (cifar10.v1.Classifier) or v2 (inference.GRPCInferenceService); "-" for the floor
 
 
-# ----------------------------------------------------------------------------- inputs
-def _images() -> list[np.ndarray]:
-    return [np.asarray(Image.open(p).convert("RGB")) for p in EXAMPLES]
-
-
-def make_image(kind: str, array: np.ndarray) -> pb.Image:
-    if kind == "raw":
-        return pb.Image(raw=pb.RawTensor(shape=array.shape, dtype=pb.DTYPE_UINT8, layout=pb.LAYOUT_HWC,
-                                         data=array.tobytes()))
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format={"png": "PNG", "jpeg": "JPEG"}[kind])
-    return pb.Image(encoded=buffer.getvalue())
-
-
-def make_requests(kind: str, per_request: int, model: str) -> list[pb.ClassifyRequest]:
-    images = [make_image(kind, a) for a in _images()]
-    out = []
-    for i in range(len(images)):
-        batch = [images[(i + j) % len(images)] for j in range(per_request)]
-        out.append(pb.ClassifyRequest(model=model, images=batch, top_k=1))
-    return out
-
-
-def make_v2_requests(kind: str, per_request: int, model: str) -> list[v2.ModelInferRequest]:
-    """The same images as ``make_requests`` as ModelInfer requests: raw pixels as a UINT8 ``image``
-    tensor (N x 3 x 32 x 32), encoded files as a BYTES ``encoded_image`` tensor; top-1 strings back."""
-    arrays = _images()
-    files = [make_image(kind, a).encoded for a in arrays] if kind != "raw" else []
-    top1 = v2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")
-    top1.parameters["classification"].int64_param = 1
-    out = []
-    for i in range(len(arrays)):
-        picks = [(i + j) % len(arrays) for j in range(per_request)]
-        if kind == "raw":
-            pixels = np.ascontiguousarray(np.stack([arrays[k] for k in picks]).transpose(0, 3, 1, 2))
-            tensor = v2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=pixels.shape)
-            contents = pixels.tobytes()
-        else:
-            tensor = v2.ModelInferRequest.InferInputTensor(name="encoded_image", datatype="BYTES", shape=[per_request])
-            contents = b"".join(struct.pack("<I", len(files[k])) + files[k] for k in picks)
-        out.append(v2.ModelInferRequest(model_name=model, inputs=[tensor], outputs=[top1],
-                                        raw_input_contents=[contents]))
-    return out
-
-
-# ----------------------------------------------------------------------------- the closed loop
-async def closed_loop(make_call, concurrency: int, warmup: float, duration: float,
-                      meters: dict[str, Callable[[], float]] | None = None) -> dict:
-    """``make_call()`` returns a coroutine function per worker; each worker calls it back to back.
-    ``meters`` (name: a reading, such as another process's CPU seconds) are read as the measurement
-    window opens and closes; the result holds each one's change over the window under its name."""
-    meters = meters or {}
-    state = {"measuring": False, "stop": False}
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    done_images = [0]
-
-    async def worker(call) -> None:
-        while not state["stop"]:
-            t0 = time.perf_counter()
-            try:
-                n = await call()
-                ok = True
-            except grpc.aio.AioRpcError as exc:
-                ok, n = False, 0
-                if state["measuring"]:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-            if state["measuring"] and ok:
-                latencies.append(time.perf_counter() - t0)
-                done_images[0] += n
-
-    workers = [asyncio.ensure_future(worker(await make_call())) for _ in range(concurrency)]
-    await asyncio.sleep(warmup)
-    state["measuring"] = True
-    start = {name: read() for name, read in meters.items()}
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.sleep(duration)
-    state["measuring"] = False
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    deltas = {name: read() - start[name] for name, read in meters.items()}
-    state["stop"] = True
-    await asyncio.gather(*workers, return_exceptions=True)
-    if hasattr(make_call, "close"):
-        await make_call.close()
-    lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
-    n_req = len(latencies)
-    return {"requests": n_req, "images": done_images[0], "seconds": seconds,
-            "req_per_s": n_req / seconds, "img_per_s": done_images[0] / seconds,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "errors": sum(errors.values()), "client_cpu_us_per_req": 1e6 * cpu / max(1, n_req + sum(errors.values())),
-            **deltas}
-
-
-def unary_calls(stub, requests: list[pb.ClassifyRequest]):
-    counter = [0]
-
-    async def make():
-        async def call() -> int:
-            counter[0] += 1
-            request = requests[counter[0] % len(requests)]
-            await stub.Classify(request, timeout=30)
-            return len(request.images)
-        return call
-    return make
-
-
-def v2_calls(stub, requests: list[v2.ModelInferRequest]):
-    counter = [0]
-
-    async def make():
-        async def call() -> int:
-            counter[0] += 1
-            request = requests[counter[0] % len(requests)]
-            await stub.ModelInfer(request, timeout=30)
-            return int(request.inputs[0].shape[0])
-        return call
-    return make
-
-
-def stream_calls(stub, requests: list[pb.ClassifyRequest]):
-    streams = []
-
-    async def make():
-        stream = stub.ClassifyStream(timeout=3600)
-        streams.append(stream)
-        counter = [0]
-
-        async def call() -> int:
-            counter[0] += 1
-            request = requests[counter[0] % len(requests)]
-            await stream.write(request)
-            response = await stream.read()
-            if response.HasField("error"):
-                raise RuntimeError(response.error.message)
-            return len(request.images)
-        return call
-
-    async def close() -> None:
-        """Half-close each stream and read it to its end, so no call is left for the garbage collector."""
-        for stream in streams:
-            await stream.done_writing()
-            while await stream.read() is not grpc.aio.EOF:
-                pass
-        streams.clear()
-
-    make.close = close
-    return make
-
-
-def health_calls(channel):
-    stub = health_pb2_grpc.HealthStub(channel)
-    request = health_pb2.HealthCheckRequest(service="")
-
-    async def make():
-        async def call() -> int:
-            await stub.Check(request, timeout=30)
-            return 1
-        return call
-    return make
-
-
 # ----------------------------------------------------------------------------- the server
-def echo_problems(line: str) -> None:
-    """The server's warnings and errors go on to our stderr; the rest stays in its log."""
-    if " WARNING " in line or " ERROR " in line:
-        sys.stderr.write(line)
-
-
 def start_server(args) -> ServerProcess:
     """The server on free ports; returns once every worker is serving (its ready file lists their ports)."""
-    cmd = ["--device", args.device, "--max-queue-delay-us", str(args.max_queue_delay_us),
-           "--torch-threads", str(args.torch_threads), "--workers", str(args.workers), "--instances", str(args.instances)]
-    if args.models_dir:
-        cmd += ["--models-dir", args.models_dir]
-    if args.model:
-        cmd += ["--default-model", args.model]
-    return ServerProcess(cmd, on_line=echo_problems)
+    return ServerProcess(server_args(args.models_dir, device=args.device, max_queue_delay_us=args.max_queue_delay_us,
+                                     torch_threads=args.torch_threads, workers=args.workers, instances=args.instances,
+                                     default_model=args.model or None), on_line=echo_problems)
 
 
 def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
@@ -373,23 +198,6 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
         for channel in channels:
             await channel.close()
     return levels
-
-
-def spread(makers):
-    """One caller maker over several: the k-th caller gets a caller of ``makers[k % len(makers)]``."""
-    turn = [0]
-
-    async def make():
-        turn[0] += 1
-        return await makers[turn[0] % len(makers)]()
-
-    async def close() -> None:
-        for maker in makers:
-            if hasattr(maker, "close"):
-                await maker.close()
-
-    make.close = close
-    return make
 
 
 def add_bounds(levels: list[Level], raw: RawModel, workers: int = 1, h2_floor: dict[int, float] | None = None) -> None:

@@ -26,7 +26,7 @@ from typing import Callable
 
 from cifar10_serving.server.launcher import ServerProcess
 
-# gRPC's two request headers, and a deadline as bench.bench's calls carry (timeout=30), so that both
+# gRPC's two request headers, and a deadline as bench.load's calls carry (timeout=30), so that both
 # clients take the same path through the server (it reads each call's deadline).
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers", "grpc-timeout: 30S")
 HANDLED = "grpc_server_handled_total"

@@ -33,6 +33,8 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
 
+from bench.servers import server_args
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # No metrics; the cifar10_* metrics only; those and an interceptor that does nothing; everything, as shipped.
@@ -113,8 +115,8 @@ def cpu_seconds(pid: int) -> float:
 @contextmanager
 def servers(args):
     """One server process per variant, all running at once: {variant: (target, pid)}."""
-    flags = ["--models-dir", args.models_dir, "--default-model", args.default_model, "--metrics-port", "-1",
-             "--log-level", "WARNING", "--grace-period-seconds", "1"]
+    flags = server_args(args.models_dir, default_model=args.default_model, metrics_port=-1, log_level="WARNING",
+                        grace_period_seconds=1)
     with ExitStack() as stack:
         procs = {}
         for variant in VARIANTS:  # all start at once; then each is waited for

@@ -8,7 +8,7 @@ A model whose forward pass costs next to nothing (``bench/nullmodel.py``: the re
 output shapes) leaves the server's CPU to everything else a call costs: HTTP/2 and protobuf in and
 out, decoding, the hop to the batcher's thread and back, response assembly, interceptors, metrics.
 That is what bounds a GPU host, and any CPU can measure it. The real server (default flags, plus
-``--server-arg``) is loaded in a closed loop by ``bench.bench``'s grpc.aio client, and its CPU time
+``--server-arg``) is loaded in a closed loop by ``bench.load``'s grpc.aio client, and its CPU time
 (user + system of every thread of every process in its process group, so ``--workers`` counts too;
 /proc/PID/stat) over the measurement window is divided by the calls and by the images answered in
 it, beside the bar of issue 16: <= 0.3 ms per single-image request, <= 20 us per image in 64-image
@@ -40,9 +40,11 @@ from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_
 from cifar10_serving.server.launcher import ServerProcess
 
 from bench import h2floor
-from bench.bench import (ROOT, RawModel, batch_stats, closed_loop, echo_problems, health_calls, make_requests,
-                         make_v2_requests, spread, unary_calls, v2_calls, write_results)
+from bench.bench import RawModel, batch_stats, write_results
+from bench.inputs import ROOT, make_requests, make_v2_requests
+from bench.load import closed_loop, health_calls, spread, unary_calls, v2_calls
 from bench.nullmodel import NAME, export_null
+from bench.servers import echo_problems, server_args
 
 BAR_MS_PER_REQUEST = 0.3  # issue 16: server CPU outside the model per single-image request
 BAR_US_PER_IMAGE = 20.0  # issue 16: per image in 64-image raw requests (about 50,000 img/s per core)
@@ -51,7 +53,7 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 @dataclass
 class Row:
-    client: str  # python (bench.bench's grpc.aio loop) or h2load
+    client: str  # python (bench.load's grpc.aio loop) or h2load
     api: str  # own, v2, or "-" for the health floor
     mode: str  # floor, single, batch64
     input: str  # health, raw, jpeg
@@ -91,7 +93,7 @@ def group_cpu_seconds(pgid: int) -> float:
 def start_server(extra: list[str], models_dir: Path) -> ServerProcess:
     """The real server on the do-nothing model, default flags otherwise (``extra`` comes last, so it
     wins); in its own session, so its process group is the server and its workers."""
-    return ServerProcess(["--models-dir", str(models_dir), "--default-model", NAME, *extra], on_line=echo_problems)
+    return ServerProcess([*server_args(models_dir, default_model=NAME), *extra], on_line=echo_problems)
 
 
 def with_bar(row: Row) -> Row:

@@ -23,11 +23,14 @@ from collections import Counter, defaultdict
 
 import grpc
 import numpy as np
-from PIL import Image
 
-from bench.serverproc import MiB, ROOT, ServerProcess, cpu_seconds, machine, percentile
+from bench.inputs import example_arrays
+from bench.load import percentile
+from bench.procfs import MiB, cpu_seconds, machine, memory_bytes, reset_peak
+from bench.servers import server_args, timed_stop
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.launcher import ServerProcess
 
 BACKOFF_CAP = 1.0  # seconds
 
@@ -35,7 +38,7 @@ BACKOFF_CAP = 1.0  # seconds
 def requests(batch: int) -> list[pb.ClassifyRequest]:
     """Raw 32x32 requests of ``batch`` images from examples/: the cheapest to decode, so the load
     lands on the queue and the model rather than on decoding."""
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((ROOT / "examples").glob("*.jpg"))]
+    arrays = example_arrays()
     images = [pb.Image(raw=pb.RawTensor(shape=[32, 32, 3], layout=pb.LAYOUT_HWC, data=a.tobytes())) for a in arrays]
     return [pb.ClassifyRequest(images=[images[(i + j) % len(images)] for j in range(batch)]) for i in range(len(images))]
 
@@ -100,7 +103,7 @@ def server_quantiles(server: ServerProcess, code: str) -> tuple[float, float, fl
 def sample_memory(server: ServerProcess, samples: list[int], stop: threading.Event) -> None:
     while not stop.wait(0.5):
         if server.alive:
-            samples.append(server.memory())
+            samples.append(memory_bytes(server.pid))
 
 
 async def drive(server: ServerProcess, args) -> list[Phase]:
@@ -113,10 +116,10 @@ async def drive(server: ServerProcess, args) -> list[Phase]:
                 (args.base_callers, args.phase_seconds, 0.0)]
         for seed, (phase, (callers, seconds, share)) in enumerate(zip(phases, plan)):
             computed = server.metric_sum("cifar10_batch_size_images_sum")
-            server_cpu, client_cpu = server.cpu_seconds(), cpu_seconds()
+            server_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds()
             await run_phase(stub, phase, reqs, callers, seconds, args.backoff_ms / 1e3, share,
                             args.deadline_ms / 1e3, seed + 1)
-            phase.server_cpu, phase.client_cpu = server.cpu_seconds() - server_cpu, cpu_seconds() - client_cpu
+            phase.server_cpu, phase.client_cpu = cpu_seconds(server.pid) - server_cpu, cpu_seconds() - client_cpu
             await asyncio.sleep(1.0)  # the queue empties of calls whose callers gave up
             phase.computed = server.metric_sum("cifar10_batch_size_images_sum") - computed
         return phases
@@ -137,25 +140,23 @@ def main(argv=None) -> int:
     p.add_argument("--models-dir", default=None, help="default: the server's (model/artifacts)")
     args = p.parse_args(argv)
 
-    server_args = ["--max-queue-images", str(args.max_queue_images), "--torch-threads", str(args.torch_threads)]
-    if args.models_dir:
-        server_args += ["--models-dir", args.models_dir]
     print(f"machine: {machine()}")
-    server = ServerProcess(server_args)
+    server = ServerProcess(server_args(args.models_dir, max_queue_images=args.max_queue_images,
+                                       torch_threads=args.torch_threads))
     samples: list[int] = []
     stop_sampling = threading.Event()
     try:
-        before = server.memory()
-        server.reset_peak()
+        before = memory_bytes(server.pid)
+        reset_peak(server.pid)
         threading.Thread(target=sample_memory, args=(server, samples, stop_sampling), daemon=True).start()
         phases = asyncio.run(drive(server, args))
         stop_sampling.set()
-        after, peak, alive = server.memory(), server.memory("VmHWM"), server.alive
+        after, peak, alive = memory_bytes(server.pid), memory_bytes(server.pid, "VmHWM"), server.alive
         server_side = {code: server_quantiles(server, code) for code in ("OK", "RESOURCE_EXHAUSTED")}
         dropped = {r: server.metric_sum("cifar10_dropped_requests_total", reason=r) for r in ("deadline", "cancelled")}
     finally:
         stop_sampling.set()
-        exit_seconds = server.timed_stop()
+        exit_seconds = timed_stop(server)
 
     overload = phases[1]
     answered_images = len(overload.latency["OK"]) * args.batch

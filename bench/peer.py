@@ -5,7 +5,7 @@
     python -m bench.peer --quick           # about 3 minutes, to see that it works
 
 Both servers run on loopback the whole time; one is measured while the other idles. The client is
-``bench.bench``'s closed loop (one grpc.aio process, N callers spread over ``--connections`` channels)
+``bench.load``'s closed loop (one grpc.aio process, N callers spread over ``--connections`` channels)
 sending single PNG images, the 10 bundled examples in turn: ``Classify`` with ``top_k=1`` to ours,
 ``Predictions`` of TorchServe's gRPC inference API to TorchServe.
 
@@ -44,8 +44,10 @@ from pathlib import Path
 
 import grpc
 
-from bench.bench import closed_loop, echo_problems, make_requests, spread, unary_calls
-from bench.serverproc import machine
+from bench.inputs import make_requests
+from bench.load import closed_loop, spread, unary_calls
+from bench.procfs import machine
+from bench.servers import echo_problems, server_args
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
 
@@ -251,7 +253,7 @@ def compile_protos(out: Path):
 
 
 def predictions_calls(stub, requests):
-    """As ``bench.bench.unary_calls``, for TorchServe's Predictions: one image per call."""
+    """As ``bench.load.unary_calls``, for TorchServe's Predictions: one image per call."""
     counter = [0]
 
     async def make():
@@ -494,7 +496,7 @@ def main(argv=None) -> int:
         store = work / "store"
         build_mar(venv, artifact, args.model, store, args.ts_threads)
         with TorchServe(venv, work, store, args.ts_workers) as torchserve, \
-                ServerProcess([*args.server_args, "--models-dir", args.models_dir], on_line=echo_problems) as ours:
+                ServerProcess([*args.server_args, *server_args(args.models_dir)], on_line=echo_problems) as ours:
             result = asyncio.run(run(args, ours, torchserve, ts_pb2, ts_grpc))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,11 +5,14 @@
 #   bench/peer_setup.sh                                   # venv at .cache/torchserve-venv
 #   TORCHSERVE_VENV=/elsewhere PYTHON=python3.11 bench/peer_setup.sh
 #
-# The venv sees the base interpreter's site-packages (--system-site-packages), so TorchServe runs on the
-# torch and torchvision already installed there, the ones our server uses: nothing here installs or
-# upgrades torch. TorchServe's own packages go in with --no-deps for that reason, and what they need
-# beside torch is listed by hand: psutil, packaging, Pillow, wheel (declared), pyyaml (used at start but not
-# declared), enum-compat (the archiver's declared dependency, a no-op on Python 3).
+# TorchServe runs on the torch and torchvision that $PYTHON imports, the ones our server uses: nothing
+# here installs or upgrades torch. The new venv sees every site-packages directory $PYTHON sees, after
+# its own (a .pth file lists them), which works whether $PYTHON is a venv (the README's install puts
+# torch in it) or an interpreter with torch installed system-wide. Not `--system-site-packages`: from a
+# venv, `-m venv` starts from that venv's base interpreter, whose site-packages need not hold torch.
+# TorchServe's own packages go in with --no-deps for that reason, and what they need beside torch is
+# listed by hand: psutil, packaging, Pillow, wheel (declared), pyyaml (used at start but not declared),
+# enum-compat (the archiver's declared dependency, a no-op on Python 3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,14 +33,25 @@ if ! "$PYTHON" -c "import torch, torchvision" 2>/dev/null; then
     exit 1
 fi
 if [ ! -x "$VENV/bin/python" ]; then
-    # From a venv, `-m venv` starts from that venv's base interpreter, whose site-packages hold torch.
-    "$PYTHON" -m venv --system-site-packages "$VENV"
+    "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --no-deps "torchserve==$TORCHSERVE_VERSION" \
     "torch-model-archiver==$TORCHSERVE_VERSION" enum-compat
 "$VENV/bin/python" -m pip install -q psutil packaging pillow pyyaml wheel
-"$VENV/bin/python" - <<'EOF'
+
+# After the installs, so that pip above put TorchServe's needs in the venv itself.
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+"$PYTHON" -c 'import site, sys
+dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+print("\n".join(dict.fromkeys([*dirs, *site.getsitepackages()])))' > "$SITE/_our_server_site_packages.pth"
+
+TORCH_FILE="$("$PYTHON" -c 'import torch; print(torch.__file__)')"
+"$VENV/bin/python" - "$TORCH_FILE" <<'EOF'
+import sys
 import torch, torchvision, ts, model_archiver, yaml, psutil
+if torch.__file__ != sys.argv[1]:
+    sys.exit(f"the TorchServe venv imports torch from {torch.__file__}, not our server's {sys.argv[1]}: "
+             "remove the venv and run this again")
 print(f"TorchServe venv ready: torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.__file__}")
 EOF
 echo "$VENV"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,9 +26,13 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bench.serverproc import MiB, ROOT, ServerProcess, machine, percentile
+from bench.inputs import encode, example_arrays
+from bench.load import percentile
+from bench.procfs import MiB, machine, memory_bytes
+from bench.servers import server_args, timed_stop
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.launcher import ServerProcess
 
 # (kind, weight): what a caller does next
 MIX = (("single", 35), ("batch", 15), ("features", 10), ("stream", 10), ("info", 5), ("health", 10), ("bad", 15))
@@ -49,12 +52,12 @@ class Window:
 class Load:
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
-        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((ROOT / "examples").glob("*.jpg"))]
+        arrays = example_arrays()
         big = [np.asarray(Image.fromarray(a).resize((96, 96))) for a in arrays]
         self.images = []
         for a, b in zip(arrays, big):
-            self.images += [pb.Image(encoded=_encode(a, "PNG")), pb.Image(encoded=_encode(a, "JPEG")),
-                            pb.Image(encoded=_encode(b, "JPEG")),
+            self.images += [pb.Image(encoded=encode(a, "PNG")), pb.Image(encoded=encode(a, "JPEG")),
+                            pb.Image(encoded=encode(b, "JPEG")),
                             pb.Image(raw=pb.RawTensor(shape=[32, 32, 3], layout=pb.LAYOUT_HWC, data=a.tobytes()))]
 
     def pick(self, n: int) -> list[pb.Image]:
@@ -71,12 +74,6 @@ class Load:
         if choice == 1:
             return pb.ClassifyRequest(images=self.pick(1), model="no-such-model")
         return pb.ClassifyRequest(images=self.pick(1), top_k=11)
-
-
-def _encode(array: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 async def one(kind: str, load: Load, stub, health) -> int:
@@ -138,7 +135,7 @@ async def soak(server: ServerProcess, args) -> list[Window]:
 
         async def sampler() -> None:
             while time.monotonic() < stop and server.alive:
-                windows[-1].memory.append(server.memory())
+                windows[-1].memory.append(memory_bytes(server.pid))
                 await asyncio.sleep(1.0)
 
         async def reporter() -> None:
@@ -186,13 +183,13 @@ def main(argv=None) -> int:
 
     print(f"machine: {machine()}")
     env = dict(item.split("=", 1) for item in args.server_env)
-    server = ServerProcess(["--models-dir", args.models_dir] if args.models_dir else [], env=env)
+    server = ServerProcess(server_args(args.models_dir), env=env)
     try:
-        idle = server.memory()
+        idle = memory_bytes(server.pid)
         windows = asyncio.run(soak(server, args))
         alive = server.alive
     finally:
-        exit_seconds = server.timed_stop()
+        exit_seconds = timed_stop(server)
     total = sum(w.requests for w in windows)
     codes = sum((w.codes for w in windows), Counter())
     unexpected = sum((w.unexpected for w in windows), Counter())

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import RunningServer, export_tiny, make_config
+from tests.helpers.models import export_tiny
+from tests.helpers.servers import RunningServer, make_config
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
-from tests.rawh2 import WithholdingClient
-from tests.support import encode, random_images
+from tests.helpers.rawh2 import WithholdingClient
+from tests.helpers.images import encode, random_images
+from tests.helpers.servers import server_args
+
+pytestmark = pytest.mark.system  # a server process, its memory read from /proc
 
 MiB = 1 << 20
 BUDGET = 16 * MiB  # three quarters (12 MiB) for feature maps: one 32-image "*" answer of the tiny model
@@ -31,8 +34,7 @@ PLAIN = pb.ClassifyRequest(images=[pb.Image(encoded=encode(random_images(1, seed
 
 @pytest.fixture(scope="module")
 def server(tiny_models_dir):
-    with ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
-                        "--answer-budget-bytes", str(BUDGET), "--grace-period-seconds", "1"]) as process:
+    with ServerProcess(server_args(tiny_models_dir, answer_budget_bytes=BUDGET)) as process:
         yield process
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from bench import h2floor
-from bench.bench import make_requests
+from bench.inputs import make_requests
 from bench.nullmodel import export_null
 from bench.overhead import group_cpu_seconds
-from bench.serverproc import cpu_seconds
+from bench.procfs import cpu_seconds
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
+from tests.helpers.servers import server_args
 
 needs_h2load = pytest.mark.skipif(h2floor.available() is None, reason="h2load (apt-get install nghttp2-client) absent")
 
@@ -40,7 +41,7 @@ def test_h2load_calls_spread_over_the_workers_connections():
 def null_server(tmp_path_factory):
     models = tmp_path_factory.mktemp("null-models")
     export_null(models)
-    server = ServerProcess(["--models-dir", str(models), "--default-model", "null", "--torch-threads", "1"])
+    server = ServerProcess(server_args(models, default_model="null"))
     yield server
     server.stop(timeout=30)
 
@@ -58,6 +59,7 @@ def test_h2load_report_is_parsed():
     assert report == {"req_per_s": 909.5, "h2_requests": 1817, "h2_failed": 3, "mean_ms": 8.51}
 
 
+@pytest.mark.system
 def test_null_model_answers_classify_with_ten_scores_and_its_layers(null_server):
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     image[0, :10, 0] = np.arange(10)  # the ten pixels the do-nothing model reads
@@ -73,11 +75,13 @@ def test_null_model_answers_classify_with_ten_scores_and_its_layers(null_server)
     assert (feature.layer, list(feature.shape)) == ("corner", [10])
 
 
+@pytest.mark.system
 def test_server_cpu_counts_its_whole_process_group(null_server):
     assert group_cpu_seconds(null_server.pid) >= cpu_seconds(null_server.pid) > 0
     assert group_cpu_seconds(2**22 + 1) == 0  # no such group (above the kernel's largest pid)
 
 
+@pytest.mark.system
 @needs_h2load
 def test_h2load_calls_are_counted_by_the_server(null_server, tmp_path):
     """A second of calls: in 0.3 s windows on a busy 2-core machine h2load sometimes finished none."""
@@ -87,6 +91,7 @@ def test_h2load_calls_are_counted_by_the_server(null_server, tmp_path):
     assert run["errors"] == run["h2_failed"] == 0 and run["codes"] == {"OK": run["calls"]}
 
 
+@pytest.mark.system
 @needs_h2load
 def test_h2load_grpc_errors_show_in_the_servers_counts(null_server, tmp_path):
     """A gRPC error is HTTP 200 to h2load: only the server's counts show it."""

@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cifar10_serving.client import ClassifierClient, ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from tests.support import RunningServer, encode, make_config, random_images
+from tests.helpers.images import encode, random_images
+from tests.helpers.servers import RunningServer, make_config
 
 MODELS = ["tiny-max", "tiny-avg"]
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.server.config import ServerConfig, parse_config
-from tests.support import RunningServer, make_config
+from tests.helpers.servers import RunningServer, make_config
 
 HANDSHAKE_MS, IDLE_MS = 1000, 2000
 PER_KIND = 20

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.server.models import load_artifact
-from tests.support import RunningServer, make_config
+from tests.helpers.servers import RunningServer, make_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -16,8 +16,11 @@ import pytest
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
-from tests.hostile import PNG_SIGNATURE, png_chunk
-from tests.support import encode, random_images
+from bench.hostile import PNG_SIGNATURE, png_chunk
+from tests.helpers.images import encode, random_images
+from tests.helpers.servers import server_args
+
+pytestmark = pytest.mark.system  # a server process, its CPU time read from /proc
 
 SIDE = 4096  # at the default --max-image-pixels; zeros compress to ~50 KB and take ~0.5 s or more to decode
 BOMBS_PER_REQUEST = 4
@@ -34,9 +37,7 @@ def _zeros_png(side: int) -> bytes:
 @pytest.fixture(scope="module")
 def server(tiny_models_dir):
     # A pixel budget large enough for these bombs, so that they are decoded (and then abandoned).
-    with ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
-                        "--max-request-pixels", str(BOMBS_PER_REQUEST * SIDE * SIDE),
-                        "--grace-period-seconds", "1"]) as process:
+    with ServerProcess(server_args(tiny_models_dir, max_request_pixels=BOMBS_PER_REQUEST * SIDE * SIDE)) as process:
         yield process
 
 

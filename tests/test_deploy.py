@@ -184,13 +184,14 @@ def test_dockerfile_runs_as_a_user_it_makes_not_root():
 def test_dockerfile_starts_the_server_on_all_interfaces_with_the_default_ports():
     (cmd,) = instruction("CMD")
     argv = json.loads(cmd)
-    assert argv == ["cifar10-server", "--host", "0.0.0.0"]
+    assert argv == ["cifar10-server", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
     assert scripts()[argv[0]] == "cifar10_serving.server.main:main"
     config = parse_config(argv[1:], environ={})
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", DEFAULTS.port, DEFAULTS.metrics_port)
     exposed = {int(port) for line in instruction("EXPOSE") for port in line.split()}
     assert exposed == {config.port, config.metrics_port}
-    assert config.metrics_host == ""  # so /metrics binds 0.0.0.0 too, where Prometheus can reach it
+    # /metrics binds loopback by default; in the container all interfaces, where Prometheus can reach it
+    assert (DEFAULTS.metrics_host, config.metrics_host) == ("127.0.0.1", "0.0.0.0")
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:

@@ -1,5 +1,5 @@
 """Faults in the model path, a full queue and passed deadlines, on a real server whose real
-TorchScript model raises, runs out of memory or works slowly on marked images (tests/faultmodel.py)."""
+TorchScript model raises, runs out of memory or works slowly on marked images (tests/helpers/faulty_model.py)."""
 
 from __future__ import annotations
 

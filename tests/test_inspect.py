@@ -29,7 +29,7 @@ from cifar10_serving.client import ClassifierClient
 from cifar10_serving.client.cli import main
 from cifar10_serving.client.inspect_page import load_input, merged_layer_order
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from tests.support import RunningServer, make_config
+from tests.helpers.servers import RunningServer, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -183,6 +183,7 @@ def check_rendered(seen: dict, client: ClassifierClient, models: list[str], imag
     assert all(t["text"] == t["top"] and t["shown"] for t in seen["tops"])
 
 
+@pytest.mark.system
 @needs_chromium
 def test_page_shows_every_layer_of_two_models_side_by_side(tiny_server, tiny_client, browser, tmp_path):
     models = ["tiny-max", "tiny-avg"]
@@ -200,6 +201,7 @@ def test_page_shows_every_layer_of_two_models_side_by_side(tiny_server, tiny_cli
     assert picture.std() > 10  # something was drawn: not one flat colour
 
 
+@pytest.mark.system
 @needs_chromium
 def test_bundled_models_page_renders(browser, tmp_path):
     """The page the README shows: the shipped max- and average-pooling models on the shipped cat."""

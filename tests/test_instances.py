@@ -2,7 +2,7 @@
 
 The batcher is driven from asyncio directly, on a real tiny model wrapped so that a pass can wait at a
 barrier (two passes that both reach it were in flight together: no timing involved) or at a gate held
-shut by the test; one server test uses the real slow model of tests/faultmodel.py.
+shut by the test; one server test uses the real slow model of tests/helpers/faulty_model.py.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from cifar10_serving.server.config import ENV_PREFIX, ServerConfig, parse_config
 from cifar10_serving.server.metrics import Metrics
-from tests.support import export_tiny
+from tests.helpers.models import export_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -162,7 +162,7 @@ def test_the_command_is_the_servers_installed_script(rendered):
 def test_ports_and_probes_are_the_servers(overlay, rendered):
     c = container(rendered[overlay])
     config = server_config(c)
-    assert (config.host, config.metrics_host) == ("0.0.0.0", "")  # /metrics binds all interfaces too
+    assert (config.host, config.metrics_host) == ("0.0.0.0", "0.0.0.0")  # /metrics too: its default is loopback
     assert ports(c) == {"grpc": DEFAULTS.port, "metrics": DEFAULTS.metrics_port}
     assert (config.port, config.metrics_port) == (DEFAULTS.port, DEFAULTS.metrics_port)
     assert int(COMPOSE["ports"][0].split(":")[1]) == config.port
@@ -303,6 +303,7 @@ def test_the_inference_service_is_a_grpc_v2_custom_predictor(rendered):
     assert env(c)["PROTOCOL"] == "v2"  # KServe's webhook takes v1 or v2 for a custom predictor
     config = server_config(c)
     assert (config.host, config.port) == ("0.0.0.0", port["containerPort"])
+    assert config.metrics_host == "0.0.0.0"  # its default is loopback: set, so the scrape reaches it
     assert config.grace_period_seconds == DEFAULTS.grace_period_seconds
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": config.port, "service": ""}
@@ -338,6 +339,7 @@ def _can_make_read_only_mounts() -> bool:
                               capture_output=True, timeout=10).returncode == 0
 
 
+@pytest.mark.system
 @pytest.mark.skipif(not _can_make_read_only_mounts(), reason="needs root and unshare(1) to make a read-only mount namespace")
 def test_the_kserve_container_serves_both_protocols_from_a_read_only_root(rendered, tmp_path):
     """The InferenceService's container as written (its flags and variables; on loopback, a free port
@@ -358,7 +360,8 @@ def test_the_kserve_container_serves_both_protocols_from_a_read_only_root(render
             ports.append(s.getsockname()[1])
     port, metrics_port = ports
     argv = [sys.executable, "-m", "cifar10_serving.server", *c["args"], "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--models-dir", str(models), "--default-model", "tiny-max"]
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--models-dir", str(models),
+            "--default-model", "tiny-max"]
     # A process that imported torch has TORCHINDUCTOR_CACHE_DIR set (torch sets it): a pod does not.
     environ = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     environ |= env(c) | {"TMPDIR": str(scratch)}  # the emptyDir mounted where the container's TMPDIR points

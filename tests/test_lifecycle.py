@@ -13,9 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.server.launcher import ServerProcess
+from tests.helpers.servers import server_args
+
+pytestmark = pytest.mark.system  # signals a real server process during start-up and kills its supervisor
 
 GRACE = 3.0
-LONG_WARMUP = ["--warmup-batches", "100000"]  # rounds of warm-up: far longer than any test waits
+LONG_WARMUP = 100_000  # rounds of warm-up: far longer than any test waits
 EXIT_SECONDS = 20.0  # a signalled process must be gone by then: the grace, one warm-up round, interpreter exit
 
 
@@ -63,8 +66,8 @@ def _wait_until(condition, seconds: float, what: str) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_warm_up_ends_the_process_cleanly(tiny_models_dir, sig):
     port = _free_port()
-    server = ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
-                            "--port", str(port), "--grace-period-seconds", str(GRACE), *LONG_WARMUP], wait=False)
+    server = ServerProcess(server_args(tiny_models_dir, port=port, grace_period_seconds=GRACE,
+                                       warmup_batches=LONG_WARMUP), wait=False)
     try:
         # The port opens before warm-up: health answers NOT_SERVING until the models are warm.
         _wait_until(lambda: _health(port) == health_pb2.HealthCheckResponse.NOT_SERVING or not server.alive, 120,
@@ -79,8 +82,7 @@ def test_a_signal_during_warm_up_ends_the_process_cleanly(tiny_models_dir, sig):
 
 
 def test_a_supervisor_killed_with_sigkill_takes_its_workers_along_and_can_be_restarted(tiny_models_dir):
-    args = ["--workers", "2", "--models-dir", str(tiny_models_dir), "--default-model", "tiny-max",
-            "--warmup-batches", "1", "--grace-period-seconds", str(GRACE)]
+    args = server_args(tiny_models_dir, workers=2, torch_threads=None, grace_period_seconds=GRACE)
     first = ServerProcess(args, start_timeout=120)
     try:
         port, workers = first.port, _children(first.pid)

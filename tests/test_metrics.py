@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.metrics import DROP_REASONS, FAILURE_REASONS, UNKNOWN_MODEL
-from tests.support import RunningServer, make_config
-from tests.traffic import HELD_CONFIG, HEALTH, SERVICE, forward_held, image, send_held, send_simple, value, wait_for
+from tests.helpers.servers import RunningServer, make_config
+from tests.helpers.traffic import (HELD_CONFIG, HEALTH, SERVICE, forward_held, image, send_held, send_simple, value,
+                                   wait_for)
 
 MODELS = ("tiny-max", "tiny-avg")
 METHODS = {"Classify", "ClassifyStream", "ListModels", "GetModelInfo"}

@@ -19,7 +19,8 @@ from cifar10_serving.model.export import build_metadata, export_torchscript
 from cifar10_serving.model.network import CifarNet, NetConfig, count_flops, describe_layers, pooled_size
 from cifar10_serving.model.data import Dataset
 from cifar10_serving.protos.artifact import METADATA_FILE
-from tests.support import TINY_WIDTHS, encode, export_tiny
+from tests.helpers.images import encode
+from tests.helpers.models import TINY_WIDTHS, export_tiny
 
 CONFIGS = [(pool, size) for pool in ("max", "avg", "conv") for size in (2, 3)]
 RESIDUAL = [False, True]
@@ -202,6 +203,7 @@ def test_validation_split_is_fixed_balanced_and_disjoint():
     assert not torch.equal(validation_split(labels, per_class=5, seed=1)[1], val_a)
 
 
+@pytest.mark.system  # a training run
 def test_tiny_training_run_lowers_the_loss_and_exports_a_loadable_file(tmp_path):
     images, labels = _synthetic(40)
     root = _write_python_format(tmp_path / "data", images, labels)

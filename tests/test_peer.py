@@ -15,7 +15,7 @@ from torchvision.io import decode_image
 from bench.peer import Setting, parse_settings
 from bench.torchserve_handler import Cifar10Handler
 from cifar10_serving.server.models import load_artifact
-from tests.support import encode, random_images
+from tests.helpers.images import encode, random_images
 
 
 @pytest.fixture(scope="module")

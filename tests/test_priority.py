@@ -12,7 +12,8 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.priority import lower_priority, thread_nice
-from tests.support import RunningServer, encode, make_config, random_images
+from tests.helpers.images import encode, random_images
+from tests.helpers.servers import RunningServer, make_config
 
 NICE = 3
 
@@ -27,7 +28,7 @@ def test_forward_decode_and_answer_threads_run_nicer_than_the_loop(tiny_models_d
             assert reply.results[0].feature_maps  # an answer thread built it
         loop_nice = thread_nice(running.thread.native_id)
         threads = {t.name: t for t in threading.enumerate()}
-        for prefix in ("forward-tiny-max-0", "forward-tiny-max-1", "decode-small", "respond"):
+        for prefix in ("forward-tiny-max-0", "forward-tiny-max-1", "decode-small", "encode"):
             named = [t for name, t in threads.items() if name.startswith(prefix)]
             assert named, f"no {prefix} thread among {sorted(threads)}"
             assert all(thread_nice(t.native_id) == min(19, loop_nice + NICE) for t in named), prefix

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.server.config import parse_config
 from cifar10_serving.server.launcher import ServerProcess, ServerStartError
+from tests.helpers.servers import server_args
 from cifar10_serving.server.ready_file import read_ready_file, write_ready_file
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -39,10 +40,10 @@ def _health(target: str, channel: grpc.Channel | None = None) -> int | None:
         return None
 
 
+@pytest.mark.system
 def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(tiny_models_dir):
     port = _free_port()  # known in advance, so the port can be watched before the file exists
-    server = ServerProcess(["--port", str(port), "--models-dir", str(tiny_models_dir), "--default-model", "tiny-max",
-                            "--torch-threads", "1", "--warmup-batches", SLOW_WARMUP], wait=False)
+    server = ServerProcess(server_args(tiny_models_dir, port=port, warmup_batches=SLOW_WARMUP), wait=False)
     # One channel, polled fast; short reconnect backoff, so it connects soon after the port is bound.
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
@@ -80,9 +81,9 @@ def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(tiny_model
     assert not server.ready_path.parent.exists()  # the harness cleans up after itself
 
 
+@pytest.mark.system
 def test_the_harness_stops_with_sigterm_and_is_a_context_manager(tiny_models_dir):
-    with ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
-                        "--metrics-port", "-1", "--grace-period-seconds", "2"]) as server:
+    with ServerProcess(server_args(tiny_models_dir, metrics_port=-1, grace_period_seconds=2)) as server:
         assert _health(server.target) == SERVING
         assert server.metrics_ports == []  # metrics off
         assert server.stop() == 0
@@ -90,6 +91,7 @@ def test_the_harness_stops_with_sigterm_and_is_a_context_manager(tiny_models_dir
     assert not server.alive
 
 
+@pytest.mark.system
 def test_a_server_that_cannot_start_fails_with_its_log(tmp_path):
     with pytest.raises(ServerStartError, match="(?s)exited with status 1 .*cannot start: models directory"):
         ServerProcess(["--models-dir", str(tmp_path / "missing")], start_timeout=120)

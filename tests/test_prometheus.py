@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import RunningServer, make_config
-from tests.traffic import HELD_CONFIG, Sent, send_mix, wait_for
+from tests.helpers.servers import RunningServer, make_config
+from tests.helpers.traffic import HELD_CONFIG, Sent, send_mix, wait_for
+
+pytestmark = pytest.mark.system  # a real Prometheus scraping a real server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus.yml"

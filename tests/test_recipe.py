@@ -22,7 +22,7 @@ from cifar10_serving.model.recipe import (Recipe, augment, fold_logit_scale, fre
                                           make_optimizer, prepare_fresh, reflect_pad)
 from cifar10_serving.model.train import main
 from cifar10_serving.protos.artifact import METADATA_FILE
-from tests.support import TINY_WIDTHS
+from tests.helpers.models import TINY_WIDTHS
 
 
 @pytest.fixture
@@ -59,6 +59,7 @@ def _python_format(root: Path, per_class: int = 40) -> Path:
 
 
 # ----------------------------------------------------------------------------- resume
+@pytest.mark.system  # a training run
 @pytest.mark.parametrize("extra", [[], ["--whiten", "--ema", "0.8", "--ema-every", "2"]], ids=["plain", "whiten-ema"])
 def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, deterministic, extra):
     root = _python_format(tmp_path / "data")
@@ -361,7 +362,7 @@ def test_shipped_artifacts_still_load():
 @pytest.mark.parametrize("pool, kind", [("max", "maxpool"), ("avg", "avgpool"), ("conv", "conv_downsample")])
 def test_figures_show_every_downsampling_layer_halving_width_and_keeping_depth(tmp_path, pool, kind):
     from cifar10_serving.model.figures import downsampling_layers, feature_maps, picture
-    from tests.support import export_tiny
+    from tests.helpers.models import export_tiny
 
     path = export_tiny(tmp_path, f"tiny-{pool}", pool=pool)
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)

@@ -18,7 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
-from tests.support import random_images
+from tests.helpers.images import random_images
+from tests.helpers.servers import server_args
+
+pytestmark = pytest.mark.system  # a server process under load from another process
 
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "artifacts"
 CALLERS = 32
@@ -35,8 +38,7 @@ def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("small-max")
     (models / "small-max.pt").symlink_to(SHIPPED / "small-max.pt")  # only this one: loading is most of the start
     # No warm-up: the load's first seconds, before the probe, do it.
-    with ServerProcess(["--models-dir", str(models), "--default-model", "small-max", "--torch-threads", "1",
-                        "--warmup-batches", "0", "--grace-period-seconds", "1"]) as process:
+    with ServerProcess(server_args(models, default_model="small-max", warmup_batches=0)) as process:
         yield process
 
 
@@ -82,7 +84,7 @@ def test_health_stays_fast_and_plain_calls_are_served_under_every_feature_map_lo
         # after one check, so that connecting is not in it.
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         idle = _quantile(_probe(health_pb2_grpc.HealthStub(channel), 1.0), 0.99)
-    load = subprocess.Popen([sys.executable, "-m", "tests.feature_load", server.target, str(LOAD_SECONDS),
+    load = subprocess.Popen([sys.executable, "-m", "tests.helpers.feature_load", server.target, str(LOAD_SECONDS),
                              str(CALLERS), str(IMAGES)], stdout=subprocess.PIPE, text=True)
     try:
         with grpc.insecure_channel(server.target) as channel:

@@ -26,7 +26,8 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.config import ServerConfig, parse_config
 from cifar10_serving.server.security import SecurityConfigError, check_models_dir, load_tokens, server_credentials
-from tests.support import RunningServer, make_config, random_images
+from tests.helpers.images import random_images
+from tests.helpers.servers import RunningServer, make_config
 
 SERVER_DIR = Path(__file__).resolve().parent.parent / "server"
 TOKENS = ("s3cret-token-one", "s3cret-token-two")

@@ -26,8 +26,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
-from tests.faultmodel import SLOW, export_faulty, marked
-from tests.support import RunningServer, export_tiny, make_config, random_images
+from tests.helpers.faulty_model import SLOW, export_faulty, marked
+from tests.helpers.images import random_images
+from tests.helpers.models import export_tiny
+from tests.helpers.servers import RunningServer, make_config, server_args
+
+pytestmark = pytest.mark.system  # SIGTERM to a real server process under load
 
 GRACE = 20.0
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
@@ -36,9 +40,8 @@ SLOW_UNITS = 50  # ~2 s of work on a 2-core CPU shared with a training job; 0.3 
 
 
 def start_server(models_dir: Path) -> ServerProcess:
-    return ServerProcess(["--models-dir", str(models_dir), "--default-model", "tiny-max",
-                          "--grace-period-seconds", str(GRACE), "--torch-threads", "1", "--warmup-batches", "1",
-                          "--max-batch-size", "16", "--max-queue-images", "4096"], start_timeout=120)
+    return ServerProcess(server_args(models_dir, grace_period_seconds=GRACE, max_batch_size=16, max_queue_images=4096),
+                         start_timeout=120)
 
 
 @dataclass

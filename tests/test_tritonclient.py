@@ -21,10 +21,13 @@ import pytest
 
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.server.launcher import ServerProcess
-from tests.support import encode, random_images
+from tests.helpers.images import encode, random_images
+from tests.helpers.servers import server_args
+
+pytestmark = pytest.mark.system  # a server process, and tritonclient in a venv of its own
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(__file__).resolve().parent / "tritonclient_calls.py"
+SCRIPT = Path(__file__).resolve().parent / "helpers" / "tritonclient_calls.py"
 REQUIREMENT = "tritonclient[grpc]"  # 2.73.0 when this was written; its own pins choose protobuf and grpcio
 INSTALL_TIMEOUT_SECONDS = 900  # a fresh venv and a cold pip cache on a slow link
 CALLS_TIMEOUT_SECONDS = 180
@@ -62,8 +65,7 @@ def triton_python() -> Path:
 @pytest.fixture(scope="module")
 def running(tiny_models_dir):
     """The server as its own process, as a Triton user would find it."""
-    with ServerProcess(["--models-dir", str(tiny_models_dir), "--default-model", "tiny-max", "--torch-threads", "1",
-                        "--metrics-port", "-1", "--grace-period-seconds", "1"]) as server:
+    with ServerProcess(server_args(tiny_models_dir, metrics_port=-1)) as server:
         yield server
 
 

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.launcher import ServerProcess
-from tests.support import random_images
+from tests.helpers.images import random_images
+from tests.helpers.servers import server_args
 
 WORKERS = 2
 CONNECTIONS = 16  # the kernel spreads connections at random: all 16 on one worker has odds of 2 in 65,536
@@ -43,12 +44,13 @@ def _ok_calls(server: ServerProcess, worker: int) -> float:
 @pytest.fixture()
 def supervisor(tiny_models_dir):
     """``--workers 2`` on ephemeral ports; ready once every worker is SERVING."""
-    running = ServerProcess(["--workers", str(WORKERS), "--models-dir", str(tiny_models_dir), "--default-model", "tiny-max",
-                             "--warmup-batches", "1", "--grace-period-seconds", str(GRACE)], start_timeout=120)
+    running = ServerProcess(server_args(tiny_models_dir, workers=WORKERS, torch_threads=None,
+                                        grace_period_seconds=GRACE), start_timeout=120)
     yield running
     running.stop(timeout=GRACE + 30)
 
 
+@pytest.mark.system
 def test_workers_share_one_port_and_each_answers_calls(supervisor):
     workers = supervisor.ready["workers"]
     ports = {w["port"] for w in workers}  # each as the worker itself reported it
@@ -85,6 +87,7 @@ def _check_ready_file(supervisor: ServerProcess) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.system
 def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(supervisor):
     first, second = _children(supervisor.pid)
     os.kill(first, signal.SIGKILL)

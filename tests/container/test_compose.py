@@ -28,6 +28,8 @@ from cifar10_serving.client import ClassifierClient, ClassifierError
 from tests.container.conftest import COMPOSE, OWNER, PODMAN_DIR, ROOT, podman, run, wait_for, wait_healthy
 from tests.test_dashboard import dashboard, fill_in, queries
 
+pytestmark = pytest.mark.system  # the compose stack, built and run with podman
+
 JOB = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]["job_name"]
 SCRAPE_SECONDS = 60  # the repository's 5 s scrape interval, many times over
 # Read as plain YAML: "!override" (replace the base file's list) is a compose tag, not a value.

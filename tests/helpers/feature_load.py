@@ -1,6 +1,6 @@
 """Callers that ask for every feature map, as fast as they are answered, from their own process:
 
-    python -m tests.feature_load TARGET SECONDS CALLERS IMAGES
+    python -m tests.helpers.feature_load TARGET SECONDS CALLERS IMAGES
 
 Prints one JSON line at the end: answers by status code. A caller refused RESOURCE_EXHAUSTED waits
 a little and tries again, as a client should. Callers read every answer but do not parse it: parsing

@@ -1,7 +1,7 @@
 """Calls a server through NVIDIA's tritonclient, as a Triton user would; run by tests/test_tritonclient.py
 with the python of tritonclient's own venv (it pins protobuf<7, this project >=7), never imported.
 
-    python tests/tritonclient_calls.py TARGET DIR
+    python tests/helpers/tritonclient_calls.py TARGET DIR
 
 DIR holds images.npy (N x 3 x 32 x 32 uint8) and 0.png, 1.png, ...; what came back is written to
 DIR/answers.json for the test to check against the own API.

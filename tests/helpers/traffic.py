@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from tests.support import random_images
+from tests.helpers.images import random_images
 
 SERVICE = "cifar10.v1.Classifier"
 HEALTH = "grpc.health.v1.Health"
@@ -73,7 +73,7 @@ def wait_for(condition, what: str, seconds: float = WAIT_SECONDS) -> None:
 @contextmanager
 def forward_held(server, model: str):
     """Occupies every forward-pass thread of the model until the block ends, so requests queue up."""
-    instances = server.app.batchers[model].instances
+    instances = server.app.core.batchers[model].instances
     started, release = threading.Semaphore(0), threading.Event()
 
     def hold():

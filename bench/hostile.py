@@ -1,5 +1,5 @@
-"""Hostile inputs, shared by tests/test_hostile.py and bench/fuzz.py: files that lie in their
-headers, broken files, and mutations of valid ones."""
+"""Hostile inputs: files that lie in their headers, broken files, and mutations of valid ones. Shared
+by bench/fuzz.py and the tests (test_hostile.py, test_decode_lanes.py); here, since bench never imports tests."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from tests.support import encode
+from bench.inputs import encode
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
