@@ -44,6 +44,7 @@ import torch
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel
 from cifar10_serving.server.priority import lower_priority
+from cifar10_serving.server.statistics import PassTimes, Statistics
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class _Instance:
 
 
 class BatchError(Exception):
-    """A request the batcher could not serve; ``server.calls.rejection_for`` says what the caller gets."""
+    """A request the batcher could not serve; ``server.errors.rejection_for`` says what the caller gets."""
 
 
 class QueueFull(BatchError):
@@ -163,11 +164,12 @@ class _Job:
 class Batcher:
     def __init__(self, model: LoadedModel, metrics: Metrics, max_batch_size: int, max_queue_delay_us: int,
                  max_queue_images: int, instances: int = 1, budget: ThreadShares | None = None,
-                 nice: int = 0) -> None:
+                 nice: int = 0, statistics: Statistics | None = None) -> None:
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
         self.model = model
         self.metrics = metrics
+        self.statistics = statistics if statistics is not None else Statistics()
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_us / 1e6
         self.max_queue_images = max_queue_images
@@ -212,6 +214,13 @@ class Batcher:
         self._queue.clear()
         for instance in self.instances:
             instance.executor.shutdown(wait=True)
+
+    async def retire(self) -> None:
+        """Stops once what is queued has been computed and answered: for a model version that is
+        being replaced or unloaded, whose callers still wait on it."""
+        while self._queue or self._passes:
+            await asyncio.sleep(0.01)
+        await self.stop()
 
     def warm_up(self, rounds: int) -> None:
         """Runs forward passes at every batch size of the ladder, with and without all feature maps,
@@ -283,7 +292,7 @@ class Batcher:
         except Exception as exc:  # the model raised: fail this batch, keep serving
             self._fail(jobs, exc)
         else:
-            self._deliver(jobs, outcome)
+            self._deliver(jobs, outcome, started)
         finally:
             self.budget.give_back()
             self._free.put_nowait(instance)
@@ -326,8 +335,9 @@ class Batcher:
 
     # ------------------------------------------------------------------ compute (worker thread)
     def _forward(self, instance: _Instance, jobs: list[_Job], threads: int
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray], float, PassTimes]:
         t0 = time.perf_counter()
+        n0 = time.perf_counter_ns()
         # OpenMP's thread count belongs to the calling thread: this sets this instance's only.
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -346,10 +356,12 @@ class Batcher:
         with torch.inference_mode(), instance.on_stream():
             try:
                 x = buffer[:rung].to(self.model.device, non_blocking=True)
+                n1 = time.perf_counter_ns()
                 if layers:
                     probs, feats = self.model.module.forward_with_features(x, layers)
                 else:
                     probs, feats = self.model.module(x), {}
+                n2 = time.perf_counter_ns()
                 # Copies to the host on this stream and waits for it: the buffer is free again after.
                 probs_np = probs[:n].float().cpu().numpy()
                 feats_np = {name: t[:n].float().cpu().numpy() for name, t in feats.items()}
@@ -357,14 +369,17 @@ class Batcher:
                 if instance.stream is not None:  # a pass that failed midway may still be reading the buffer
                     instance.stream.synchronize()
                 raise
-        return probs_np, feats_np, time.perf_counter() - t0
+        # On CUDA the copy in and the pass are queued asynchronously: their split is the host's view.
+        times = PassTimes(n1 - n0, n2 - n1, time.perf_counter_ns() - n2)
+        return probs_np, feats_np, time.perf_counter() - t0, times
 
     # ------------------------------------------------------------------ results
-    def _deliver(self, jobs: list[_Job], outcome) -> None:
-        probs, feats, compute_seconds = outcome
+    def _deliver(self, jobs: list[_Job], outcome, started: float) -> None:
+        probs, feats, compute_seconds, times = outcome
         n_total = len(probs)
         self._compute_seconds.observe(compute_seconds)
         self._batch_size.observe(n_total)
+        self.statistics.record_pass(n_total, times, [int((started - job.enqueued) * 1e9) for job in jobs])
         offset = 0
         for job in jobs:
             k = len(job.images)

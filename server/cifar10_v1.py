@@ -101,11 +101,13 @@ class V1Servicer(pb_grpc.ClassifierServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return await lookup(context, self.metrics, "ListModels", "", lambda: pb.ListModelsResponse(  # names no model
-            models=[self._info(m) for m in self.core.models()], default_model=self.core.default_model))
+            models=[self._info(m) for m in self.core.models()], default_model=self.core.default_model,
+            versions=[pb.ModelVersion(name=v.name, version=v.version, state=v.state, reason=v.reason)
+                      for v in self.core.repository.index()]))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         return await lookup(context, self.metrics, "GetModelInfo", self.core.label(request.name),
-                            lambda: self._info(self.core.model(request.name)))
+                            lambda: self._info(self.core.model(request.name, request.version)))
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         return await unary(context, self.metrics, "Explain", self.core.label(request.model),
@@ -122,7 +124,7 @@ class V1Servicer(pb_grpc.ClassifierServicer):
                                         itemsize=np.dtype(plan.feature_dtype[0]).itemsize, advice=_advice(plan))
         try:
             images = await self.core.decode(plan.model, sources(request.images), plan.resize, deadline)
-            result = await self.core.infer(plan.model, images, plan.layers, deadline)
+            result = await self.core.infer(plan.model, images, plan.layers, deadline, reservation)
             if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
                 return await self.core.off_loop(_encode, request, plan, result), reservation
             return _build(request, plan, result), reservation  # a few small messages: cheaper here than a hop
@@ -131,7 +133,7 @@ class V1Servicer(pb_grpc.ClassifierServicer):
             raise
 
     def _plan(self, request: pb.ClassifyRequest) -> Plan:
-        model = self.core.model(request.model)
+        model = self.core.model(request.model, request.model_version)
         echo = self.core.check_echo("request_id", request.request_id)
         n = len(request.images)
         if n == 0:
@@ -172,7 +174,7 @@ class V1Servicer(pb_grpc.ClassifierServicer):
     # ------------------------------------------------------------------ Explain
     async def _explain(self, request: pb.ExplainRequest,
                        deadline: float | None) -> tuple[pb.ExplainResponse, Reservation]:
-        model = self.core.model(request.model)
+        model = self.core.model(request.model, request.model_version)
         echo = self.core.check_echo("request_id", request.request_id)
         resize = RESIZE.get(request.resize)
         if resize is None:
@@ -190,6 +192,7 @@ class V1Servicer(pb_grpc.ClassifierServicer):
 
     def _info(self, model: LoadedModel) -> pb.ModelInfo:
         return model_info(model, is_default=model.name == self.core.default_model)
+
 
 
 # ----------------------------------------------------------------------------- requests in

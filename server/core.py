@@ -1,15 +1,17 @@
 """The serving core: what every API shares, in no API's words.
 
-``ServingCore`` owns the model set and its lookup by name and version, the answer budget
-(``server.answer_budget``), decoding (``server.images`` on the fair lanes of ``server.decode_lanes``),
-the batchers (``server.batching``), the thread that encodes large answers off the event loop, and
-the explanation path (``server.explain``). A request's path through it reads in order::
+``ServingCore`` owns the model set (``server.repository``: versions, loading and unloading while
+serving) and its lookup by name and version, the answer budget (``server.answer_budget``), decoding
+(``server.images`` on the fair lanes of ``server.decode_lanes``), the batchers (``server.batching``)
+and their statistics, the thread that encodes large answers off the event loop, and the explanation
+path (``server.explain``). A request's path through it reads in order::
 
     model = core.model(name, version)        # NOT_FOUND names what is loaded
-    reservation = core.reserve(model, ...)   # RESOURCE_EXHAUSTED before any work
+    lease = core.reserve(model, ...)         # RESOURCE_EXHAUSTED before any work; holds the version
     images = await core.decode(model, sources, resize, deadline)
-    result = await core.infer(model, images, layers, deadline)
+    result = await core.infer(model, images, layers, deadline, lease)
     answer = await core.off_loop(encode, ...)  # when the answer is large
+    lease.release()                          # once the answer is written
 
 Front-ends (``server.cifar10_v1``, ``server.open_inference``) translate their protocol's messages
 into these calls and the results back; the core imports no protocol (tests/test_imports.py). Every
@@ -19,26 +21,30 @@ refusal is a ``server.errors.Rejection``. Used from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
+import torch
 
 from cifar10_serving.server.answer_budget import (ECHO_COPIES, AnswerBudget, OverBudget, Reservation, answer_bytes,
                                                   default_budget_bytes, explanation_bytes, layer_elements,
                                                   refusal_bytes)
-from cifar10_serving.server.batching import Batcher, BatchError, BatchResult
+from cifar10_serving.server.batching import Batcher, BatchError, BatchResult, ThreadShares
 from cifar10_serving.server.calls import model_label
 from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.decode_lanes import DecodeExpired, Decoder
-from cifar10_serving.server.errors import Code, Rejection, invalid, quote, rejection_for
+from cifar10_serving.server.errors import Code, Rejection, invalid, rejection_for
 from cifar10_serving.server.explain import Explainer, Maps
 from cifar10_serving.server.images import ImageError, Raw, Resize, Source, decode_into, to_uint8
 from cifar10_serving.server.metrics import Metrics
-from cifar10_serving.server.models import LoadedModel
+from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_artifact
 from cifar10_serving.server.priority import lower_priority
+from cifar10_serving.server.repository import (TRITON_FILE, FileVersion, Lease, Repository,
+                                               Version, VersionPolicy)
 
 T = TypeVar("T")
 
@@ -53,13 +59,19 @@ MAX_ECHO_BYTES = 1024
 
 
 class ServingCore:
-    def __init__(self, config: ServerConfig, models: dict[str, LoadedModel], batchers: dict[str, Batcher],
-                 metrics: Metrics, *, explainer: Explainer | None = None) -> None:
+    """``device``: where models run; ``shares``: the torch threads every forward pass shares;
+    ``instances``: passes of one model in flight at once. ``await start()`` loads the repository."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics, *, device: torch.device, shares: ThreadShares,
+                 instances: int, explainer: Explainer | None = None) -> None:
         self.config = config
         self.metrics = metrics
-        self.batchers = batchers
-        self._models = dict(models)
-        self._elements = {name: layer_elements(model.metadata) for name, model in models.items()}
+        self.device = device
+        self.shares = shares
+        self.instances = instances
+        self.validators: list[Callable[[LoadedModel], object]] = []  # front-ends' checks of a model they will serve
+        self.repository = Repository(config.models_dir, config.model_control_mode,
+                                     VersionPolicy.parse(config.version_policy), self._load, self._changed)
         self.budget = AnswerBudget(config.answer_budget_bytes or default_budget_bytes(), metrics)
         self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels, config.compute_nice)
         self.explainer = explainer or Explainer(config.compute_nice)
@@ -72,23 +84,34 @@ class ServingCore:
         return self.config.default_model
 
     def models(self) -> list[LoadedModel]:
-        """The models served now, by name."""
-        return [self._models[name] for name in sorted(self._models)]
+        """Every version ready to serve, by name, then version."""
+        return [entry.model for entry in self.repository.serving()]
 
     def model(self, name: str, version: str = "") -> LoadedModel:
-        """The model a request names ("" for the default), at ``version`` if it names one."""
-        model = self._models.get(name or self.config.default_model)
-        if model is None:
-            raise Rejection(Code.NOT_FOUND, f"model {quote(name)} is not loaded; loaded models: "
-                                            f"{', '.join(sorted(self._models))}")
-        if version and version != model.version:
-            raise Rejection(Code.NOT_FOUND, f"model {model.name!r} is loaded at version {model.version!r}, "
-                                            f"not {quote(version)}; send that version or none")
-        return model
+        """The model a request names ("" for the default), at ``version`` if it names one, else its
+        latest ready version."""
+        return self.repository.lookup(name or self.config.default_model, version).model
 
     def label(self, name: str) -> str:
         """The metrics' model label for a request naming ``name``: a loaded model's name, else "unknown"."""
-        return model_label(name or self.config.default_model, self._models)
+        return model_label(name or self.config.default_model, self.repository.serving_names())
+
+    def batcher(self, model: LoadedModel) -> Batcher:
+        return self.repository.entry(model).batcher
+
+    @property
+    def batchers(self) -> dict[str, Batcher]:
+        """Each model's batcher (its latest ready version's), by name: for tests and tools."""
+        return {entry.name: entry.batcher for entry in self.repository.serving()}
+
+    def statistics(self, name: str = "", version: str = "") -> list[Version]:
+        """The versions whose statistics a request asks for: every ready one, one model's, or one."""
+        if not name:
+            return self.repository.serving()
+        if version:
+            return [self.repository.lookup(name, version)]
+        self.repository.lookup(name)  # NOT_FOUND for a model that does not serve
+        return [e for e in self.repository.serving() if e.name == name]
 
     # ------------------------------------------------------------------ memory
     def check_echo(self, what: str, value: str | bytes) -> int:
@@ -104,10 +127,11 @@ class ServingCore:
         """Reserves what a classification holds until its answer is written: the request (gRPC's
         bytes and the parsed message), its decoded images, its answer and the id the answer echoes
         (``check_echo``); RESOURCE_EXHAUSTED at once when that does not fit."""
-        elements = sum(self._elements[model.name][name] for name in layers)
+        per_layer = layer_elements(model.metadata)
+        elements = sum(per_layer[name] for name in layers)
         nbytes = (2 * request_bytes + ECHO_COPIES * echo_bytes + images * math.prod(model.input_shape)
                   + answer_bytes(images, elements, len(layers), itemsize, len(model.class_names)))
-        return self._reserve(nbytes, model.name, bool(layers), advice)
+        return Lease(self.repository.entry(model), self._reserve(nbytes, model.name, bool(layers), advice), images)
 
     def reserve_explanation(self, model: LoadedModel, *, images: int, request_bytes: int,
                             echo_bytes: int = 0) -> Reservation:
@@ -115,7 +139,8 @@ class ServingCore:
         h, w = model.input_shape[1:]
         nbytes = (2 * request_bytes + ECHO_COPIES * echo_bytes + images * math.prod(model.input_shape)
                   + explanation_bytes(images, h * w))
-        return self._reserve(nbytes, model.name, True, "explain fewer images per request")
+        return Lease(self.repository.entry(model), self._reserve(nbytes, model.name, True,
+                                                                 "explain fewer images per request"), 0)
 
     def reserve_refusal(self, model_label: str, message: str, echo_bytes: int) -> Reservation:
         """A refusal answered inside a stream (its message and echoed id), held until written like
@@ -162,12 +187,18 @@ class ServingCore:
 
     # ------------------------------------------------------------------ inference
     async def infer(self, model: LoadedModel, images: np.ndarray, layers: tuple[str, ...],
-                    deadline: float | None) -> BatchResult:
-        """Queues the images on the model's batcher: probabilities, and the feature maps of ``layers``."""
+                    deadline: float | None, lease: Lease | None = None) -> BatchResult:
+        """Queues the images on the model's batcher: probabilities, and the feature maps of ``layers``.
+        With the request's ``lease``, the version's statistics count it (success, or failure at release)."""
+        if lease is not None:
+            lease.track()
         try:
-            return await self.batchers[model.name].submit(images, layers, deadline)
+            result = await self.batcher(model).submit(images, layers, deadline)
         except BatchError as exc:
             raise rejection_for(exc, model.name) from None
+        if lease is not None:
+            lease.succeed()
+        return result
 
     async def explain(self, model: LoadedModel, images: Sequence[Source], resize: Resize, layer: str,
                       target: int | None, deadline: float | None) -> Maps:
@@ -183,19 +214,70 @@ class ServingCore:
         return await asyncio.get_running_loop().run_in_executor(self._encode_pool, fn, *args)
 
     # ------------------------------------------------------------------ lifecycle
-    async def warm_up(self, rounds: int) -> None:
-        """Each model's batch ladder, ``rounds`` times, then its batcher starts. One round at a time,
-        so that a signal during warm-up (start-up is cancelled) waits for one round only."""
-        loop = asyncio.get_running_loop()
-        for batcher in self.batchers.values():
-            for _ in range(rounds):
-                await loop.run_in_executor(None, batcher.warm_up, 1)
-            batcher.start()
+    async def start(self) -> None:
+        """Loads the models the repository serves from the start (``--load-models``), each warmed."""
+        names = [n for n in self.config.load_models.split(",") if n] if self.config.load_models != "*" else None
+        await self.repository.start(names)
+        if self.config.model_control_mode != "explicit" or names is None or self.default_model in names:
+            try:  # the default must serve, unless explicit mode leaves it out on purpose
+                self.repository.lookup(self.default_model)
+            except Rejection:
+                raise ModelLoadError(f"default model {self.default_model!r} is not among the loaded: "
+                                     f"{sorted(self.repository.serving_names())}") from None
+        if self.config.model_control_mode == "poll":
+            self._poller = asyncio.get_running_loop().create_task(
+                self.repository.poll_forever(self.config.repository_poll_seconds), name="repository-poll")
 
     async def stop(self) -> None:
-        for batcher in self.batchers.values():
-            await batcher.stop()
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
+        await self.repository.stop()
         self._encode_pool.shutdown(wait=False)
+
+    async def _load(self, file: FileVersion, entry: Version) -> None:
+        """The repository's loader: checks, loads and warms one version beside what serves."""
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, load_artifact, file.path, self.device)
+        if file.path.name == TRITON_FILE and (model.name, model.version) != (file.name, file.version):
+            raise ModelLoadError(f"{file.path}: its metadata names model {model.name!r} version {model.version!r}, "
+                                 f"the folders {file.name!r} version {file.version!r}")
+        if file.path.name != TRITON_FILE and (model.name, model.version) != (file.name, file.version):
+            raise ModelLoadError(f"{file.path}: the file changed while it was read; it is read again next time")
+        for validate in self.validators:
+            validate(model)
+        batcher = Batcher(model, self.metrics, self.config.max_batch_size, self.config.max_queue_delay_us,
+                          self.config.max_queue_images, self.instances, self.shares, self.config.compute_nice,
+                          statistics=entry.statistics)
+        try:
+            # The first passes pay for allocation and kernel selection: one round at a time, so that a
+            # signal during start-up's warm-up (start-up is cancelled) waits for one round only.
+            for _ in range(self.config.warmup_batches):
+                await loop.run_in_executor(None, batcher.warm_up, 1)
+        except Exception as exc:  # out of memory, say: this version does not serve, the others do
+            await batcher.stop()
+            raise ModelLoadError(f"{file.path}: warm-up failed: {exc}") from exc
+        batcher.start()
+        entry.model, entry.batcher = model, batcher
+        # What start-up does once for the heap (server.main.settle_heap), kept true for what this load left.
+        gc.collect()
+        gc.freeze()
+
+    def _changed(self, entry: Version, event: str) -> None:
+        """The repository's hook: metrics follow each version's state and count loads and unloads."""
+        m = self.metrics
+        if event not in ("replaced", "failed beside"):  # those leave the version's listed state as it is
+            m.set_state(entry.name, entry.version, entry.state)
+        if event == "loaded":
+            m.model_loads.labels(entry.name, "loaded").inc()
+            m.model_load_seconds.labels(entry.name).observe(entry.load_seconds)
+            pooling = entry.model.metadata.get("pooling", {})
+            m.add_model(entry.name, {"version": entry.version, "pooling": str(pooling.get("kind", "")),
+                                     "pool_window": str(pooling.get("window", "")), "device": str(self.device)})
+        elif event in ("failed", "failed beside"):
+            m.model_loads.labels(entry.name, "failed").inc()
+        elif event in ("unloaded", "replaced"):
+            m.model_loads.labels(entry.name, "unloaded").inc()
 
 
 def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:

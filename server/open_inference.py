@@ -30,7 +30,9 @@ from cifar10_serving.server.batching import BatchResult
 from cifar10_serving.server.calls import Call
 from cifar10_serving.server.core import ServingCore, top_k
 from cifar10_serving.server.errors import LIST_ITEMS, Code, Rejection, invalid, listing, quote
-from cifar10_serving.server.grpc_handlers import lookup, unary
+from cifar10_serving.server.batching import batch_ladder
+from cifar10_serving.server.grpc_handlers import NO_RESERVATION, lookup, unary
+from cifar10_serving.server.repository import Version
 from cifar10_serving.server.images import Encoded, Resize
 from cifar10_serving.server.models import LoadedModel, ModelLoadError
 
@@ -38,7 +40,9 @@ RAW_OUTPUT_FIELD = v2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_c
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 SERVER_NAME = "cifar10-serving"
 PLATFORM = "pytorch_torchscript"
-EXTENSIONS = ("classification",)  # Triton's: top-k as "score:index:label" strings
+# Triton's: top-k as "score:index:label" strings; ModelConfig; ModelStatistics; the Repository calls.
+EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository")
+REPOSITORY_CHANGES = ("RepositoryModelLoad", "RepositoryModelUnload")  # explicit mode only; admin tokens
 
 IMAGE = "image"  # UINT8 (0..255) or FP32 (0..1), [N, 3, 32, 32], RGB, channels first
 ENCODED_IMAGE = "encoded_image"  # BYTES [N]: one PNG or JPEG file each, scaled and centre-cropped to 32x32
@@ -80,9 +84,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self.config = core.config
         self.metrics = core.metrics
         self.health = health  # the health servicer: readiness follows it
-        self._metadata: dict[tuple[str, str], v2.ModelMetadataResponse] = {}
-        for model in core.models():
-            self._metadata_of(model)  # a model whose layers clash with the tensor names stops start-up
+        core.validators.append(model_metadata)  # a model whose layers clash with the tensor names is not loaded
         try:
             self._version = package_metadata.version(SERVER_NAME)
         except package_metadata.PackageNotFoundError:  # running from a checkout that is not installed
@@ -111,10 +113,63 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                             lambda: self._metadata_of(self.core.model(request.name, request.version)))
 
     def _metadata_of(self, model: LoadedModel) -> v2.ModelMetadataResponse:
-        key = (model.name, model.version)
-        if key not in self._metadata:
-            self._metadata[key] = model_metadata(model)
-        return self._metadata[key]
+        """Its metadata, listing every version of the model that is ready."""
+        metadata = model_metadata(model)
+        del metadata.versions[:]
+        metadata.versions.extend(m.version for m in self.core.models() if m.name == model.name)
+        return metadata
+
+    # ------------------------------------------------------------------ Triton's extensions
+    async def ModelConfig(self, request: v2.ModelConfigRequest, context) -> v2.ModelConfigResponse:
+        return await lookup(context, self.metrics, "ModelConfig", self.core.label(request.name),
+                            lambda: v2.ModelConfigResponse(config=self._config(
+                                self.core.model(request.name, request.version))))
+
+    async def ModelStatistics(self, request: v2.ModelStatisticsRequest, context) -> v2.ModelStatisticsResponse:
+        return await lookup(context, self.metrics, "ModelStatistics", self.core.label(request.name),
+                            lambda: v2.ModelStatisticsResponse(model_stats=[
+                                model_statistics(v) for v in self.core.statistics(request.name, request.version)]))
+
+    async def RepositoryIndex(self, request: v2.RepositoryIndexRequest, context) -> v2.RepositoryIndexResponse:
+        def index() -> v2.RepositoryIndexResponse:
+            _one_repository(request.repository_name)
+            return v2.RepositoryIndexResponse(models=[
+                v2.RepositoryIndexResponse.ModelIndex(name=v.name, version=v.version, state=v.state, reason=v.reason)
+                for v in self.core.repository.index(ready_only=request.ready)])
+
+        return await lookup(context, self.metrics, "RepositoryIndex", "", index)
+
+    async def RepositoryModelLoad(self, request: v2.RepositoryModelLoadRequest,
+                                  context) -> v2.RepositoryModelLoadResponse:
+        return await self._change(context, "RepositoryModelLoad", request, self.core.repository.load,
+                                  v2.RepositoryModelLoadResponse())
+
+    async def RepositoryModelUnload(self, request: v2.RepositoryModelUnloadRequest,
+                                    context) -> v2.RepositoryModelUnloadResponse:
+        return await self._change(context, "RepositoryModelUnload", request, self.core.repository.unload,
+                                  v2.RepositoryModelUnloadResponse())
+
+    async def _change(self, context, method: str, request, change, answer):
+        """A load or an unload: explicit mode only, a repository name only (no paths, no files, no
+        configuration: loading runs the file's code, so only what the operator put there may run)."""
+        async def work(call: Call, deadline: float | None):
+            if self.config.model_control_mode != "explicit":
+                raise Rejection(Code.FAILED_PRECONDITION, f"the server was started with --model-control-mode "
+                                f"{self.config.model_control_mode}; loading and unloading by call needs explicit")
+            _one_repository(request.repository_name)
+            parameters = dict(request.parameters)
+            if method == "RepositoryModelUnload":  # tritonclient always sends it; this server has no ensembles
+                dependents = parameters.pop("unload_dependents", None)
+                if dependents is not None and dependents.WhichOneof("parameter_choice") != "bool_param":
+                    raise invalid(f"{method}: 'unload_dependents' must be a bool")
+            _no_parameters(parameters, method)
+            await change(request.model_name)
+            return answer, NO_RESERVATION
+
+        return await unary(context, self.metrics, method, self.core.label(request.model_name), work, in_flight=False)
+
+    def _config(self, model: LoadedModel) -> v2.ModelConfig:
+        return model_config(model, self.config, self.core.instances, self.core.device.type)
 
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse | bytes:
@@ -132,7 +187,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                                         echo_bytes=plan.echo_bytes, layers=plan.layers, advice=advice)
         try:
             images = await self._images(plan, deadline)
-            result = await self.core.infer(plan.model, images, plan.layers, deadline)
+            result = await self.core.infer(plan.model, images, plan.layers, deadline, reservation)
             if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
                 return await self.core.off_loop(encode_infer_response, request, plan, result), reservation
             return respond(request, plan, result), reservation
@@ -166,7 +221,8 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             expected, dtypes = [-1, *model.input_shape], "UINT8 or FP32"
             dtype_ok = tensor.datatype in IMAGE_DTYPES
         elif tensor.name == ENCODED_IMAGE:
-            expected, dtypes = [-1], "BYTES"
+            # [N], or [N, 1] as Triton's clients send it from ModelConfig's dims [1] (reshaped to [N])
+            expected, dtypes = ([-1, 1] if len(tensor.shape) == 2 else [-1]), "BYTES"
             dtype_ok = tensor.datatype == "BYTES"
         else:
             raise invalid(f"model {model.name!r} has no input {quote(tensor.name)}; "
@@ -396,3 +452,57 @@ def _no_parameters(parameters, what: str) -> None:
 
 def _dims(shape: list[int]) -> str:
     return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
+
+
+def model_config(model: LoadedModel, config, instances: int, device_type: str) -> v2.ModelConfig:
+    """Triton's configuration of one model as this server runs it: inputs (both optional, since a
+    request sends one of them), every output, the batching settings and the instances."""
+    layers = {row["name"]: row["output_shape"] for row in model.metadata["layers"]}
+    kind = v2.ModelInstanceGroup.KIND_GPU if device_type == "cuda" else v2.ModelInstanceGroup.KIND_CPU
+    policy = v2.ModelVersionPolicy()
+    name, _, rest = config.version_policy.partition(":")
+    if name == "all":
+        policy.all.SetInParent()
+    elif name == "specific":
+        policy.specific.versions.extend(int(v) for v in rest.split(",") if v.isdigit())
+    else:
+        policy.latest.num_versions = int(rest or 1)
+    return v2.ModelConfig(
+        name=model.name, platform=PLATFORM, backend="pytorch", version_policy=policy,
+        max_batch_size=config.max_batch_size,
+        input=[v2.ModelInput(name=IMAGE, data_type=v2.TYPE_UINT8, format=v2.ModelInput.FORMAT_NCHW,
+                             dims=list(model.input_shape), optional=True),
+               v2.ModelInput(name=ENCODED_IMAGE, data_type=v2.TYPE_STRING, dims=[1],
+                             reshape=v2.ModelTensorReshape(shape=[]), optional=True)],
+        output=[v2.ModelOutput(name=PROBABILITIES, data_type=v2.TYPE_FP32, dims=[len(model.class_names)]),
+                *(v2.ModelOutput(name=n, data_type=v2.TYPE_FP32, dims=list(shape)) for n, shape in layers.items())],
+        dynamic_batching=v2.ModelDynamicBatching(preferred_batch_size=list(batch_ladder(config.max_batch_size)),
+                                                 max_queue_delay_microseconds=config.max_queue_delay_us),
+        instance_group=[v2.ModelInstanceGroup(name=f"{model.name}_0", kind=kind, count=instances)],
+        default_model_filename=model.path.name)
+
+
+def model_statistics(version: Version) -> v2.ModelStatistics:
+    """One version's statistics (server.statistics) as Triton's message."""
+    stats = version.statistics
+
+    def duration(d) -> v2.StatisticDuration:
+        return v2.StatisticDuration(count=d.count, ns=d.ns)
+
+    return v2.ModelStatistics(
+        name=version.name, version=version.version, last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count, execution_count=stats.execution_count,
+        inference_stats=v2.InferStatistics(
+            success=duration(stats.success), fail=duration(stats.fail), queue=duration(stats.queue),
+            compute_input=duration(stats.compute_input), compute_infer=duration(stats.compute_infer),
+            compute_output=duration(stats.compute_output)),
+        batch_stats=[v2.InferBatchStatistics(batch_size=size, compute_input=duration(b.compute_input),
+                                             compute_infer=duration(b.compute_infer),
+                                             compute_output=duration(b.compute_output))
+                     for size, b in sorted(stats.batches.items())])
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise invalid(f"repository {quote(name)}: this server has one repository, its --models-dir; "
+                      "send repository_name empty")

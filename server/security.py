@@ -8,8 +8,10 @@ Tokens are checked on every call except the standard health service, which load 
 orchestrators probe without credentials. Reflection needs a token like the Classifier does.
 
 Trust: the server runs the code inside every TorchScript file in its models directory, so whoever
-can write there can run code as the server. It loads models from that directory at start only; a
-request can name a loaded model, never a path, and nothing from a request is unpickled or evaluated.
+can write there can run code as the server. It loads models from that directory only (at start, and
+in poll or explicit mode while serving: docs/model-repository.md); a request can name a model, never
+a path, and nothing from a request is unpickled or evaluated. With tokens on, loading and unloading
+by call needs a token of ``--admin-token-file``; an inference token gets PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # open to all: probes carry no credentials
 AUTH_HEADER = "authorization"
+# The calls that change what is served: with tokens on, only an admin token may make them.
+ADMIN_METHODS = ("/inference.GRPCInferenceService/RepositoryModelLoad",
+                 "/inference.GRPCInferenceService/RepositoryModelUnload")
 BEARER = "Bearer "
 
 
@@ -73,38 +78,48 @@ def _is_loopback(host: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- bearer tokens
-def load_tokens(path: str) -> list[str]:
+def load_tokens(path: str, setting: str = "auth_token_file") -> list[str]:
     """Accepted tokens, one a line; blank lines and lines starting with # are skipped."""
-    text = _read(path, "auth_token_file").decode("utf-8")
+    text = _read(path, setting).decode("utf-8")
     tokens = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not tokens:
-        raise SecurityConfigError(f"auth_token_file: {path} holds no token")
+        raise SecurityConfigError(f"{setting}: {path} holds no token")
     if any(" " in token for token in tokens):
-        raise SecurityConfigError(f"auth_token_file: {path}: a token may not contain spaces")
+        raise SecurityConfigError(f"{setting}: {path}: a token may not contain spaces")
     return tokens
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token.
+    """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token; the
+    ``admin_methods`` (``/package.Service/Method``) take only ``admin_tokens``, and a call to them
+    with another accepted token is refused PERMISSION_DENIED.
 
     The header is ``authorization: Bearer <token>``: the scheme in any case (RFC 7235), one or more
     spaces before the token, and whitespace around the whole value ignored (HTTP trims it from any
     field value); the token itself is compared exactly. A refused call's message is never read."""
 
-    def __init__(self, tokens: Sequence[str], open_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
-        self._tokens = [token.encode() for token in tokens]
+    def __init__(self, tokens: Sequence[str], open_prefixes: Sequence[str] = (HEALTH_PREFIX,),
+                 admin_tokens: Sequence[str] = (), admin_methods: Sequence[str] = ()) -> None:
+        self._admin = [token.encode() for token in admin_tokens]
+        self._tokens = [token.encode() for token in tokens] + self._admin
         self._open = tuple(open_prefixes)
+        self._admin_methods = frozenset(admin_methods)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         if details.method.startswith(self._open):
             return await continuation(details)
-        problem = self._problem(details.invocation_metadata or ())
+        metadata = details.invocation_metadata or ()
+        problem = self._problem(metadata, self._tokens)
+        code = grpc.StatusCode.UNAUTHENTICATED
+        if problem is None and details.method in self._admin_methods and self._problem(metadata, self._admin):
+            code, problem = grpc.StatusCode.PERMISSION_DENIED, (
+                "this token may not load or unload models: send one of the server's --admin-token-file")
         handler = await continuation(details)
         if problem is None or handler is None:
             return handler
-        return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+        return refusing(handler, code, problem)
 
-    def _problem(self, metadata) -> str | None:
+    def _problem(self, metadata, accepted_tokens: list[bytes]) -> str | None:
         values = [value for key, value in metadata if key == AUTH_HEADER]
         if not values:
             return f"this server needs a bearer token: send metadata '{AUTH_HEADER}: {BEARER}<token>'"
@@ -115,7 +130,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         given_bytes = given.lstrip(" ").encode("latin-1")
         # Compare against every token in constant time, so timing tells nothing about any of them.
         accepted = False
-        for token in self._tokens:
+        for token in accepted_tokens:
             accepted |= hmac.compare_digest(given_bytes, token)
         return None if accepted else "bearer token not accepted"
 
@@ -126,7 +141,8 @@ def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
         return []
     if not config.tls_cert_file and not _is_loopback(config.host):
         log.warning("bearer tokens without TLS on %s: tokens cross the network in the clear", config.host)
-    return [TokenAuth(load_tokens(config.auth_token_file))]
+    admin = load_tokens(config.admin_token_file, "admin_token_file") if config.admin_token_file else []
+    return [TokenAuth(load_tokens(config.auth_token_file), admin_tokens=admin, admin_methods=ADMIN_METHODS)]
 
 
 # ----------------------------------------------------------------------------- models directory
@@ -134,7 +150,7 @@ def check_models_dir(models_dir: str) -> None:
     """Warns when others than the owner may write the models directory or an artifact in it:
     TorchScript files carry code, so write access there is the power to run code in the server."""
     directory = Path(models_dir)
-    for path in (directory, *sorted(directory.glob("*.pt"))):
+    for path in (directory, *sorted(directory.glob("*.pt")), *sorted(directory.glob("*/*/model.pt"))):
         try:
             mode = path.stat().st_mode
         except OSError:

@@ -28,3 +28,11 @@ def tiny_client(tiny_server):
 
     with ClassifierClient(tiny_server.target, timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def triton_python():
+    """The python of a venv holding NVIDIA's tritonclient (tests/helpers/tritonclient_venv.py)."""
+    from tests.helpers.tritonclient_venv import triton_python as make
+
+    return make()

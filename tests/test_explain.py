@@ -19,12 +19,11 @@ from torch.nn import functional as F
 from cifar10_serving.client import ClassifierClient, ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.batching import Batcher
+from cifar10_serving.server.batching import ThreadShares
 from cifar10_serving.server.cifar10_v1 import V1Servicer
 from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.explain import Explainer
 from cifar10_serving.server.metrics import Metrics
-from cifar10_serving.server.models import load_models_dir
 from tests.helpers.images import random_images
 from tests.helpers.servers import make_config
 
@@ -131,14 +130,12 @@ class Served:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     async def _start(self) -> None:
-        models = load_models_dir(self.config.models_dir, torch.device("cpu"))
         self.metrics = Metrics(CollectorRegistry())
-        self.batchers = {n: Batcher(m, self.metrics, 8, 500, 64) for n, m in models.items()}
-        for batcher in self.batchers.values():
-            batcher.start()
         self.thread_pool = ThreadPoolExecutor(1)
         self.explainer = Explainer(threads=1, max_waiting=0, executor=self.thread_pool)
-        self.core = ServingCore(self.config, models, self.batchers, self.metrics, explainer=self.explainer)
+        self.core = ServingCore(self.config, self.metrics, device=torch.device("cpu"), shares=ThreadShares(1, 1),
+                                instances=1, explainer=self.explainer)
+        await self.core.start()
         self.server = grpc.aio.server()
         pb_grpc.add_ClassifierServicer_to_server(V1Servicer(self.core), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.metrics import DROP_REASONS, FAILURE_REASONS, UNKNOWN_MODEL
+from cifar10_serving.server.metrics import DROP_REASONS, FAILURE_REASONS, LOAD_OUTCOMES, MODEL_STATES, UNKNOWN_MODEL
 from tests.helpers.servers import RunningServer, make_config
 from tests.helpers.traffic import (HELD_CONFIG, HEALTH, SERVICE, forward_held, image, send_held, send_simple, value,
                                    wait_for)
@@ -177,7 +177,8 @@ def test_labels_stay_within_their_bounded_sets(metered):
                 channel.unary_unary(f"/{SERVICE}/Method{i}")(b"", timeout=30)
     allowed = {
         "method": METHODS, "model": {*MODELS, UNKNOWN_MODEL, ""}, "code": CODES,
-        "outcome": {"ok", *CODES}, "reason": {*DROP_REASONS, *FAILURE_REASONS},
+        "outcome": {"ok", *CODES, *LOAD_OUTCOMES}, "reason": {*DROP_REASONS, *FAILURE_REASONS},
+        "version": {"test"}, "state": set(MODEL_STATES),  # the repository's versions, and their states
         "grpc_service": set(GRPC_METHODS), "grpc_method": set().union(*GRPC_METHODS.values()),
         "grpc_type": {"UNARY", "BIDI_STREAMING", "SERVER_STREAMING", "CLIENT_STREAMING"}, "grpc_code": CODES,
     }

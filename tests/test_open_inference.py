@@ -109,7 +109,7 @@ def test_live_ready_and_server_metadata(stub):
     assert stub.ServerLive(v2.ServerLiveRequest(), timeout=10).live
     assert stub.ServerReady(v2.ServerReadyRequest(), timeout=10).ready
     meta = stub.ServerMetadata(v2.ServerMetadataRequest(), timeout=10)
-    assert meta.name == "cifar10-serving" and meta.version and list(meta.extensions) == ["classification"]
+    assert meta.name == "cifar10-serving" and meta.version and list(meta.extensions) == ["classification", "model_configuration", "statistics", "model_repository"]
 
 
 def test_model_ready_for_loaded_models_and_versions_only(stub, own):
@@ -337,7 +337,7 @@ BAD_INFER = {
     "shared memory": (lambda: image_request(GOOD, outputs=[_output("probabilities", shared_memory_region="r")]),
                       grpc.StatusCode.INVALID_ARGUMENT, "'shared_memory_region' not offered"),
     "unknown model": (lambda: image_request(GOOD, model="resnet-9000"), grpc.StatusCode.NOT_FOUND, "resnet-9000"),
-    "unknown version": (lambda: image_request(GOOD, model_version="7"), grpc.StatusCode.NOT_FOUND, "not '7'"),
+    "unknown version": (lambda: image_request(GOOD, model_version="7"), grpc.StatusCode.NOT_FOUND, "no ready version '7'"),
 }
 
 

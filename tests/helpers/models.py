@@ -13,8 +13,9 @@ TINY_WIDTHS = (4, 8, 8)  # fast on any CPU, still three pooled stages
 
 
 def export_tiny(directory: Path, name: str, pool: str = "max", pool_size: int = 2, seed: int = 0,
-                residual: bool = False) -> Path:
-    """A randomly initialised tiny CifarNet, with BN statistics made non-trivial, exported as ``name``."""
+                residual: bool = False, version: str = "test", filename: str | None = None) -> Path:
+    """A randomly initialised tiny CifarNet, with BN statistics made non-trivial, exported as ``name``
+    at ``version``, to ``directory / filename`` (default ``name.pt``)."""
     torch.manual_seed(seed)
     net = CifarNet(NetConfig(pool=pool, pool_size=pool_size, widths=TINY_WIDTHS, residual=residual))
     with torch.no_grad():  # a few batches in train mode give BN real running statistics
@@ -25,5 +26,5 @@ def export_tiny(directory: Path, name: str, pool: str = "max", pool_size: int = 
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.weight.uniform_(0.5, 1.5)
     net.eval()
-    meta = build_metadata(net, name, "test", validation={"images": 0, "accuracy": None})
-    return export_torchscript(net, Path(directory) / f"{name}.pt", meta)
+    meta = build_metadata(net, name, version, validation={"images": 0, "accuracy": None})
+    return export_torchscript(net, Path(directory) / (filename or f"{name}.pt"), meta)

@@ -1,0 +1,414 @@
+"""The model repository: which models and versions the models directory holds, which of them are
+served, and changing that while serving.
+
+Two layouts, side by side in one directory:
+
+- ``NAME.pt`` (any file name): one version, named and numbered by the file's own metadata;
+- Triton's ``NAME/VERSION/model.pt``: the version is the folder's name, and the file's metadata
+  must say the same name and version.
+
+Control modes (``--model-control-mode``), as Triton's: ``none`` loads everything at start and never
+changes; ``poll`` rescans every ``--repository-poll-seconds``, loading new versions (and files that
+changed) and unloading what went away; ``explicit`` loads ``--load-models`` at start, then only what
+the repository calls ask for. ``--version-policy`` picks the versions of a model that are served:
+``latest:N``, ``all`` or ``specific:V1,V2``.
+
+A version is loaded beside what is serving: its file is checked by the artifact format before any
+of its code runs, loaded, warmed at every batch size, and only then takes over, atomically (one
+dictionary update on the event loop). A version that leaves stops taking new requests at once, and
+its batcher stops once the requests that hold it (their reservations, ``Lease``) are answered. A
+load that fails leaves what was serving serving, and the version UNAVAILABLE with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from cifar10_serving.protos import artifact
+from cifar10_serving.server.batching import Batcher
+from cifar10_serving.server.errors import Code, Rejection, invalid, quote
+from cifar10_serving.server.models import LoadedModel, ModelLoadError
+from cifar10_serving.server.statistics import Statistics
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "poll", "explicit")
+TRITON_FILE = "model" + artifact.ARTIFACT_SUFFIX  # NAME/VERSION/model.pt
+# Names a request may load: no path separators, no "..", nothing a shell or a URL would bend.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+STATES = (READY, LOADING, UNLOADING, UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """A version the directory holds."""
+
+    name: str
+    version: str
+    path: Path
+    stamp: tuple[int, int]  # modification time and size: a changed file is loaded again
+    problem: str = ""  # why it cannot be loaded, found by the scan (unreadable metadata, a clash)
+
+
+@dataclass
+class Version:
+    """One version of a model, in whatever state."""
+
+    name: str
+    version: str
+    path: Path | None = None
+    stamp: tuple[int, int] = (0, 0)
+    state: str = ""
+    reason: str = ""
+    model: LoadedModel | None = None
+    batcher: Batcher | None = None
+    statistics: Statistics = field(default_factory=Statistics)
+    failed_stamp: tuple[int, int] = (-1, -1)  # the file whose load failed last: not tried again until it changes
+    load_seconds: float = 0.0
+    leases: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Lease:
+    """A request's hold on the version it was planned on, with its reservation from the answer
+    budget: both end at ``release()`` (once the answer is written or the call has ended), and a
+    version that is leaving waits for its leases. A request that reached the model (``track``) is
+    counted in the version's statistics: a success when its result came, else a failure at release."""
+
+    def __init__(self, entry: Version, reservation, images: int) -> None:
+        self.entry = entry
+        self.reservation = reservation
+        self.images = images
+        self.nbytes = reservation.nbytes
+        self._start = time.perf_counter_ns()
+        self._tracked = self._succeeded = False
+        self._held = True
+        entry.leases += 1
+        entry.idle.clear()
+
+    def track(self) -> None:
+        self._tracked = True
+
+    def succeed(self) -> None:
+        if not self._succeeded:
+            self._succeeded = True
+            self.entry.statistics.record_success(self.images, time.perf_counter_ns() - self._start)
+
+    def release(self) -> None:
+        self.reservation.release()
+        if not self._held:
+            return
+        self._held = False
+        if self._tracked and not self._succeeded:
+            self.entry.statistics.record_failure(time.perf_counter_ns() - self._start)
+        self.entry.leases -= 1
+        if self.entry.leases == 0:
+            self.entry.idle.set()
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model are served: ``latest:N``, ``all`` or ``specific:V1,V2``."""
+
+    kind: str
+    count: int = 1
+    versions: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, rest = text.partition(":")
+        if kind == "all" and not rest:
+            return cls("all")
+        if kind == "latest" and (not rest or rest.isdigit() and int(rest) >= 1):
+            return cls("latest", int(rest or 1))
+        if kind == "specific" and rest and all(v for v in rest.split(",")):
+            return cls("specific", versions=tuple(rest.split(",")))
+        raise ValueError(f"version policy {text!r}: use latest:N (N >= 1), all, or specific:V1,V2")
+
+    def choose(self, versions) -> list[str]:
+        ordered = sorted(versions, key=version_key)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "latest":
+            return ordered[-self.count:]
+        return [v for v in ordered if v in self.versions]
+
+
+def version_key(version: str) -> tuple:
+    """Numbers in numeric order, before other names in text order: "2" < "10" < "v1"."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+def scan(models_dir: Path) -> dict[str, dict[str, FileVersion]]:
+    """Every version the directory holds, by name: reads each file's metadata (no code)."""
+    found: dict[str, dict[str, FileVersion]] = {}
+
+    def add(fv: FileVersion) -> None:
+        other = found.setdefault(fv.name, {}).get(fv.version)
+        if other is not None and other.path != fv.path:
+            fv = FileVersion(fv.name, fv.version, fv.path, fv.stamp,
+                             f"{fv.path}: model {fv.name!r} version {fv.version!r} is also {other.path}")
+        found[fv.name][fv.version] = fv
+
+    for path in sorted(models_dir.glob("*" + artifact.ARTIFACT_SUFFIX)):
+        try:
+            meta = artifact.read_metadata(path)
+            add(FileVersion(str(meta["name"]), str(meta["version"]), path, _stamp(path)))
+        except (artifact.ArtifactFormatError, OSError) as exc:
+            add(FileVersion(path.stem, "", path, (0, 0), str(exc)))
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir() and NAME.fullmatch(p.name)):
+        for version_dir in sorted(p for p in folder.iterdir() if p.is_dir() and NAME.fullmatch(p.name)):
+            path = version_dir / TRITON_FILE
+            if path.is_file():
+                add(FileVersion(folder.name, version_dir.name, path, _stamp(path)))
+    return found
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return (status.st_mtime_ns, status.st_size)
+
+
+Loader = Callable[[FileVersion, Version], Awaitable[None]]
+
+
+class Repository:
+    """The versions of every model and which of them serve; changed one call at a time.
+
+    ``loader(file, entry)`` loads, checks and warms ``file`` into ``entry`` (its ``model`` and
+    ``batcher``), raising ``ModelLoadError``; ``on_change(entry, event)`` runs after each change, with
+    the event: "state" (LOADING, UNLOADING), "loaded", "failed", "failed beside" (a changed file that
+    did not load while the one before serves on), "unloaded", or "replaced" (a retired version whose
+    place in the index a newer file of the same version took)."""
+
+    def __init__(self, models_dir: str | Path, mode: str, policy: VersionPolicy, loader: Loader,
+                 on_change: Callable[[Version, str], None] = lambda entry, event: None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"model control mode {mode!r}: use one of {', '.join(MODES)}")
+        self.models_dir = Path(models_dir)
+        self.mode = mode
+        self.policy = policy
+        self._loader = loader
+        self._on_change = on_change
+        self._versions: dict[str, dict[str, Version]] = {}  # every version known, by name
+        self._serving: dict[str, dict[str, Version]] = {}  # what requests see: READY versions only
+        self._by_model: dict[int, Version] = {}
+        self._lock = asyncio.Lock()  # one change at a time
+        self._retiring: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ what requests see
+    def lookup(self, name: str, version: str = "") -> Version:
+        versions = self._serving.get(name)
+        if not versions:
+            loaded = ", ".join(sorted(self._serving)) or "none"
+            raise Rejection(Code.NOT_FOUND, f"model {quote(name)} is not loaded; loaded models: {loaded}")
+        if version:
+            entry = versions.get(version)
+            if entry is None:
+                raise Rejection(Code.NOT_FOUND, f"model {name!r} has no ready version {quote(version)}; ready: "
+                                                f"{', '.join(sorted(versions, key=version_key))}")
+            return entry
+        return versions[max(versions, key=version_key)]
+
+    def serving(self) -> list[Version]:
+        """Every READY version, by name, then version."""
+        return [self._serving[name][v] for name in sorted(self._serving)
+                for v in sorted(self._serving[name], key=version_key)]
+
+    def serving_names(self) -> set[str]:
+        return set(self._serving)
+
+    def entry(self, model: LoadedModel) -> Version:
+        return self._by_model[id(model)]
+
+    def index(self, ready_only: bool = False) -> list[Version]:
+        """Every model of the repository and every version known, as Triton's RepositoryIndex: a model
+        that was never loaded appears once, without a version or state."""
+        on_disk = scan(self.models_dir) if self.models_dir.is_dir() else {}
+        entries: list[Version] = []
+        for name in sorted(set(on_disk) | set(self._versions)):
+            known = self._versions.get(name, {})
+            if not known:
+                if not ready_only:
+                    entries.append(Version(name, ""))
+                continue
+            entries += [known[v] for v in sorted(known, key=version_key)
+                        if not ready_only or known[v].state == READY]
+        return entries
+
+    # ------------------------------------------------------------------ changes
+    async def start(self, names: list[str] | None) -> None:
+        """Loads ``names`` (None: every model) at start. In ``none`` mode any version that fails to
+        load fails the start, as a server given files it cannot serve should; otherwise the version
+        stays UNAVAILABLE with its reason."""
+        if not self.models_dir.is_dir():
+            raise ModelLoadError(f"models directory {self.models_dir} does not exist")
+        found = scan(self.models_dir)
+        if not found:
+            raise ModelLoadError(f"no *{artifact.ARTIFACT_SUFFIX} model artifacts in {self.models_dir}")
+        wanted = sorted(found) if names is None else names
+        unknown = [n for n in wanted if n not in found]
+        if unknown:
+            raise ModelLoadError(f"models {unknown} are not in the repository {self.models_dir}: {sorted(found)}")
+        async with self._lock:
+            for name in wanted:
+                await self._converge(name, found.get(name, {}), strict=self.mode == "none")
+
+    async def load(self, name: str) -> None:
+        """Loads (or reloads) ``name``'s versions by the policy: the repository's load call."""
+        self._check_name(name)
+        async with self._lock:
+            found = scan(self.models_dir).get(name)
+            if not found:
+                raise Rejection(Code.NOT_FOUND, f"model {name!r} is not in the repository")
+            failures = await self._converge(name, found, strict=False, reload=True)
+            if failures:
+                raise invalid(f"load of model {name!r} failed: " + "; ".join(failures))
+
+    async def unload(self, name: str) -> None:
+        """Unloads every version of ``name``: the repository's unload call. Returns once no new
+        request can reach it; requests in flight finish on it."""
+        self._check_name(name)
+        async with self._lock:
+            if name not in self._versions and name not in scan(self.models_dir):
+                raise Rejection(Code.NOT_FOUND, f"model {name!r} is not in the repository")
+            for entry in list(self._serving.get(name, {}).values()):
+                self._retire(entry, "unloaded")
+
+    async def poll(self) -> None:
+        """One rescan (``poll`` mode): new and changed versions load, versions gone unload."""
+        async with self._lock:
+            found = scan(self.models_dir) if self.models_dir.is_dir() else {}
+            for name in sorted(set(found) | set(self._serving)):
+                await self._converge(name, found.get(name, {}), strict=False)
+
+    async def poll_forever(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.poll()
+            except Exception:  # a rescan's failure must not end polling
+                log.exception("repository poll failed")
+
+    async def stop(self) -> None:
+        """Stops every batcher: the server is stopping and its calls have ended or been cut."""
+        for task in list(self._retiring):
+            task.cancel()
+        for entry in self.serving():
+            if entry.batcher is not None:
+                await entry.batcher.stop()
+
+    # ------------------------------------------------------------------ the work
+    async def _converge(self, name: str, found: dict[str, FileVersion], strict: bool,
+                        reload: bool = False) -> list[str]:
+        """Serves the versions of ``name`` that the policy picks from ``found`` and retires the
+        others; the failures, one line each. A version whose file does not load is left out of the
+        policy's choice, so a corrupt new version leaves the one before it serving."""
+        unreadable = [fv for fv in found.values() if fv.problem]
+        if strict and unreadable:
+            raise ModelLoadError(unreadable[0].problem)
+        failures = [fv.problem for fv in unreadable if reload]
+        excluded = {fv.version for fv in unreadable}
+        if not reload and not strict:  # failed before, and the file has not changed since: no load loop
+            excluded |= {v for v, fv in found.items()
+                         if fv.stamp == getattr(self._versions.get(name, {}).get(v), "failed_stamp", None)}
+        tried: set[str] = set()
+        while True:
+            serving = self._serving.get(name, {})
+            wanted = self.policy.choose(v for v in found if v and v not in excluded)
+            pending = [v for v in wanted if v not in tried
+                       and (reload or v not in serving or serving[v].stamp != found[v].stamp)]
+            if not pending:
+                break
+            version = pending[0]
+            tried.add(version)
+            problem = await self._load_version(found[version], strict)
+            if problem:
+                failures.append(f"version {version}: {problem}")
+                if version not in self._serving.get(name, {}):  # nothing of it serves: choose among the others
+                    excluded.add(version)
+        for version, entry in list(self._serving.get(name, {}).items()):
+            if version not in wanted:
+                self._retire(entry, "unloaded" if version in found else "removed from the repository")
+        for fv in unreadable:  # files the scan could not read: shown, never loaded
+            if fv.version not in self._serving.get(name, {}):
+                self._versions.setdefault(fv.name, {})[fv.version] = Version(
+                    fv.name, fv.version, fv.path, fv.stamp, UNAVAILABLE, fv.problem, failed_stamp=fv.stamp)
+        return failures
+
+    async def _load_version(self, fv: FileVersion, strict: bool) -> str:
+        """Loads one version beside what serves, then lets it take over; what went wrong, or ""."""
+        entry = Version(fv.name, fv.version, fv.path, fv.stamp, LOADING)
+        previous = self._serving.get(fv.name, {}).get(fv.version)
+        if previous is None:
+            self._versions.setdefault(fv.name, {})[fv.version] = entry  # one serving stays listed until replaced
+            self._on_change(entry, "state")
+        started = time.perf_counter()
+        try:
+            if fv.problem:
+                raise ModelLoadError(fv.problem)
+            await self._loader(fv, entry)
+        except ModelLoadError as exc:
+            log.error("model %s version %s not loaded: %s", fv.name, fv.version, exc)
+            entry.state, entry.reason, entry.failed_stamp = UNAVAILABLE, str(exc), fv.stamp
+            self._on_change(entry, "failed" if previous is None else "failed beside")
+            if previous is not None:  # the file loaded before serves on; the index says why it is not the new one
+                previous.failed_stamp = fv.stamp
+                previous.reason = f"the changed file failed to load and the one loaded before serves on: {exc}"
+            if strict:
+                raise
+            return str(exc)
+        entry.state, entry.reason = READY, ""
+        entry.load_seconds = time.perf_counter() - started
+        self._serving.setdefault(fv.name, {})[fv.version] = entry  # the take-over: new requests plan on it now
+        self._versions.setdefault(fv.name, {})[fv.version] = entry
+        self._by_model[id(entry.model)] = entry
+        self._on_change(entry, "loaded")
+        if previous is not None:
+            self._retire(previous, "replaced by a newer file")
+        log.info("model %s version %s ready in %.1f s (%s)", fv.name, fv.version, entry.load_seconds, fv.path)
+        return ""
+
+    def _retire(self, entry: Version, reason: str) -> None:
+        """Takes ``entry`` out of service now; its batcher stops once its leases are released."""
+        versions = self._serving.get(entry.name, {})
+        if versions.get(entry.version) is entry:
+            del versions[entry.version]
+            if not versions:
+                del self._serving[entry.name]
+        entry.state, entry.reason = UNLOADING, reason
+        if self._versions.get(entry.name, {}).get(entry.version) is entry:
+            self._on_change(entry, "state")
+        task = asyncio.get_running_loop().create_task(self._finish_retiring(entry, reason))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _finish_retiring(self, entry: Version, reason: str) -> None:
+        if entry.leases:
+            await entry.idle.wait()
+        if entry.batcher is not None:
+            await entry.batcher.retire()
+        self._by_model.pop(id(entry.model), None)
+        entry.model = entry.batcher = None
+        entry.state = UNAVAILABLE
+        listed = self._versions.get(entry.name, {}).get(entry.version) is entry
+        self._on_change(entry, "unloaded" if listed else "replaced")  # replaced: a newer file took its place
+        log.info("model %s version %s %s", entry.name, entry.version, reason)
+        # The module's objects were frozen out of the collector's reach at start or load
+        # (server.main.settle_heap); cycles among them are freed only by a collection that sees them.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+    def _check_name(self, name: str) -> None:
+        if not NAME.fullmatch(name) or ".." in name:
+            raise invalid(f"model name {quote(name)}: use letters, digits, '.', '_' and '-' (no path), "
+                          "as the repository's folder or file names it")
