@@ -1,4 +1,5 @@
-# The classifier: `cifar10-server` on 0.0.0.0:50051, Prometheus metrics on :9090.
+# The classifier: `cifar10-server` on 0.0.0.0:50051 (gRPC), :8000 (the Open Inference Protocol over HTTP),
+# Prometheus metrics on :9090.
 #
 # The project is installed as a package with the `server` extra (the server and client, without the
 # test tools), so the bundled models come as package data and the image serves them from any
@@ -34,9 +35,9 @@ RUN pip install "/tmp/src[server]" \
 
 USER classifier
 WORKDIR /home/classifier
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
     CMD ["cifar10-client", "--target", "127.0.0.1:50051", "--timeout", "5", "health"]
 # /metrics binds loopback unless told: here all interfaces, so Prometheus on the compose network can scrape it
-# (docker-compose.yml publishes only 50051 to the host).
+# (docker-compose.yml publishes only 50051 and 8000 to the host).
 CMD ["cifar10-server", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]

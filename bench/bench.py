@@ -4,6 +4,7 @@
     python -m bench.bench --quick              # a short run to see that it works
     python -m bench.bench --device cuda        # the GPU path (needs a CUDA machine)
     python -m bench.bench --api own,v2         # the same sweep through the Open Inference Protocol too
+    python -m bench.bench --api own,v2,http    # and over HTTP: JSON and binary tensors (server.http_api)
 
 In the manner of Triton's perf_analyzer: a closed loop of N concurrent callers per level (1, 2, 4, ...,
 64), a warm-up window, then a fixed measurement window. For each level it reports throughput (req/s
@@ -23,6 +24,9 @@ batch the server's batcher formed (read from its /metrics). In the same run it m
 With ``--api own,v2`` each level runs through both APIs in turn, the own API's Classify and the
 Open Inference Protocol's ModelInfer (raw UINT8 ``image`` or BYTES ``encoded_image``, top-1 through
 the classification extension, as ``top_k=1`` is for Classify), against the same server and bounds.
+With ``http`` too, the same ModelInfer over HTTP/1.1 (aiohttp's client, one keep-alive connection per
+caller): raw UINT8 images as JSON data (``json``) and as Triton's binary tensor extension (``binary``),
+so the table shows the cost of HTTP, and of JSON, beside gRPC at each level.
 
 The bound for single-image requests is 1 / (1/raw + 1/floor), the floor from the same Python client
 as the requests (the h2load floor is shown beside it, not used in the bound). The server runs as a
@@ -57,7 +61,7 @@ from cifar10_serving.server.launcher import ServerProcess
 
 from bench import h2floor
 from bench.inputs import ROOT, make_requests, make_v2_requests
-from bench.load import closed_loop, health_calls, spread, stream_calls, unary_calls, v2_calls
+from bench.load import closed_loop, health_calls, http_calls, http_requests, spread, stream_calls, unary_calls, v2_calls
 from bench.servers import echo_problems, server_args
 
 
@@ -85,7 +89,7 @@ class Level:
     h2_floor_req_per_s: float = 0.0  # the same rpc driven by h2load (0: h2load absent)
     bound_img_per_s: float = 0.0
     ratio: float = 0.0  # img/s over the bound (single) or over raw batch-64 (batch64)
-    api: str = "own"  # own (cifar10.v1.Classifier) or v2 (inference.GRPCInferenceService); "-" for the floor
+    api: str = "own"  # own (cifar10.v1.Classifier), v2 (inference.GRPCInferenceService), http (its REST form); "-": the floor
 
 
 # ----------------------------------------------------------------------------- the server
@@ -173,6 +177,9 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
             if other:
                 requests = make_v2_requests(kind, 1, model)
                 plans.append(("v2", "single", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
+        if "http" in args.api:  # JSON and binary tensors, at the same levels
+            for kind, binary in (("json", False), ("binary", True)):
+                plans.append(("http", "single", kind, http_calls(server.http_url, model, http_requests(1, binary))))
         for kind in args.inputs[:1]:
             if own:
                 requests, singles = make_requests(kind, 64, model), make_requests(kind, 1, model)
@@ -180,6 +187,10 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
             if other:
                 requests = make_v2_requests(kind, 64, model)
                 plans.append(("v2", "batch64", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
+        if "http" in args.api:
+            for kind, binary in (("json", False), ("binary", True)):
+                plans.append(("http", "batch64", kind, http_calls(server.http_url, model, http_requests(64, binary))))
+        for kind in args.inputs[:1]:
             if own:  # the v2 API has no streams
                 plans.append(("own", "stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
         for api, mode, kind, make in plans:
@@ -192,7 +203,7 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
                 mean_batch = (after[0] - before[0]) / count if count else 0.0
                 level = Level(mode, kind, c, mean_batch=mean_batch, api=api, **result)
                 levels.append(level)
-                print(f"  {api:<3} {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
+                print(f"  {api:<4} {mode:<8} {kind:<6} c={c:<3} {level.img_per_s:8.0f} img/s  p50 {level.p50_ms:6.2f} ms"
                       f"  p99 {level.p99_ms:6.2f} ms  batch {mean_batch:5.1f}  errors {level.errors}", flush=True)
     finally:
         for channel in channels:
@@ -262,12 +273,12 @@ def machine(args) -> dict:
 
 
 def table(levels: list[Level]) -> str:
-    head = (f"{'api':<3} {'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
+    head = (f"{'api':<4} {'mode':<8} {'input':<6} {'conc':>4} {'req/s':>8} {'img/s':>8} {'p50ms':>7} {'p90ms':>7} {'p95ms':>7} "
             f"{'p99ms':>7} {'err':>4} {'cli us/req':>10} {'batch':>6} {'raw img/s':>9} {'thr':>4} {'floor':>7} {'h2floor':>7} "
             f"{'bound':>7} {'ratio':>6}")
     rows = [head, "-" * len(head)]
     for l in levels:
-        rows.append(f"{l.api:<3} {l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
+        rows.append(f"{l.api:<4} {l.mode:<8} {l.input:<6} {l.concurrency:>4} {l.req_per_s:>8.0f} {l.img_per_s:>8.0f} "
                     f"{l.p50_ms:>7.2f} {l.p90_ms:>7.2f} {l.p95_ms:>7.2f} {l.p99_ms:>7.2f} {l.errors:>4} "
                     f"{l.client_cpu_us_per_req:>10.0f} {l.mean_batch:>6.1f} {l.raw_img_per_s:>9.0f} {threads(l):>4} "
                     f"{l.floor_req_per_s:>7.0f} {l.h2_floor_req_per_s:>7.0f} {l.bound_img_per_s:>7.0f} {l.ratio:>6.2f}")
@@ -309,7 +320,8 @@ def parse_args(argv):
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--batch-concurrency", default="1,2,4", help="concurrency levels for 64-image requests")
     p.add_argument("--inputs", default="png,jpeg,raw", help="image encodings for single-image requests")
-    p.add_argument("--api", default="own", help="own, v2 (the Open Inference Protocol), or own,v2: both in one run")
+    p.add_argument("--api", default="own", help="own, v2 (the Open Inference Protocol over gRPC), http (the same "
+                   "over HTTP, JSON and binary), or several, comma-separated, in one run")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per level before measuring")
     p.add_argument("--duration", type=float, default=5.0, help="measurement window per level, seconds")
     p.add_argument("--quick", action="store_true", help="1 s windows, fewer levels")
@@ -329,8 +341,8 @@ def parse_args(argv):
                         else list(range(1, usable_cores() + 1)))
     if args.quick:
         args.raw_seconds = min(args.raw_seconds, 0.5)
-    if not args.api or set(args.api) - {"own", "v2"}:
-        p.error(f"--api takes own, v2 or own,v2, not {','.join(args.api)}")
+    if not args.api or set(args.api) - {"own", "v2", "http"}:
+        p.error(f"--api takes own, v2, http or several of them, not {','.join(args.api)}")
     return args
 
 

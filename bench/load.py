@@ -4,7 +4,8 @@
 warm-up, then a measured window, and summarises what the window saw (requests, images, req/s, img/s,
 p50/p90/p95/p99, errors, the client's own CPU per request). ``make`` is a caller maker: awaited, it
 gives one caller, a coroutine function that makes one call and returns the images it carried.
-``unary_calls``, ``v2_calls``, ``stream_calls`` and ``health_calls`` make them for each API;
+``unary_calls``, ``v2_calls``, ``stream_calls`` and ``health_calls`` make them for each gRPC API,
+``http_calls`` (with ``http_requests``) for the Open Inference Protocol over HTTP;
 ``spread`` deals callers out over several makers (one per connection). Used by ``bench.bench`` (its
 CLI), ``bench.overhead`` and ``bench.peer``; ``percentile`` by ``bench.overload`` and ``bench.soak``,
 whose callers follow their own plans (backoff, a mix of calls).
@@ -13,6 +14,7 @@ whose callers follow their own plans (backoff, a mix of calls).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Callable, Sequence
 
@@ -42,10 +44,11 @@ async def closed_loop(make_call, concurrency: int, warmup: float, duration: floa
             try:
                 n = await call()
                 ok = True
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, HttpError) as exc:
                 ok, n = False, 0
                 if state["measuring"]:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else f"HTTP_{exc.status}"
+                    errors[code] = errors.get(code, 0) + 1
             if state["measuring"] and ok:
                 latencies.append(time.perf_counter() - t0)
                 done_images[0] += n
@@ -151,6 +154,69 @@ def health_calls(channel):
             await stub.Check(request, timeout=30)
             return 1
         return call
+    return make
+
+
+class HttpError(Exception):
+    """An HTTP answer other than 200, counted as an error by ``closed_loop``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def http_requests(per_request: int, binary: bool, count: int = 8, seed: int = 0) -> list[tuple[bytes, dict, int]]:
+    """``count`` Open Inference Protocol HTTP bodies of ``per_request`` random UINT8 images each, top-1
+    through the classification extension (as the v2 gRPC requests ask): JSON data, or Triton's binary
+    tensor extension (the images after a JSON header, the answer binary too). (body, headers, images)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        images = rng.integers(0, 256, (per_request, 3, 32, 32), dtype=np.uint8)
+        tensor = {"name": "image", "shape": list(images.shape), "datatype": "UINT8"}
+        probabilities = {"name": "probabilities", "parameters": {"classification": 1, "binary_data": binary}}
+        if binary:
+            tensor["parameters"] = {"binary_data_size": images.nbytes}
+            header = json.dumps({"inputs": [tensor], "outputs": [probabilities]}).encode()
+            out.append((header + images.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+                                                    "Content-Type": "application/octet-stream"}, per_request))
+        else:
+            tensor["data"] = images.ravel().tolist()
+            body = json.dumps({"inputs": [tensor], "outputs": [probabilities]}).encode()
+            out.append((body, {"Content-Type": "application/json"}, per_request))
+    return out
+
+
+def http_calls(base_url: str, model: str, requests: list[tuple[bytes, dict, int]]):
+    """Callers over one aiohttp session: each caller keeps its own keep-alive connection (a closed
+    loop of one request at a time), as curl or tritonclient.http callers do."""
+    import aiohttp  # the server's dependency; imported here so the gRPC-only commands need not load it
+
+    url = f"{base_url}/v2/models/{model}/infer"
+    sessions = []
+    counter = [0]
+
+    async def make():
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                        timeout=aiohttp.ClientTimeout(total=30))
+        sessions.append(session)
+
+        async def call() -> int:
+            counter[0] += 1
+            body, headers, images = requests[counter[0] % len(requests)]
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise HttpError(response.status)
+            return images
+        return call
+
+    async def close() -> None:
+        for session in sessions:
+            await session.close()
+        sessions.clear()
+
+    make.close = close
     return make
 
 

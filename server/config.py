@@ -48,6 +48,25 @@ class ServerConfig:
     metrics_host: str = setting("127.0.0.1", "Address /metrics listens on: loopback unless set, since it takes no "
                                              "token; 0.0.0.0 in the container and the pod, where Prometheus scrapes "
                                              "it.", NETWORK)
+    http_port: int = setting(8000, "Port of the Open Inference Protocol over HTTP/REST (curl, tritonclient.http, "
+                                   "KServe's HTTP clients), Triton's default; 0 picks a free port, -1 turns it off.",
+                             NETWORK)
+    http_host: str = setting("", "Address the HTTP port listens on; empty: the same as --host.", NETWORK)
+    http_max_connections: int = setting(1000, "HTTP connections open at once; one more is answered 503 and "
+                                              "closed, so slow or idle clients cannot take every file descriptor "
+                                              "of the process (often 1,024).", NETWORK)
+    http_header_timeout_ms: int = setting(10_000, "An HTTP connection that has not sent a request's headers "
+                                                  "this long after it opened, or after the request's first "
+                                                  "byte, is closed (as --handshake-timeout-ms); 0: never.",
+                                          NETWORK)
+    http_body_timeout_ms: int = setting(60_000, "An HTTP request body not read in full by then is answered 408 "
+                                                "and its connection closed: 64 MiB at 1 MB/s fits; 0: never.",
+                                        NETWORK)
+    http_idle_timeout_ms: int = setting(300_000, "An HTTP connection with no request for this long is closed "
+                                                 "(as --max-connection-idle-ms); 0: never.", NETWORK)
+    http_max_body_bytes: int = setting(64 * MiB, "Largest HTTP request body; a larger Content-Length is answered "
+                                                 "413 before the body is read. 64 MiB: as "
+                                                 "--max-receive-message-bytes.", NETWORK)
     models_dir: str = setting(str(DEFAULT_MODELS_DIR), "Folder whose *.pt model artifacts are served (not its "
                                                        "subfolders); the bundled models by default.", MODELS)
     default_model: str = setting("base-max", "Model that answers requests naming none.", MODELS)
@@ -55,6 +74,17 @@ class ServerConfig:
                                   "cuda:N.", MODELS)
     warmup_batches: int = setting(1, "Warm-up rounds per model before SERVING, each at every size of the batch "
                                      "ladder; a second round was measured to gain nothing.", MODELS)
+    model_control_mode: str = setting("none", "What may change the models served: none (what --models-dir holds "
+                                              "at start, never changed), poll (the folder is rescanned every "
+                                              "--repository-poll-seconds: new versions load, removed ones unload) "
+                                              "or explicit (the repository calls of the Open Inference Protocol "
+                                              "load and unload; docs/model-repository.md).", MODELS)
+    load_models: str = setting("*", "Models loaded at start, comma-separated, or * for every model in the "
+                                    "repository; explicit mode loads the rest when asked.", MODELS)
+    version_policy: str = setting("latest:1", "Which versions of each model serve: latest:N (the N highest), "
+                                              "all, or specific:V1,V2; a request naming no version gets the "
+                                              "highest that serves.", MODELS)
+    repository_poll_seconds: float = setting(15.0, "How often poll mode rescans the repository.", MODELS)
     max_batch_size: int = setting(64, "Most images in one request and in one forward pass.", BATCHING)
     max_queue_delay_us: int = setting(500, "How long a forming batch may wait for company, in microseconds, when "
                                            "a pass is already running; an idle server starts at once.", BATCHING)
@@ -101,6 +131,9 @@ class ServerConfig:
                                           "TLS).", SECURITY)
     auth_token_file: str = setting("", "Accepted bearer tokens, one a line: every call but health must carry "
                                        "one (authorization: Bearer TOKEN).", SECURITY)
+    admin_token_file: str = setting("", "Bearer tokens, one a line, that may load and unload models (explicit "
+                                        "mode); with --auth-token-file set, the repository calls need one of "
+                                        "these, and an inference token is refused PERMISSION_DENIED.", SECURITY)
     workers: int = setting(1, "Server processes sharing the gRPC port (SO_REUSEPORT), each with its own models "
                               "and a share of the cores; docs/scaling.md.", PROCESS)
     worker_index: int = setting(-1, "Set by the supervisor of --workers for each worker; -1: not a worker.",
@@ -143,6 +176,23 @@ class ServerConfig:
             raise ValueError(f"answer_budget_bytes must be >= 0 (0: automatic), got {self.answer_budget_bytes}")
         if self.max_request_pixels < 1:
             raise ValueError(f"max_request_pixels must be at least 1, got {self.max_request_pixels}")
+        if self.http_port < -1 or self.http_max_connections < 1 or self.http_max_body_bytes < 1:
+            raise ValueError(f"http_port must be >= -1 (-1: off), http_max_connections and http_max_body_bytes "
+                             f">= 1; got {self.http_port}, {self.http_max_connections}, {self.http_max_body_bytes}")
+        for name in ("http_header_timeout_ms", "http_body_timeout_ms", "http_idle_timeout_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ValueError(f"model_control_mode must be none, poll or explicit, got {self.model_control_mode!r}")
+        _check_policy(self.version_policy)
+        if self.repository_poll_seconds <= 0:
+            raise ValueError(f"repository_poll_seconds must be > 0, got {self.repository_poll_seconds}")
+        if self.model_control_mode == "explicit" and self.workers > 1:
+            raise ValueError("model_control_mode explicit with workers > 1: a load or unload call reaches one worker "
+                             "only, so the workers would serve different models; use poll mode with --workers")
+        if self.admin_token_file and not self.auth_token_file:
+            raise ValueError("admin_token_file needs auth_token_file: without inference tokens every caller could "
+                             "call the repository")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
 
@@ -150,6 +200,14 @@ class ServerConfig:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+def _check_policy(text: str) -> None:
+    kind, _, rest = text.partition(":")
+    ok = ((kind == "all" and not rest) or (kind == "latest" and (not rest or rest.isdigit() and int(rest) >= 1))
+          or (kind == "specific" and rest and all(rest.split(","))))
+    if not ok:
+        raise ValueError(f"version_policy {text!r}: use latest:N (N >= 1), all, or specific:V1,V2")
 
 
 def available_cores() -> int:

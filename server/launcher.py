@@ -1,6 +1,6 @@
 """The real server as a child process, for tests and benchmarks (``ServerProcess``).
 
-``ServerProcess(args)`` starts ``python -m cifar10_serving.server --port 0 --metrics-port 0 ARGS
+``ServerProcess(args)`` starts ``python -m cifar10_serving.server --port 0 --metrics-port 0 --http-port 0 ARGS
 --ready-file TMP`` and returns once the server has written its ready file (``--ready-file``: a JSON
 document written atomically once it is SERVING), so ports are read from that file, never from log
 lines. Imports neither torch nor grpc: it is cheap to import from a benchmark's client side.
@@ -57,7 +57,8 @@ class ServerProcess:
         self._on_line = on_line
         command = list(command) if command is not None else [sys.executable, "-m", "cifar10_serving.server"]
         # Free ports unless args say otherwise (argparse keeps the last value); our ready file always.
-        argv = [*command, "--port", "0", "--metrics-port", "0", *args, "--ready-file", str(self.ready_path)]
+        argv = [*command, "--port", "0", "--metrics-port", "0", "--http-port", "0", *args,
+                "--ready-file", str(self.ready_path)]
         self.proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                      start_new_session=True)
@@ -103,6 +104,17 @@ class ServerProcess:
     def target(self) -> str:
         """``host:port`` to dial the gRPC port."""
         return f"{connect_host(self.ready['host'])}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port of the Open Inference Protocol's REST form; None with ``--http-port -1``."""
+        port = self.ready.get("http_port")
+        return None if port is None else int(port)
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the HTTP port (``https`` is the caller's to choose with TLS)."""
+        return f"http://{connect_host(self.ready['host'])}:{self.http_port}"
 
     @property
     def metrics_ports(self) -> list[int]:

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
@@ -31,17 +32,19 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.server import cifar10_v1, grpc_metrics, open_inference, registration
-from cifar10_serving.server.batching import Batcher, ThreadShares, wide_from
+from cifar10_serving.server import http_api  # issue 32: the Open Inference Protocol over HTTP
+from cifar10_serving.server.batching import ThreadShares, wide_from
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.connections import close_port
 from cifar10_serving.server.drain import DrainGate
 from cifar10_serving.server.health import DrainingHealthServicer
 from cifar10_serving.server.metrics import GpuMemoryCollector, Metrics, serve_metrics
-from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_models_dir, resolve_device
+from cifar10_serving.server.models import LoadedModel, ModelLoadError, resolve_device
 from cifar10_serving.server.ready_file import remove_ready_file, write_ready_file
 from cifar10_serving.server.security import SecurityConfigError, add_port, check_models_dir
 from cifar10_serving.server.security import interceptors as security_interceptors
 from cifar10_serving.server.core import ServingCore
+from cifar10_serving.server.repository import scan
 from cifar10_serving.server.workers import supervise
 
 log = logging.getLogger("server")
@@ -62,13 +65,19 @@ class App:
     server: grpc.aio.Server
     port: int
     metrics_port: int | None
-    models: dict[str, LoadedModel]
     core: ServingCore
     health: DrainingHealthServicer
     metrics: Metrics
     _metrics_http: object | None = None
     gate: DrainGate | None = None
     device: str = ""
+    http: http_api.HttpApi | None = None  # issue 32: --http-port; None when -1
+    http_port: int | None = None
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """The models serving now (each one's latest ready version), by name."""
+        return {model.name: model for model in self.core.models()}
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains and stops: NOT_SERVING and new calls refused UNAVAILABLE first, in-flight calls get up
@@ -76,6 +85,8 @@ class App:
         grace = self.config.grace_period_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()  # health watches send NOT_SERVING and end
+        if self.http is not None:  # issue 32: HTTP readiness is false already; new requests get 503
+            self.http.drain()
         if self.gate is not None:
             self.gate.drain()  # new calls: UNAVAILABLE; streams answer what they have read and end with UNAVAILABLE
             if not await self.gate.idle(grace):
@@ -85,6 +96,8 @@ class App:
             # close the connections first, so that a client sees UNAVAILABLE instead (server/connections.py).
             listeners, connections = close_port(self.port)
             log.debug("closed %d listening sockets and %d connections", listeners, connections)
+        if self.http is not None:  # issue 32: HTTP requests in flight finish within the same grace
+            await self.http.stop(max(0.0, deadline - time.monotonic()))
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.core.stop()
         if self._metrics_http is not None:
@@ -117,25 +130,15 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     check_models_dir(config.models_dir)
     threads = set_threads(config)
     instances = config.instances or default_instances(device.type, threads)
-    models = load_models_dir(config.models_dir, device)
-    if config.default_model not in models:
-        raise ModelLoadError(f"default model {config.default_model!r} is not among the loaded: {sorted(models)}")
     registry = registry if registry is not None else default_registry()
     metrics = metrics if metrics is not None else Metrics(registry, config.max_batch_size)
     if interceptors is None:
         interceptors = [grpc_metrics.interceptor(registry)]
     if device.type == "cuda":
         registry.register(GpuMemoryCollector([device.index or 0]))
-    # One for the process: every model's passes share it.
-    budget = ThreadShares(threads, instances * len(models), wide_from(config.compute_nice))
-    batchers = {name: Batcher(model, metrics, config.max_batch_size, config.max_queue_delay_us,
-                              config.max_queue_images, instances, budget, config.compute_nice)
-                for name, model in models.items()}
-    for model in models.values():
-        pooling = model.metadata.get("pooling", {})
-        metrics.add_model(model.name, {
-            "version": model.version, "pooling": str(pooling.get("kind", "")),
-            "pool_window": str(pooling.get("window", "")), "device": str(device)})
+    # One for the process: every model's passes share it, each pass an equal share over the instances
+    # of the models the repository holds at start (a model loaded later shares the same way).
+    shares = ThreadShares(threads, instances * max(1, len(_models_in(config.models_dir))), wide_from(config.compute_nice))
 
     gate = DrainGate((SERVICE_NAME, open_inference.SERVICE_NAME))  # one gate: each call is counted once
     # The given interceptors (the metrics one by default) go first, so calls refused by authentication
@@ -147,7 +150,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         ("grpc.so_reuseport", 1 if config.worker_index >= 0 else 0),
         *connection_options(config),
     ])
-    core = ServingCore(config, models, batchers, metrics)
+    core = ServingCore(config, metrics, device=device, shares=shares, instances=instances)
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Each API over the core, registered as the generated code does, but answers may be wire bytes.
@@ -157,6 +160,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     reflection.enable_server_reflection(
         (SERVICE_NAME, open_inference.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     metrics_http, metrics_port = None, None
+    http, http_port = None, None  # issue 32
     try:
         for service in SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -167,9 +171,14 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
             metrics_http, metrics_port = serve_metrics(registry, config.metrics_host or config.host,
                                                        config.metrics_port)
         await server.start()
-        # Warm-up runs before SERVING: the first passes pay for allocation and kernel selection.
-        await core.warm_up(config.warmup_batches)
+        if config.http_port >= 0:  # issue 32: the HTTP front-end, on this loop and this core
+            http, http_port = await http_api.start(core, health_servicer)
+        # The models load, and warm up before SERVING: the first passes pay for allocation and kernel
+        # selection. In none mode a file that cannot be served fails the start.
+        await core.start()
     except BaseException:  # a signal (cancelled) or a failure mid-start: nothing stays open
+        if http is not None:  # issue 32
+            await http.stop(0)
         await server.stop(0)
         await core.stop()
         if metrics_http is not None:
@@ -180,11 +189,15 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
     for service in SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (metrics on %s, device %s, %d instances per model sharing %d torch threads, "
-             "default model %s%s)", ", ".join(sorted(models)), config.host, port,
+             "default model %s%s)", ", ".join(f"{m.name}:{m.version}" for m in core.models()), config.host, port,
              metrics_port if metrics_port is not None else "off", device, instances, threads, config.default_model,
              f", worker {config.worker_index}" if config.worker_index >= 0 else "")
-    return App(config, server, port, metrics_port, models, core, health_servicer, metrics, metrics_http, gate=gate,
-               device=str(device))
+    return App(config, server, port, metrics_port, core, health_servicer, metrics, metrics_http, gate=gate,
+               device=str(device), http=http, http_port=http_port)  # issue 32: http
+
+
+def _models_in(models_dir: str) -> dict:
+    return scan(Path(models_dir)) if Path(models_dir).is_dir() else {}
 
 
 def settle_heap() -> int:
@@ -216,7 +229,8 @@ def ready_document(app: App) -> dict[str, Any]:
             "metrics_host": config.metrics_host or config.host,
             "metrics_ports": [app.metrics_port] if app.metrics_port is not None else [],
             "models": sorted(app.models), "default_model": config.default_model, "device": app.device,
-            "worker_index": config.worker_index}
+            "worker_index": config.worker_index,
+            "http_port": app.http_port}  # issue 32: None when --http-port -1
 
 
 async def serve(config: ServerConfig, **seams) -> None:

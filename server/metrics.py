@@ -20,7 +20,13 @@ NAMESPACE = "cifar10"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The method label's values; server.calls refuses any other. Another API's methods go on this line.
 METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo", "Explain",
-           "ModelInfer", "ModelMetadata")  # the Open Inference Protocol's (server.open_inference); its probes are not counted
+           "ModelInfer", "ModelMetadata", "ModelConfig", "ModelStatistics",
+           "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",  # the Open Inference Protocol's (server.open_inference); its probes are not counted
+           "HTTPModelInfer", "HTTPModelMetadata")  # the same protocol over HTTP (server.http_api), its own label
+MODEL_STATES = ("READY", "LOADING", "UNLOADING", "UNAVAILABLE")  # server.repository's
+LOAD_OUTCOMES = ("loaded", "failed", "unloaded")  # cifar10_model_loads_total{outcome}
+# Loading, checking and warming a model version: a tiny test model in 0.1 s, the bundled ones in seconds.
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0)
 UNKNOWN_MODEL = "unknown"  # label for requests naming a model that is not loaded: keeps the set bounded
 DROP_REASONS = ("cancelled", "deadline")  # cifar10_dropped_requests_total{reason}
 FAILURE_REASONS = ("out_of_memory", "error")  # cifar10_batch_failures_total{reason}
@@ -84,9 +90,23 @@ class Metrics:
         self.decode_abandoned = Counter(
             "decode_abandoned", "Requests whose decoding stopped before the end because the caller had gone, by model "
             "and reason (cancelled or deadline).", ["model", "reason"], namespace=ns, registry=registry)
+        self.model_state = Gauge(
+            "model_state", "Each model version's state: 1 on the series of the state it is in, 0 on the others.",
+            ["model", "version", "state"], namespace=ns, registry=registry)
+        self.model_loads = Counter(
+            "model_loads", "Model versions loaded, failed to load, and unloaded, by model and outcome.",
+            ["model", "outcome"], namespace=ns, registry=registry)
+        self.model_load_seconds = Histogram(
+            "model_load_duration_seconds", "Loading, checking and warming one model version before it serves.",
+            ["model"], namespace=ns, buckets=LOAD_BUCKETS, registry=registry)
         self.model_info = Info(
             "model", "One series per loaded model: version, pooling and device.", ["model"], namespace=ns,
             registry=registry)
+
+    def set_state(self, model: str, version: str, state: str) -> None:
+        """A model version's state: 1 on its state's series, 0 on the others."""
+        for each in MODEL_STATES:
+            self.model_state.labels(model, version, each).set(1 if each == state else 0)
 
     def add_model(self, name: str, info: dict[str, str]) -> None:
         """Publishes a loaded model's info series and starts its per-model series at zero.

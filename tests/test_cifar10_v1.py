@@ -15,7 +15,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cifar10_serving.client import ClassifierClient, ClassifierError
+from cifar10_serving.client import ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from tests.helpers.images import encode, random_images

@@ -116,7 +116,7 @@ def test_every_mounted_file_is_in_the_repository():
 
 
 def test_classifier_publishes_the_grpc_port_and_checks_health_through_the_client_cli():
-    assert published("classifier") == {DEFAULTS.port: DEFAULTS.port}
+    assert published("classifier") == {DEFAULTS.port: DEFAULTS.port, DEFAULTS.http_port: DEFAULTS.http_port}
     argv = SERVICES["classifier"]["healthcheck"]["test"][1:]
     assert scripts()[argv[0]] == "cifar10_serving.client.cli:main" and argv[-1] == "health"
     assert argv[argv.index("--target") + 1] == f"127.0.0.1:{DEFAULTS.port}"
@@ -189,7 +189,7 @@ def test_dockerfile_starts_the_server_on_all_interfaces_with_the_default_ports()
     config = parse_config(argv[1:], environ={})
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", DEFAULTS.port, DEFAULTS.metrics_port)
     exposed = {int(port) for line in instruction("EXPOSE") for port in line.split()}
-    assert exposed == {config.port, config.metrics_port}
+    assert exposed == {config.port, config.http_port, config.metrics_port}
     # /metrics binds loopback by default; in the container all interfaces, where Prometheus can reach it
     assert (DEFAULTS.metrics_host, config.metrics_host) == ("127.0.0.1", "0.0.0.0")
 
@@ -327,7 +327,7 @@ def test_the_dashboard_shows_what_operators_asked_for():
 
 
 @pytest.mark.parametrize("family", sorted(exposed_families()))
-def test_every_metric_is_documented_in_the_readme(family):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Metrics and dashboard"):]
+def test_every_metric_is_documented(family):
+    page = (ROOT / "docs" / "metrics.md").read_text()
+    section = page[page.index("## The series"):]
     assert f"`{family}`" in section

@@ -4,6 +4,8 @@ fuzzing of the decode-and-validate path (bench/fuzz.py runs the long version).""
 
 from __future__ import annotations
 
+import http.client
+import json
 import math
 import time
 
@@ -33,7 +35,8 @@ RNG = np.random.default_rng(12)
 @pytest.fixture(scope="module")
 def hostile_server(tiny_models_dir):
     registry = CollectorRegistry()
-    running = RunningServer(make_config(tiny_models_dir, max_receive_message_bytes=MAX_MESSAGE), registry)
+    running = RunningServer(make_config(tiny_models_dir, max_receive_message_bytes=MAX_MESSAGE,
+                                        http_max_body_bytes=MAX_MESSAGE), registry)
     yield running
     running.stop(grace=1.0)
 
@@ -229,6 +232,93 @@ def test_a_barrage_of_hostile_requests_leaves_memory_flat(hostile_server, channe
     grown = _rss_bytes() - before
     assert grown < 50 << 20, f"resident memory grew {grown >> 20} MB over {5 * len(CASES)} hostile requests"
     _valid_request_succeeds(channel)
+
+
+# ----------------------------------------------------------------------------- the HTTP column
+def _files_body(*files: bytes, extra: dict | None = None) -> tuple[bytes, dict]:
+    """``encoded_image`` as Triton's binary tensor extension: each file after a 4-byte length."""
+    data = b"".join(len(f).to_bytes(4, "little") + f for f in files)
+    header = json.dumps({"inputs": [{"name": "encoded_image", "shape": [len(files)], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(data)}}], **(extra or {})}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _image_body(shape, values, datatype: str = "UINT8", **extra) -> tuple[str, dict]:
+    return json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": datatype, "data": values}],
+                       **extra}), {}
+
+
+CHW = IMG.transpose(2, 0, 1).ravel().tolist()
+# The same classes of input over the Open Inference Protocol's HTTP form, and its own (JSON, binary
+# framing, headers). name: ((body, headers), status, words); the path is tiny-max's infer unless the
+# name says otherwise. No input may get a 500.
+HTTP_CASES = {
+    "random bytes": (_files_body(RNG.bytes(3000)), 400, "not a PNG or JPEG"),
+    "truncated PNG": (_files_body(TRUNCATED_PNG), 400, "truncated or corrupt"),
+    "corrupt JPEG": (_files_body(CORRUPT_JPEG), 400, "image 0"),
+    "second image corrupt": (_files_body(PNG, TRUNCATED_PNG), 400, "image 1"),
+    "grey PNG": (_files_body(encode(IMG, mode="L")), 400, "mode 'L'"),
+    "PNG bomb 50000x50000": (_files_body(png_declaring(50_000, 50_000)), 400, "refused from its header"),
+    "JPEG bomb 50000x50000": (_files_body(jpeg_declaring(JPEG, 50_000, 50_000)), 400, "refused from its header"),
+    "element length past the end": ((_files_body(b"abcd")[0].replace(b"\x04\x00\x00\x00abcd", b"\xff\xff\xff\x7fabcd"),
+                                     _files_body(b"abcd")[1]), 400, "declares"),
+    "header length past the body": ((b"{}", {"Inference-Header-Content-Length": "99"}), 400,
+                                    "Inference-Header-Content-Length"),
+    "binary_data_size not the bytes sent": ((_files_body(PNG)[0][:-1], _files_body(PNG)[1]), 400, "binary_data_size"),
+    "raw bytes short": (_image_body([1, 3, 32, 32], CHW[:-1]), 400, "3,071 values"),
+    "ragged data": (_image_body([1, 3, 32, 32], [CHW[:10], CHW[:11]]), 400, "not an array of numbers"),
+    "strings as pixels": (_image_body([1, 3, 32, 32], ["1"] * 3072), 400, "integers in 0..255"),
+    "UINT8 over 255": (_image_body([1, 3, 32, 32], [256] * 3072), 400, "integers in 0..255"),
+    "huge integer": (_image_body([1, 3, 32, 32], [10**400] * 3), 400, "values"),
+    "NaN": (("{\"inputs\": [{\"name\": \"image\", \"shape\": [1, 3, 32, 32], \"datatype\": \"FP32\", "
+             "\"data\": [NaN]}]}", {}), 400, "not valid JSON"),
+    "float out of range": (_image_body([1, 3, 32, 32], [1.5] * 3072, "FP32"), 400, "[0, 1]"),
+    "shape overflow": (_image_body([2**63, 3, 32, 32], CHW), 400, "images; send 1 to 64"),
+    "shape of a million dimensions": (_image_body([1] * 1_000_00, CHW), 400, "items)"),
+    "65 images": (_image_body([65, 3, 32, 32], []), 400, "send 1 to 64"),
+    "nested 100,000 deep": (("[" * 100_000 + "]" * 100_000, {}), 400, "not valid JSON"),
+    "not an object": (("[1, 2]", {}), 400, "a JSON list"),
+    "invalid UTF-8": ((b'{"id": "\xc3\x28"}', {}), 400, "not valid JSON"),
+    "classification 11": (_image_body([1, 3, 32, 32], CHW, outputs=[{"name": "probabilities",
+                                                                      "parameters": {"classification": 11}}]),
+                          400, "integer 1 to 10"),
+    "classification true": (_image_body([1, 3, 32, 32], CHW, outputs=[{"name": "probabilities",
+                                                                        "parameters": {"classification": True}}]),
+                            400, "integer 1 to 10"),
+    "duplicate output": (_image_body([1, 3, 32, 32], CHW, outputs=[{"name": "stage1.pool"}] * 2), 400, "twice"),
+    "100 KB output name": (_image_body([1, 3, 32, 32], CHW, outputs=[{"name": "x" * 100_000}]), 400, "has no output"),
+    "100 KB id": (_image_body([1, 3, 32, 32], CHW, id="i" * 100_000), 400, "send a shorter id"),
+    "unknown field": (_image_body([1, 3, 32, 32], CHW, shared_memory=1), 400, "unknown field"),
+    "body over the size limit": ((PNG + b"\0" * MAX_MESSAGE, {}), 413, "the limit is"),
+    "unknown model /v2/models/resnet-9000/infer": (_image_body([1, 3, 32, 32], CHW), 404, "is not loaded"),
+    "model name as a path /v2/models/..%2F..%2Fetc%2Fpasswd/infer": (_image_body([1, 3, 32, 32], CHW), 404, ""),
+}
+
+
+def _http(server, body, headers, path="/v2/models/tiny-max/infer"):
+    connection = http.client.HTTPConnection("127.0.0.1", server.app.http_port, timeout=30)
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (BrokenPipeError, ConnectionResetError):  # refused before the whole body was sent
+        return None, b""
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("name", list(HTTP_CASES))
+def test_hostile_request_over_http_gets_its_status_and_the_server_keeps_serving(hostile_server, name):
+    (body, headers), status, words = HTTP_CASES[name]
+    path = name.split(" ")[-1] if " /v2/" in name else "/v2/models/tiny-max/infer"
+    got, answer = _http(hostile_server, body, headers, path)
+    if got is not None or status != 413:
+        assert got == status, answer[:300]
+        message = json.loads(answer)["error"]
+        assert words in message and len(message) < 1000
+    body, headers = _image_body([1, 3, 32, 32], CHW)
+    got, answer = _http(hostile_server, body, headers)
+    assert got == 200, answer[:300]
 
 
 # ----------------------------------------------------------------------------- property-based fuzzing

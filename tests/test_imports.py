@@ -18,7 +18,7 @@ PACKAGES = {"protos": "cifar10_serving.protos", "server": "cifar10_serving.serve
             "client": "cifar10_serving.client", "model": "cifar10_serving.model", "bench": "bench", "tests": "tests"}
 V1 = "cifar10_serving.server.cifar10_v1"
 OPEN_INFERENCE = "cifar10_serving.server.open_inference"
-FRONT_ENDS = (V1, OPEN_INFERENCE)  # one per API, each over the core alone
+FRONT_ENDS = (V1, OPEN_INFERENCE, "cifar10_serving.server.http_api")  # one per API, each over the core alone
 CORE = "cifar10_serving.server.core"
 V1_MESSAGES = "cifar10_serving.protos.cifar10"  # the generated code of the cifar10.v1 API
 V2_MESSAGES = "cifar10_serving.protos.inference"  # the Open Inference Protocol's

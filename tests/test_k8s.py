@@ -163,9 +163,11 @@ def test_ports_and_probes_are_the_servers(overlay, rendered):
     c = container(rendered[overlay])
     config = server_config(c)
     assert (config.host, config.metrics_host) == ("0.0.0.0", "0.0.0.0")  # /metrics too: its default is loopback
-    assert ports(c) == {"grpc": DEFAULTS.port, "metrics": DEFAULTS.metrics_port}
-    assert (config.port, config.metrics_port) == (DEFAULTS.port, DEFAULTS.metrics_port)
+    assert ports(c) == {"grpc": DEFAULTS.port, "http": DEFAULTS.http_port, "metrics": DEFAULTS.metrics_port}
+    assert (config.port, config.http_port, config.metrics_port) == (DEFAULTS.port, DEFAULTS.http_port,
+                                                                    DEFAULTS.metrics_port)
     assert int(COMPOSE["ports"][0].split(":")[1]) == config.port
+    assert int(COMPOSE["ports"][1].split(":")[1]) == config.http_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": config.port, "service": ""}, probe  # the whole server's health
     annotations = one(rendered[overlay], "Deployment")["spec"]["template"]["metadata"]["annotations"]
@@ -211,8 +213,13 @@ def test_services_for_an_l7_proxy_and_for_client_side_round_robin(rendered):
     assert headless["spec"]["clusterIP"] == "None" and "clusterIP" not in proxied["spec"]
     for service in (proxied, headless):
         assert service["spec"]["selector"].items() <= labels.items()
-        (port,) = service["spec"]["ports"]
+        port = service["spec"]["ports"][0]
         assert port["appProtocol"] == "kubernetes.io/h2c" and port["targetPort"] == "grpc"
+    # the Open Inference Protocol over HTTP beside gRPC on the proxied Service (the headless one is for gRPC's
+    # client-side round robin)
+    assert proxied["spec"]["ports"][1] == {"name": "http", "port": DEFAULTS.http_port, "targetPort": "http",
+                                           "protocol": "TCP", "appProtocol": "http"}
+    assert len(headless["spec"]["ports"]) == 1
     assert headless["spec"]["ports"][0]["port"] == DEFAULTS.port  # clients dial the pods' own port
 
 
@@ -305,6 +312,7 @@ def test_the_inference_service_is_a_grpc_v2_custom_predictor(rendered):
     assert (config.host, config.port) == ("0.0.0.0", port["containerPort"])
     assert config.metrics_host == "0.0.0.0"  # its default is loopback: set, so the scrape reaches it
     assert config.grace_period_seconds == DEFAULTS.grace_period_seconds
+    assert config.http_port == 8080  # KServe's HTTP port, in the pod beside gRPC; Knative routes the one above
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": config.port, "service": ""}
     assert c["livenessProbe"]["initialDelaySeconds"] >= 120  # no startupProbe: loading must not look like a hang

@@ -15,9 +15,7 @@ import pytest
 import torch
 
 from cifar10_serving.model.data import CLASSES, PYTHON_FORMAT_DIR, load_jpeg_archive, load_python_format, validation_split
-from cifar10_serving.model.export import build_metadata, export_torchscript
 from cifar10_serving.model.network import CifarNet, NetConfig, count_flops, describe_layers, pooled_size
-from cifar10_serving.model.data import Dataset
 from cifar10_serving.protos.artifact import METADATA_FILE
 from tests.helpers.images import encode
 from tests.helpers.models import TINY_WIDTHS, export_tiny

@@ -1,6 +1,7 @@
 """NVIDIA's real ``tritonclient`` against a real server: health, metadata, raw UINT8 and BYTES
 inference, top-k through the classification extension, a feature map of the metadata's shape, and
-errors as InferenceServerException with their status codes.
+errors as InferenceServerException with their status codes; over gRPC (``tritonclient.grpc``) and
+over HTTP (``tritonclient.http``, binary and JSON tensors).
 
 tritonclient pins protobuf<7 and this project needs >=7, so it lives in a venv of its own, as a real
 user's would: ``$TRITONCLIENT_VENV``, or ``.cache/tritonclient-venv`` in the checkout, made with pip
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.system  # a server process, and tritonclient in a venv 
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "helpers" / "tritonclient_calls.py"
-REQUIREMENT = "tritonclient[grpc]"  # 2.73.0 when this was written; its own pins choose protobuf and grpcio
+REQUIREMENT = "tritonclient[grpc,http]"  # 2.73.0 when this was written; its own pins choose protobuf and grpcio
 INSTALL_TIMEOUT_SECONDS = 900  # a fresh venv and a cold pip cache on a slow link
 CALLS_TIMEOUT_SECONDS = 180
 
@@ -40,7 +41,7 @@ def _venv_python(venv: Path) -> Path:
 def _works(python: Path) -> bool:
     if not python.exists():
         return False
-    return subprocess.run([str(python), "-c", "import tritonclient.grpc"], capture_output=True, timeout=120).returncode == 0
+    return subprocess.run([str(python), "-c", "import tritonclient.grpc, tritonclient.http"], capture_output=True, timeout=120).returncode == 0
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +76,8 @@ def test_tritonclient_drives_the_v2_api(triton_python, running, tmp_path):
     files = [encode(img) for img in images]
     for i, data in enumerate(files):
         (tmp_path / f"{i}.png").write_bytes(data)
-    done = subprocess.run([str(triton_python), str(SCRIPT), running.target, str(tmp_path)],
+    done = subprocess.run([str(triton_python), str(SCRIPT), running.target, str(tmp_path),
+                           f"127.0.0.1:{running.http_port}"],
                           capture_output=True, text=True, timeout=CALLS_TIMEOUT_SECONDS)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads((tmp_path / "answers.json").read_text())
@@ -86,7 +88,7 @@ def test_tritonclient_drives_the_v2_api(triton_python, running, tmp_path):
         expected = own.classify(list(images), top_k=3, layers=["stage2.pool"])  # another graph: scores may differ by an ulp
 
     assert (got["live"], got["ready"], got["model_ready"]) == (True, True, True)
-    assert got["server"]["name"] == "cifar10-serving" and got["server"]["extensions"] == ["classification"]
+    assert got["server"]["name"] == "cifar10-serving" and "classification" in got["server"]["extensions"]
     meta = got["metadata"]
     assert meta["name"] == "tiny-max" and meta["versions"] == [info.version] and meta["platform"] == "pytorch_torchscript"
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [
@@ -109,3 +111,19 @@ def test_tritonclient_drives_the_v2_api(triton_python, running, tmp_path):
     status, message = got["errors"]["unknown_model"]
     assert status == "StatusCode.NOT_FOUND" and "resnet-9000" in message
     np.testing.assert_array_equal(np.array(got["after"], dtype=np.float32), scores)
+
+    http = json.loads((tmp_path / "http_answers.json").read_text())
+    assert (http["live"], http["ready"], http["model_ready"]) == (True, True, True)
+    assert http["server"]["extensions"] == ["classification", "binary_tensor_data"]
+    assert http["metadata"]["inputs"][0] == {"name": "image", "datatype": "UINT8", "shape": [-1, 3, 32, 32]}
+    for form in ("binary", "json", "after"):
+        np.testing.assert_array_equal(np.array(http[form], dtype=np.float32), scores, err_msg=form)
+    assert http["binary_id"] == "http-1"
+    np.testing.assert_allclose(np.array(http["encoded"], dtype=np.float32), np.array(got["raw"], dtype=np.float32),
+                               atol=1e-6)  # PNG is lossless: the same pixels
+    # gRPC's top-3 came from a pass with a feature map: another graph, whose scores may differ by an ulp
+    assert [[s.split(":")[1:] for s in row] for row in http["top3"]] == [[s.split(":")[1:] for s in row] for row in got["top3"]]
+    status, message = http["errors"]["bad_shape"]
+    assert status == "400" and "input 'image'" in message
+    status, message = http["errors"]["unknown_model"]
+    assert status == "404" and "resnet-9000" in message

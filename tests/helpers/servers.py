@@ -40,7 +40,7 @@ def make_config(models_dir: Path, **overrides) -> ServerConfig:
     """The in-process server's settings: those of ``server_args``, one model instance, a 5 s grace."""
     base = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, models_dir=str(models_dir),
                         default_model="tiny-max", warmup_batches=1, torch_threads=1, instances=1,
-                        grace_period_seconds=5.0)
+                        grace_period_seconds=5.0, http_port=0)  # a free port: never Triton's 8000 twice
     return replace(base, **overrides)
 
 

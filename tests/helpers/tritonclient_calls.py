@@ -1,10 +1,11 @@
 """Calls a server through NVIDIA's tritonclient, as a Triton user would; run by tests/test_tritonclient.py
 with the python of tritonclient's own venv (it pins protobuf<7, this project >=7), never imported.
 
-    python tests/helpers/tritonclient_calls.py TARGET DIR
+    python tests/helpers/tritonclient_calls.py TARGET DIR [HTTP_TARGET]
 
 DIR holds images.npy (N x 3 x 32 x 32 uint8) and 0.png, 1.png, ...; what came back is written to
-DIR/answers.json for the test to check against the own API.
+DIR/answers.json for the test to check against the own API. With HTTP_TARGET, the same calls through
+tritonclient.http go to DIR/http_answers.json.
 """
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 MODEL = "tiny-max"
@@ -64,5 +66,55 @@ def main(target: str, directory: Path) -> None:
     (directory / "answers.json").write_text(json.dumps(answers))
 
 
+def main_http(target: str, directory: Path) -> None:
+    """The HTTP/REST form through tritonclient.http: binary and JSON tensors, classification."""
+    images = np.load(directory / "images.npy")
+    files = sorted(directory.glob("*.png"), key=lambda p: int(p.stem))
+    answers = {}
+    with triton_http.InferenceServerClient(target, network_timeout=TIMEOUT_SECONDS) as client:
+        answers["live"] = client.is_server_live()
+        answers["ready"] = client.is_server_ready()
+        answers["model_ready"] = client.is_model_ready(MODEL)
+        answers["server"] = client.get_server_metadata()
+        answers["metadata"] = client.get_model_metadata(MODEL)
+
+        # Binary UINT8 in, every output binary (tritonclient's default when none is named).
+        pixels = triton_http.InferInput("image", list(images.shape), "UINT8")
+        pixels.set_data_from_numpy(images, binary_data=True)
+        result = client.infer(MODEL, [pixels], request_id="http-1")
+        answers["binary"] = result.as_numpy("probabilities").tolist()
+        answers["binary_id"] = result.get_response()["id"]
+
+        # JSON in and out; then top-3 through the classification extension.
+        typed = triton_http.InferInput("image", list(images.shape), "UINT8")
+        typed.set_data_from_numpy(images, binary_data=False)
+        result = client.infer(MODEL, [typed], outputs=[triton_http.InferRequestedOutput("probabilities",
+                                                                                        binary_data=False)])
+        answers["json"] = result.as_numpy("probabilities").tolist()
+        outputs = [triton_http.InferRequestedOutput("probabilities", binary_data=True, class_count=3)]
+        result = client.infer(MODEL, [pixels], outputs=outputs)
+        answers["top3"] = [[s.decode() for s in row] for row in result.as_numpy("probabilities")]
+
+        # Encoded files as binary BYTES.
+        encoded = np.array([p.read_bytes() for p in files], dtype=np.object_)
+        blobs = triton_http.InferInput("encoded_image", [len(encoded)], "BYTES")
+        blobs.set_data_from_numpy(encoded, binary_data=True)
+        answers["encoded"] = client.infer(MODEL, [blobs]).as_numpy("probabilities").tolist()
+
+        answers["errors"] = {}
+        bad = triton_http.InferInput("image", [1, 3, 31, 32], "UINT8")
+        bad.set_data_from_numpy(images[:1, :, :31])
+        for what, model, inputs in (("bad_shape", MODEL, [bad]), ("unknown_model", "resnet-9000", [pixels])):
+            try:
+                client.infer(model, inputs)
+                answers["errors"][what] = None
+            except InferenceServerException as exc:
+                answers["errors"][what] = [exc.status(), exc.message()]
+        answers["after"] = client.infer(MODEL, [pixels]).as_numpy("probabilities").tolist()
+    (directory / "http_answers.json").write_text(json.dumps(answers))
+
+
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    if len(sys.argv) > 3:
+        main_http(sys.argv[3], Path(sys.argv[2]))
