@@ -42,6 +42,7 @@ SERVER_NAME = "cifar10-serving"
 PLATFORM = "pytorch_torchscript"
 # Triton's: top-k as "score:index:label" strings; ModelConfig; ModelStatistics; the Repository calls.
 EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository")
+IGNORED_PARAMETERS = ("triton_enable_empty_final_response",)
 REPOSITORY_CHANGES = ("RepositoryModelLoad", "RepositoryModelUnload")  # explicit mode only; admin tokens
 
 IMAGE = "image"  # UINT8 (0..255) or FP32 (0..1), [N, 3, 32, 32], RGB, channels first
@@ -199,7 +200,10 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     def _plan(self, request: v2.ModelInferRequest) -> InferPlan:
         model = self.core.model(request.model_name, request.model_version)
         echo = self.core.check_echo("id", request.id)
-        _no_parameters(request.parameters, "the request")
+        # perf_analyzer sends Triton's flag for decoupled models, which answer a request more than once;
+        # this server answers each request once, so the flag changes nothing. Anything else is refused.
+        _no_parameters({k: v for k, v in request.parameters.items() if k not in IGNORED_PARAMETERS}
+                       if len(request.parameters) <= LIST_ITEMS else request.parameters, "the request")
         if len(request.inputs) != 1:
             raise invalid(f"{len(request.inputs)} input tensors; send one: {IMAGE!r} (UINT8 or FP32 "
                            f"[N, {', '.join(map(str, model.input_shape))}]) or {ENCODED_IMAGE!r} (BYTES [N])")
@@ -433,7 +437,7 @@ def model_metadata(model: LoadedModel) -> v2.ModelMetadataResponse:
     return v2.ModelMetadataResponse(
         name=model.name, versions=[model.version], platform=PLATFORM,
         inputs=[tensor(name=IMAGE, datatype="UINT8", shape=[-1, *model.input_shape]),
-                tensor(name=ENCODED_IMAGE, datatype="BYTES", shape=[-1])],
+                tensor(name=ENCODED_IMAGE, datatype="BYTES", shape=[-1, 1])],  # [N] is taken too
         outputs=[tensor(name=PROBABILITIES, datatype="FP32", shape=[-1, len(model.class_names)]),
                  *(tensor(name=name, datatype="FP32", shape=[-1, *shape]) for name, shape in layers.items())])
 
@@ -473,7 +477,7 @@ def model_config(model: LoadedModel, config, instances: int, device_type: str) -
         input=[v2.ModelInput(name=IMAGE, data_type=v2.TYPE_UINT8, format=v2.ModelInput.FORMAT_NCHW,
                              dims=list(model.input_shape), optional=True),
                v2.ModelInput(name=ENCODED_IMAGE, data_type=v2.TYPE_STRING, dims=[1],
-                             reshape=v2.ModelTensorReshape(shape=[]), optional=True)],
+                             optional=True)],  # [N, 1]: perf_analyzer sets an optional input's shape from dims
         output=[v2.ModelOutput(name=PROBABILITIES, data_type=v2.TYPE_FP32, dims=[len(model.class_names)]),
                 *(v2.ModelOutput(name=n, data_type=v2.TYPE_FP32, dims=list(shape)) for n, shape in layers.items())],
         dynamic_batching=v2.ModelDynamicBatching(preferred_batch_size=list(batch_ladder(config.max_batch_size)),

@@ -138,7 +138,7 @@ def test_model_metadata_lists_the_inputs_scores_and_every_layer(stub, own, model
     meta = stub.ModelMetadata(v2.ModelMetadataRequest(name=model), timeout=10)
     assert (meta.name, list(meta.versions), meta.platform) == (model, [info.version], "pytorch_torchscript")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("image", "UINT8", [-1, 3, 32, 32]), ("encoded_image", "BYTES", [-1])]
+        ("image", "UINT8", [-1, 3, 32, 32]), ("encoded_image", "BYTES", [-1, 1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probabilities", "FP32", [-1, 10]),
         *((layer.name, "FP32", [-1, *layer.output_shape]) for layer in info.layers)]

@@ -92,7 +92,7 @@ def test_tritonclient_drives_the_v2_api(triton_python, running, tmp_path):
     meta = got["metadata"]
     assert meta["name"] == "tiny-max" and meta["versions"] == [info.version] and meta["platform"] == "pytorch_torchscript"
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [
-        ("image", "UINT8", [-1, 3, 32, 32]), ("encoded_image", "BYTES", [-1])]
+        ("image", "UINT8", [-1, 3, 32, 32]), ("encoded_image", "BYTES", [-1, 1])]
     shapes = {t["name"]: [int(d) for d in t["shape"]] for t in meta["outputs"]}  # int64 arrive as JSON strings
     assert list(shapes) == ["probabilities", *(layer.name for layer in info.layers)]
 
