@@ -39,6 +39,9 @@ class Recipe:
     downsample_init: str = "random"
     logit_scale: float = 1 / 9  # the fc output is scaled by this in training; folded into fc at export
     whiten_bias_epochs: int = 3  # the whitening layer's bias trains for these first epochs, then freezes
+    # the whitening layer is fitted on a random sample of this many training images, as in airbench:
+    # the 12 x 12 patch covariance is settled long before that
+    whiten_fit_images: int = 5000
     lookahead: bool = True  # airbench's lookahead averaging every 5 steps (model/ema.py)
     label_smoothing: float = 0.2  # airbench's value: the net is small, the labels are hard
     translate_px: int = 2  # random shifts up to this many pixels, reflect-padded
@@ -46,7 +49,10 @@ class Recipe:
     alternate_flip: bool = True  # each image flipped at random once, then the other way every other epoch
     cutout: int = 0  # side of a square set to the mean colour at a random place in each image (0: off)
     val_per_class: int = 500  # 5,000 validation images in all
-    seed: int = 0
+    seed: int = 0  # the training seed: initial weights, data order, augmentation, the whitening fit's sample
+    # The validation split's own seed, so runs with different training seeds are scored on the same
+    # images. 0, because the split was seeded by ``seed`` (default 0) before: every shipped model's split.
+    split_seed: int = 0
     kd_weight: float = 0.0  # with a teacher: loss = (1 - w) * label loss + w * distillation loss
     kd_temperature: float = 4.0
     teacher_tta: bool = False  # the teacher's logits are the mean over the image and its mirror image
@@ -136,6 +142,16 @@ def prepare_fresh(net: CifarNet, recipe: Recipe) -> None:
                 w.zero_()[own, own] = 1.0 / (w.shape[2] * w.shape[3])
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = recipe.bn_momentum
+
+
+def whitening_fit_indices(train_idx: Tensor, n: int, seed: int) -> Tensor:
+    """A random sample of ``n`` of ``train_idx`` (all of them if fewer), sorted, for fitting the
+    whitening layer. Random because the data loaders return the images sorted by class: the first
+    5,000 training images were 4,500 airplanes and 500 automobiles (issue 31). Its own generator, so
+    the draw moves none of the recipe's other random numbers; ``seed + 2`` because ``seed`` drives
+    the data order and ``seed + 1`` the alternating flips."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    return train_idx[torch.randperm(len(train_idx), generator=gen)[:n]].sort().values
 
 
 def freeze_bn_weights(net: CifarNet, recipe: Recipe) -> None:

@@ -3,14 +3,17 @@
     python -m model.train --pool max --out model/artifacts/base-max.pt
 
 Reads the JPEG archive (``--data path/train.tar.gz``) or the standard Python format (``--data DIR``,
-add ``--download`` to fetch it). Holds out a fixed, seeded validation split of 500 images per class
-for model selection (``--full`` trains on all 50,000 instead and reports no validation figure).
+add ``--download`` to fetch it). Holds out a fixed validation split of 500 images per class for
+model selection, seeded by ``--split-seed``, not by the training ``--seed``, so runs with different
+training seeds are scored on the same images (``--full`` trains on all 50,000 instead and reports
+no validation figure).
 Uses the GPU with bf16 autocast when there is one, the CPU otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -30,10 +33,9 @@ from cifar10_serving.model.evaluate import autocast, evaluate
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
 from cifar10_serving.model.network import CifarNet, NetConfig, fit_whitening
 from cifar10_serving.model.recipe import (Recipe, augment, distillation_loss, fold_logit_scale, freeze_bn_weights,
-                                          lr_at, make_optimizer, prepare_fresh, reflect_pad)
+                                          lr_at, make_optimizer, prepare_fresh, reflect_pad, whitening_fit_indices)
 
 log = logging.getLogger("model.train")
-WHITEN_FIT_IMAGES = 5000  # airbench fits its whitening layer on 5,000 training images; the estimate is settled by then
 
 ARCHS = {  # named (widths, residual, whiten) plans; "base" is the <=150 MFLOP default
     "small": ((32, 64, 128), False, False),  # 35 MFLOP per image
@@ -55,16 +57,21 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
     logit scale folded into fc)."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    train_idx, val_idx = validation_split(data.labels, recipe.val_per_class, recipe.seed)
+    train_idx, val_idx = validation_split(data.labels, recipe.val_per_class, recipe.split_seed)
     if full:
         train_idx = torch.arange(len(data.labels))
     padded = reflect_pad(data.images, recipe.translate_px).to(device)  # 150 MB on the GPU: augment there
     labels = data.labels.to(device)
     net.to(device, memory_format=torch.channels_last)
     scale = recipe.logit_scale if fresh else 1.0  # a file's fc has its scale folded in already
+    whitening_fit = None  # what the whitening layer was fitted on, for the metadata (None: not fitted here)
     if fresh:
         prepare_fresh(net, recipe)
-        fit_whitening(net, data.images[train_idx[:WHITEN_FIT_IMAGES]])  # un-augmented training images only
+        if net.config.whiten:
+            fit_idx = whitening_fit_indices(train_idx, recipe.whiten_fit_images, recipe.seed)
+            fit_whitening(net, data.images[fit_idx])  # un-augmented training images only
+            whitening_fit = {"images": len(fit_idx), "sample": "random", "seed": recipe.seed, "class_counts":
+                             torch.bincount(data.labels[fit_idx], minlength=net.config.num_classes).tolist()}
     freeze_bn_weights(net, recipe)
     opt = make_optimizer(net, recipe)
     ema = EMA(net, recipe.ema_decay, recipe.ema_every) if recipe.ema_decay else None
@@ -79,8 +86,10 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
     if resume and saved is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir}")
     if saved is not None:
-        # A field added to Recipe after the checkpoint was written counts as its default.
-        if {**asdict(Recipe()), **saved["recipe"]} != asdict(recipe) or saved["config"] != net.config.to_dict() or saved["full"] != full:
+        # A field added to Recipe after the checkpoint was written counts as its default, but for
+        # split_seed: before it existed the split was seeded by the training seed.
+        written = {**asdict(Recipe()), "split_seed": saved["recipe"]["seed"], **saved["recipe"]}
+        if written != asdict(recipe) or saved["config"] != net.config.to_dict() or saved["full"] != full:
             raise ValueError(f"{checkpoint_dir}: the checkpoint was written by a run with another recipe, network "
                              f"or split; resume with the same flags (checkpoint recipe: {saved['recipe']})")
         net.load_state_dict(saved["model"])
@@ -92,6 +101,7 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
         gen.set_state(saved["data_generator"])
         set_rng_states(saved["rng"])
         history, step, t_train, first_epoch = saved["history"], saved["step"], saved["train_seconds"], saved["epoch"] + 1
+        whitening_fit = saved.get("whitening_fit")  # the checkpoint's weights are what was fitted then
         log.info("resumed from %s after epoch %d (step %d)", checkpoint_dir, saved["epoch"], step)
     for epoch in range(first_epoch, recipe.epochs + 1):
         net.train()
@@ -151,7 +161,7 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, {
                 "epoch": epoch, "step": step, "history": history, "train_seconds": t_train,
-                "recipe": asdict(recipe), "config": net.config.to_dict(), "full": full,
+                "recipe": asdict(recipe), "config": net.config.to_dict(), "full": full, "whitening_fit": whitening_fit,
                 "model": net.state_dict(), "optimizer": opt.state_dict(),
                 "ema": None if ema is None else ema.state_dict(),
                 "lookahead": None if lookahead is None else lookahead.state_dict(),
@@ -162,7 +172,14 @@ def train(net: CifarNet, data: Dataset, recipe: Recipe, device: torch.device, fu
     net.load_state_dict(fold_logit_scale(net if ema is None else ema.module, scale).state_dict())
     return {"finished": history[-1]["epoch"] == recipe.epochs if history else False,
             "history": history, "train_seconds": t_train, "train_images": len(train_idx),
-            "validation_images": 0 if full else len(val_idx)}
+            "validation_images": 0 if full else len(val_idx),
+            "validation_indices_sha256": None if full else indices_sha256(val_idx), "whitening_fit": whitening_fit}
+
+
+def indices_sha256(idx: torch.Tensor) -> str:
+    """A fingerprint of a set of image indices (sorted, int64 little-endian): two files whose
+    validation carries the same one were scored on the same images of the same data set."""
+    return hashlib.sha256(idx.sort().values.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
 
 
 def teacher_note(meta: dict | None) -> dict | None:
@@ -243,11 +260,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="scale of the fc output in training (folded into fc at export)")
     p.add_argument("--whiten-bias-epochs", type=int, default=Recipe.whiten_bias_epochs,
                    help="epochs the whitening layer's bias trains before it freezes")
+    p.add_argument("--whiten-fit-images", type=int, default=Recipe.whiten_fit_images,
+                   help="the whitening layer is fitted on a random sample of this many training images")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=Recipe.lookahead,
                    help="airbench's lookahead weight averaging every 5 steps")
     p.add_argument("--alternate-flip", action=argparse.BooleanOptionalAction, default=Recipe.alternate_flip,
                    help="flip each image one way in odd epochs and the other in even ones, instead of a coin per batch")
-    p.add_argument("--seed", type=int, default=Recipe.seed)
+    p.add_argument("--seed", type=int, default=Recipe.seed,
+                   help="training seed: initial weights, data order, augmentation, the whitening fit's sample")
+    p.add_argument("--split-seed", type=int, default=Recipe.split_seed,
+                   help="seed of the validation split, independent of --seed (0: the shipped models' split)")
     p.add_argument("--translate", type=int, default=Recipe.translate_px, help="random shifts up to this many pixels")
     p.add_argument("--cutout", type=int, default=Recipe.cutout, help="cutout square side in pixels (0: off)")
     p.add_argument("--label-smoothing", type=float, default=Recipe.label_smoothing)
@@ -265,6 +287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--teacher-tta needs --teacher")
     if (args.resume or args.stop_after is not None) and not args.checkpoint_dir:
         p.error("--resume and --stop-after need --checkpoint-dir")
+    if args.whiten_fit_images < 1:
+        p.error(f"--whiten-fit-images must be at least 1, got {args.whiten_fit_images}")
     if not 0.0 <= args.ema < 1.0:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     return args
@@ -292,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         net, init_meta = CifarNet(NetConfig(pool=args.pool, pool_size=args.pool_size, widths=widths,
                                             residual=residual, whiten=whiten)), None
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    split_seed=args.split_seed,
                     warmup_epochs=args.warmup_epochs, teacher_tta=args.teacher_tta,
                     translate_px=args.translate, cutout=args.cutout, label_smoothing=args.label_smoothing,
                     val_per_class=args.val_per_class, kd_weight=args.kd_weight if args.teacher else 0.0,
@@ -301,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     frozen_bn_weights=args.frozen_bn_weights, bn_momentum=args.bn_momentum, dirac=args.dirac,
                     downsample_init=args.downsample_init,
                     logit_scale=args.logit_scale, whiten_bias_epochs=args.whiten_bias_epochs,
+                    whiten_fit_images=args.whiten_fit_images,
                     lookahead=args.lookahead, alternate_flip=args.alternate_flip)
     teacher, teacher_meta = None, None
     if args.teacher:  # rebuilt as an eager network, so autocast applies to it
@@ -322,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         dataset={"source": data.source, "sha256": data.sha256, "note": "CIFAR-10 (JPEG) where source is the archive"},
         training={"recipe": asdict(recipe), "teacher": teacher_note(teacher_meta),
                   "init": init_note(init_meta), "full": args.full, "train_images": result["train_images"],
+                  "whitening_fit": result["whitening_fit"],
                   "seconds": round(result["train_seconds"], 1), "hardware": hardware(device), "command": command},
         validation={"images": result["validation_images"], "accuracy": final.get("accuracy"),
-                    "accuracy_flip_tta": final.get("accuracy_flip_tta"), "split_seed": recipe.seed},
+                    "accuracy_flip_tta": final.get("accuracy_flip_tta"), "split_seed": recipe.split_seed,
+                    "indices_sha256": result["validation_indices_sha256"]},
     )
     export_torchscript(net, out, metadata)
     metrics_path = Path(args.metrics_json) if args.metrics_json else out.with_suffix(".json")
