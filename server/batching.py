@@ -43,7 +43,7 @@ import torch
 
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel
-from cifar10_serving.server.priority import lower_priority
+from cifar10_serving.server.priority import idle_priority, lower_priority
 from cifar10_serving.server.statistics import PassTimes, Statistics
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ WIDE_PASS_IMAGES_SAME_PRIORITY = 16
 
 def wide_from(compute_nice: int) -> int:
     return WIDE_PASS_IMAGES if compute_nice > 0 else WIDE_PASS_IMAGES_SAME_PRIORITY
+
+
+# Warmed before a model is ready: the rungs a lone caller and light load meet first. The rest of the
+# ladder, and feature maps, are warmed after, in the background (``warm_up_background``).
+FIRST_RUNGS = (1, 2, 4, 8)
 
 
 def batch_ladder(max_batch_size: int) -> tuple[int, ...]:
@@ -113,9 +118,11 @@ class _Instance:
     """Runs one forward pass of a model at a time, on its own thread: its input buffer (pinned on
     CUDA, so the copy to the device is asynchronous) and its CUDA stream are used by no other pass."""
 
-    def __init__(self, model: LoadedModel, index: int, max_batch_size: int, nice: int = 0) -> None:
+    def __init__(self, model: LoadedModel, index: int | str, max_batch_size: int, nice: int = 0,
+                 initializer=None) -> None:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model.name}-{index}",
-                                           initializer=lower_priority, initargs=(nice,))
+                                           initializer=initializer or lower_priority,
+                                           initargs=() if initializer else (nice,))
         cuda = model.device.type == "cuda"
         self.buffer = torch.empty((max_batch_size, *model.input_shape), dtype=torch.uint8, pin_memory=cuda)
         # The same memory as a numpy array: requests are copied in with numpy, which for a few KB is a
@@ -181,6 +188,7 @@ class Batcher:
         self._queued_feature_images = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closing = False
         self.instances = [_Instance(model, i, max_batch_size, nice) for i in range(instances)]
         self.budget = budget if budget is not None else ThreadShares(torch.get_num_threads(), instances, wide_from(nice))
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()  # instances with no pass in flight
@@ -201,6 +209,7 @@ class Batcher:
 
     async def stop(self) -> None:
         """Stops taking batches; the passes in flight finish and answer; what is still queued is refused."""
+        self._closing = True  # a background warm-up stops at its next pass
         if self._task is not None:
             self._task.cancel()
             try:
@@ -215,6 +224,11 @@ class Batcher:
         for instance in self.instances:
             instance.executor.shutdown(wait=True)
 
+    @property
+    def closing(self) -> bool:
+        """Whether ``stop`` has begun: nothing more is warmed or taken."""
+        return self._closing
+
     async def retire(self) -> None:
         """Stops once what is queued has been computed and answered: for a model version that is
         being replaced or unloaded, whose callers still wait on it."""
@@ -222,24 +236,38 @@ class Batcher:
             await asyncio.sleep(0.01)
         await self.stop()
 
-    def warm_up(self, rounds: int) -> None:
-        """Runs forward passes at every batch size of the ladder, with and without all feature maps,
-        ``rounds`` times, at every thread count a pass of that size can get: every kernel the model
-        will need is made before the server says SERVING. oneDNN makes kernels per shape and thread
-        count, shared by every thread, so the first instance makes them all; OpenMP gives each calling
-        thread its own team of workers, made the first time it asks for more than one, so every other
-        instance runs one pass at each thread count (warming the whole ladder on every instance made
-        start-up several times longer: bench/RESULTS.md, "Memory and start-up")."""
+    def warm_up(self, rounds: int, full: bool = False) -> None:
+        """Runs forward passes ``rounds`` times at the first rungs of the ladder (``FIRST_RUNGS``),
+        without feature maps (``full``: every rung, with and without all feature maps), at every
+        thread count a pass of that size can get, before the model serves. oneDNN makes kernels per
+        shape and thread count, shared by every thread, so the first instance makes them; OpenMP gives
+        each calling thread its own team of workers, made the first time it asks for more than one,
+        so every other instance runs one pass at each thread count. Blocks: call it off the loop."""
         for i, instance in enumerate(self.instances):
-            instance.executor.submit(self._warm_up, instance, rounds if i == 0 else 0).result()
+            instance.executor.submit(self._warm_up, instance, rounds if i == 0 else 0, full).result()
 
-    def _warm_up(self, instance: _Instance, rounds: int) -> None:
+    def warm_up_background(self, full: bool = True) -> None:
+        """Warms beside serving passes, on a thread and input buffer of its own that runs only when no
+        other thread wants a core (``server.priority.idle_priority``): the first rungs of a model
+        loaded while others serve (``full`` False), or the rest of the ladder and the feature maps of
+        one that serves (a call that meets a kernel not yet made is answered all the same, a little
+        slower). oneDNN's kernels are the process's, so the serving threads find them made. Blocks."""
+        warmer = _Instance(self.model, "warm", self.max_batch_size, initializer=idle_priority)
+        try:
+            warmer.executor.submit(self._warm_up, warmer, 1, full).result()
+        finally:
+            warmer.executor.shutdown(wait=True)
+
+    def _warm_up(self, instance: _Instance, rounds: int, full: bool) -> None:
         images = np.zeros((self.max_batch_size, *self.model.input_shape), dtype=np.uint8)
-        wide = [n for n in self.ladder if n >= self.budget.wide_from]
+        ladder = self.ladder if full else tuple(n for n in self.ladder if n in FIRST_RUNGS) or self.ladder[:1]
+        wide = [n for n in ladder if n >= self.budget.wide_from]
         for threads in self.budget.sizes:
-            sizes = self.ladder if threads == self.budget.share else wide
+            sizes = ladder if threads == self.budget.share else wide
             for n in (sizes * rounds) or sizes[-1:]:  # rounds 0: one pass, for this thread's team
-                for layers in ((), tuple(self.model.layer_names)):
+                for layers in (((), tuple(self.model.layer_names)) if full else ((),)):
+                    if self._closing:
+                        return
                     self._forward(instance, [_Job(images[:n], layers, None, None)], threads)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ submit

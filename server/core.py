@@ -30,6 +30,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
+from cifar10_serving.server import filters as filter_weights
 from cifar10_serving.server.answer_budget import (ECHO_COPIES, AnswerBudget, OverBudget, Reservation, answer_bytes,
                                                   default_budget_bytes, explanation_bytes, layer_elements,
                                                   refusal_bytes)
@@ -39,6 +40,7 @@ from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.decode_lanes import DecodeExpired, Decoder
 from cifar10_serving.server.errors import Code, Rejection, invalid, rejection_for
 from cifar10_serving.server.explain import Explainer, Maps
+from cifar10_serving.server.filters import LayerWeights, WeightStore
 from cifar10_serving.server.images import ImageError, Raw, Resize, Source, decode_into, to_uint8
 from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_artifact
@@ -71,10 +73,13 @@ class ServingCore:
         self.instances = instances
         self.validators: list[Callable[[LoadedModel], object]] = []  # front-ends' checks of a model they will serve
         self.repository = Repository(config.models_dir, config.model_control_mode,
-                                     VersionPolicy.parse(config.version_policy), self._load, self._changed)
+                                     VersionPolicy.parse(config.version_policy), self._load, self._warm, self._changed)
+        self._warm_queue: asyncio.Queue[Batcher] | None = None  # the rest of each model's warm-up, in the background
+        self._serving = False
         self.budget = AnswerBudget(config.answer_budget_bytes or default_budget_bytes(), metrics)
         self.decoder = Decoder(metrics, config.max_image_pixels, config.max_request_pixels, config.compute_nice)
         self.explainer = explainer or Explainer(config.compute_nice)
+        self.weights = WeightStore()  # each version's trained weights, read on its first GetFilters
         self._encode_pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="encode",
                                                initializer=lower_priority, initargs=(config.compute_nice,))
 
@@ -209,15 +214,37 @@ class ServingCore:
             pixels = await self.decode(model, images, resize, deadline)
             return await self.explainer.run(model, pixels, layer, target, deadline)
 
+    async def filters(self, model: LoadedModel, layers: Sequence[str], itemsize: int,
+                      request_bytes: int) -> tuple[list[LayerWeights], Reservation]:
+        """The trained weights of ``layers`` (``server.filters``: empty or "*" for all, INVALID_ARGUMENT
+        naming the layers with weights otherwise) and their answer's reservation, taken as for feature
+        maps; RESOURCE_EXHAUSTED when they would not fit the budget or gRPC's largest answer."""
+        names = filter_weights.plan(model, layers)
+        store = await self.weights.get(model)
+        chosen = [store[name] for name in names]
+        advice = (f"ask for fewer layers (this asks for {len(names)})"
+                  + ("" if itemsize <= 2 else ", or dtype FLOAT16"))
+        wire_bytes = filter_weights.payload_bytes(chosen, itemsize)
+        if wire_bytes > self.config.max_send_message_bytes:
+            raise Rejection(Code.RESOURCE_EXHAUSTED, f"these weights are {wire_bytes:,} bytes, more than the "
+                            f"{self.config.max_send_message_bytes:,} this server sends in one answer; {advice}")
+        nbytes = filter_weights.answer_bytes(chosen, itemsize, request_bytes)
+        return chosen, self._reserve(nbytes, model.name, True, advice)
+
     async def off_loop(self, fn: Callable[..., T], *args) -> T:
         """``fn(*args)`` on the encoding thread: for answers whose building would hold the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._encode_pool, fn, *args)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Loads the models the repository serves from the start (``--load-models``), each warmed."""
+        """Loads the models the repository serves from the start (``--load-models``) and returns once
+        the default model serves; the others serve one by one as they are warm (``repository.starting``),
+        and the rest of every model's warm-up runs in the background."""
+        self._warm_queue = asyncio.Queue()
+        self._warmer = asyncio.get_running_loop().create_task(self._warm_rest(), name="background-warm-up")
         names = [n for n in self.config.load_models.split(",") if n] if self.config.load_models != "*" else None
-        await self.repository.start(names)
+        await self.repository.start(names, self.default_model)
+        self._serving = True  # from here on, warm-ups yield to serving passes
         if self.config.model_control_mode != "explicit" or names is None or self.default_model in names:
             try:  # the default must serve, unless explicit mode leaves it out on purpose
                 self.repository.lookup(self.default_model)
@@ -229,9 +256,9 @@ class ServingCore:
                 self.repository.poll_forever(self.config.repository_poll_seconds), name="repository-poll")
 
     async def stop(self) -> None:
-        poller = getattr(self, "_poller", None)
-        if poller is not None:
-            poller.cancel()
+        for task in (getattr(self, "_poller", None), getattr(self, "_warmer", None)):
+            if task is not None:
+                task.cancel()
         await self.repository.stop()
         self._encode_pool.shutdown(wait=False)
 
@@ -246,22 +273,41 @@ class ServingCore:
             raise ModelLoadError(f"{file.path}: the file changed while it was read; it is read again next time")
         for validate in self.validators:
             validate(model)
-        batcher = Batcher(model, self.metrics, self.config.max_batch_size, self.config.max_queue_delay_us,
-                          self.config.max_queue_images, self.instances, self.shares, self.config.compute_nice,
-                          statistics=entry.statistics)
+        entry.model = model
+        entry.batcher = Batcher(model, self.metrics, self.config.max_batch_size, self.config.max_queue_delay_us,
+                                self.config.max_queue_images, self.instances, self.shares, self.config.compute_nice,
+                                statistics=entry.statistics)
+
+    async def _warm(self, entry: Version) -> None:
+        """The repository's warmer: the first rungs before the version serves, the rest queued for
+        the background. The first passes pay for allocation and kernel selection. Before SERVING (the
+        default model at start) they run on the model's own threads; once anything serves, on a
+        thread that yields to every serving one."""
+        loop = asyncio.get_running_loop()
+        batcher = entry.batcher
         try:
-            # The first passes pay for allocation and kernel selection: one round at a time, so that a
-            # signal during start-up's warm-up (start-up is cancelled) waits for one round only.
-            for _ in range(self.config.warmup_batches):
-                await loop.run_in_executor(None, batcher.warm_up, 1)
+            for _ in range(self.config.warmup_batches):  # one round at a time: a signal waits for one only
+                if self._serving:
+                    await loop.run_in_executor(None, batcher.warm_up_background, False)
+                else:
+                    await loop.run_in_executor(None, batcher.warm_up, 1)
         except Exception as exc:  # out of memory, say: this version does not serve, the others do
             await batcher.stop()
-            raise ModelLoadError(f"{file.path}: warm-up failed: {exc}") from exc
+            raise ModelLoadError(f"{entry.path}: warm-up failed: {exc}") from exc
         batcher.start()
-        entry.model, entry.batcher = model, batcher
+        if self.config.warmup_batches > 0:
+            self._warm_queue.put_nowait(batcher)
         # What start-up does once for the heap (server.main.settle_heap), kept true for what this load left.
         gc.collect()
         gc.freeze()
+
+    async def _warm_rest(self) -> None:
+        """The rest of each model's warm-up, one model at a time, on a thread below the serving ones."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batcher = await self._warm_queue.get()
+            if not batcher.closing:
+                await loop.run_in_executor(None, batcher.warm_up_background)
 
     def _changed(self, entry: Version, event: str) -> None:
         """The repository's hook: metrics follow each version's state and count loads and unloads."""

@@ -73,10 +73,12 @@ class ServerProcess:
             if self._on_line is not None:
                 self._on_line(line)
 
-    def wait_ready(self, timeout: float = 180.0) -> dict[str, Any]:
-        """Waits for the ready file; on exit or timeout kills the process and raises ServerStartError."""
+    def wait_ready(self, timeout: float = 180.0, all_models: bool = True) -> dict[str, Any]:
+        """Waits for the ready file (``all_models``: until it says every model serves, not only the
+        default one); on exit or timeout kills the process and raises ServerStartError."""
         deadline = time.monotonic() + timeout
-        while (document := read_ready_file(self.ready_path)) is None:
+        while (document := read_ready_file(self.ready_path)) is None or (
+                all_models and not document.get("all_ready", True)):
             if self.proc.poll() is not None:
                 self._fail(f"the server exited with status {self.proc.returncode} before it was ready")
             if time.monotonic() > deadline:

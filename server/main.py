@@ -79,6 +79,12 @@ class App:
         """The models serving now (each one's latest ready version), by name."""
         return {model.name: model for model in self.core.models()}
 
+    async def all_ready(self) -> None:
+        """Returns once every model loaded at start serves (the default one does from SERVING on)."""
+        starting = self.core.repository.starting
+        if starting is not None:
+            await asyncio.shield(starting)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drains and stops: NOT_SERVING and new calls refused UNAVAILABLE first, in-flight calls get up
         to ``grace`` seconds, then the port's connections are closed and gRPC is stopped."""
@@ -229,6 +235,7 @@ def ready_document(app: App) -> dict[str, Any]:
             "metrics_host": config.metrics_host or config.host,
             "metrics_ports": [app.metrics_port] if app.metrics_port is not None else [],
             "models": sorted(app.models), "default_model": config.default_model, "device": app.device,
+            "all_ready": app.core.repository.starting is None or app.core.repository.starting.done(),
             "worker_index": config.worker_index,
             "http_port": app.http_port}  # issue 32: None when --http-port -1
 
@@ -247,8 +254,13 @@ async def serve(config: ServerConfig, **seams) -> None:
             log.info("stopped during start-up")
             return
         if config.ready_file:
-            write_ready_file(config.ready_file, ready_document(app))
+            if config.worker_index >= 0:  # a worker's file is read once by its supervisor: when all serve
+                await app.all_ready()
+            write_ready_file(config.ready_file, ready_document(app))  # SERVING: the default model serves
+            rewrite = asyncio.ensure_future(_when_all_ready(app))
         await stop.wait()
+        if config.ready_file:
+            rewrite.cancel()
         if config.ready_file:
             remove_ready_file(config.ready_file)  # draining is not SERVING: nobody should start on this file now
         log.info("stopping: draining for up to %.1fs", config.grace_period_seconds)
@@ -257,6 +269,15 @@ async def serve(config: ServerConfig, **seams) -> None:
     finally:
         if watchdog is not None:
             watchdog.cancel()
+
+
+async def _when_all_ready(app: App) -> None:
+    """Writes the ready file again once every model serves (``all_ready``: what tests and benchmarks
+    that use every model wait for)."""
+    if not ready_document(app)["all_ready"]:
+        await app.all_ready()
+        write_ready_file(app.config.ready_file, ready_document(app))
+        log.info("all models ready: %s", ", ".join(f"{m.name}:{m.version}" for m in app.core.models()))
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -31,3 +31,13 @@ def lower_priority(nice: int) -> None:
 def thread_nice(native_id: int | None = None) -> int:
     """The nice value of the thread with this native id (default: the calling thread)."""
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id() if native_id is None else native_id)
+
+
+def idle_priority() -> None:
+    """Runs the calling thread only when no other thread wants a core (Linux's SCHED_IDLE; threads
+    it starts, OpenMP's among them, inherit it): for work that must never slow serving, such as
+    warming a model that already serves. Elsewhere, or where refused, the lowest nice value."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread, on Linux
+    except (AttributeError, OSError):
+        lower_priority(19)

@@ -72,6 +72,7 @@ class Version:
     batcher: Batcher | None = None
     statistics: Statistics = field(default_factory=Statistics)
     failed_stamp: tuple[int, int] = (-1, -1)  # the file whose load failed last: not tried again until it changes
+    started: float = 0.0  # when its load began (time.perf_counter)
     load_seconds: float = 0.0
     leases: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -183,13 +184,14 @@ Loader = Callable[[FileVersion, Version], Awaitable[None]]
 class Repository:
     """The versions of every model and which of them serve; changed one call at a time.
 
-    ``loader(file, entry)`` loads, checks and warms ``file`` into ``entry`` (its ``model`` and
-    ``batcher``), raising ``ModelLoadError``; ``on_change(entry, event)`` runs after each change, with
+    ``loader(file, entry)`` loads and checks ``file`` into ``entry`` (its ``model`` and ``batcher``)
+    and ``warmer(entry)`` warms it before it serves, each raising ``ModelLoadError``; ``on_change(entry, event)`` runs after each change, with
     the event: "state" (LOADING, UNLOADING), "loaded", "failed", "failed beside" (a changed file that
     did not load while the one before serves on), "unloaded", or "replaced" (a retired version whose
     place in the index a newer file of the same version took)."""
 
     def __init__(self, models_dir: str | Path, mode: str, policy: VersionPolicy, loader: Loader,
+                 warmer: Callable[[Version], Awaitable[None]],
                  on_change: Callable[[Version, str], None] = lambda entry, event: None) -> None:
         if mode not in MODES:
             raise ValueError(f"model control mode {mode!r}: use one of {', '.join(MODES)}")
@@ -197,6 +199,8 @@ class Repository:
         self.mode = mode
         self.policy = policy
         self._loader = loader
+        self._warmer = warmer
+        self.starting: asyncio.Task | None = None  # the models after the first, warming at start
         self._on_change = on_change
         self._versions: dict[str, dict[str, Version]] = {}  # every version known, by name
         self._serving: dict[str, dict[str, Version]] = {}  # what requests see: READY versions only
@@ -207,6 +211,8 @@ class Repository:
     # ------------------------------------------------------------------ what requests see
     def lookup(self, name: str, version: str = "") -> Version:
         versions = self._serving.get(name)
+        if not versions and any(e.state == LOADING for e in self._versions.get(name, {}).values()):
+            raise Rejection(Code.UNAVAILABLE, f"model {name!r} is loading; retry shortly")
         if not versions:
             loaded = ", ".join(sorted(self._serving)) or "none"
             raise Rejection(Code.NOT_FOUND, f"model {quote(name)} is not loaded; loaded models: {loaded}")
@@ -245,10 +251,12 @@ class Repository:
         return entries
 
     # ------------------------------------------------------------------ changes
-    async def start(self, names: list[str] | None) -> None:
-        """Loads ``names`` (None: every model) at start. In ``none`` mode any version that fails to
-        load fails the start, as a server given files it cannot serve should; otherwise the version
-        stays UNAVAILABLE with its reason."""
+    async def start(self, names: list[str] | None, first: str) -> None:
+        """Loads ``names`` (None: every model) at start, and returns once ``first`` serves: every
+        version is read, checked and loaded first (in ``none`` mode one that fails fails the start, as
+        a server given files it cannot serve should; otherwise it stays UNAVAILABLE with its reason),
+        then ``first`` is warmed and serves, and the others are warmed and serve one by one after
+        start returns (``starting``), each as soon as it is warm."""
         if not self.models_dir.is_dir():
             raise ModelLoadError(f"models directory {self.models_dir} does not exist")
         found = scan(self.models_dir)
@@ -258,9 +266,36 @@ class Repository:
         unknown = [n for n in wanted if n not in found]
         if unknown:
             raise ModelLoadError(f"models {unknown} are not in the repository {self.models_dir}: {sorted(found)}")
-        async with self._lock:
-            for name in wanted:
-                await self._converge(name, found.get(name, {}), strict=self.mode == "none")
+        strict = self.mode == "none"
+        order = sorted(wanted, key=lambda name: name != first)  # the first first, the rest in their order
+        await self._lock.acquire()
+        try:
+            prepared: list[Version] = []
+            for name in order:
+                unreadable = [fv for fv in found[name].values() if fv.problem]
+                if strict and unreadable:
+                    raise ModelLoadError(unreadable[0].problem)
+                for version in self.policy.choose(v for v in found[name] if v):
+                    entry, _ = await self._prepare(found[name][version], strict)
+                    if entry is not None:
+                        prepared.append(entry)
+            for entry in [e for e in prepared if e.name == first]:
+                await self._activate(entry, strict)
+        except BaseException:
+            await _discard(e for e in prepared if e.state == LOADING)
+            self._lock.release()
+            raise
+        self.starting = asyncio.get_running_loop().create_task(
+            self._activate_rest([e for e in prepared if e.name != first]), name="repository-start")
+
+    async def _activate_rest(self, entries: list[Version]) -> None:
+        """The rest of start-up, holding the lock that ``start`` took: no change interleaves with it."""
+        try:
+            for entry in entries:
+                await self._activate(entry, strict=False)
+        finally:
+            await _discard(e for e in entries if e.state == LOADING)  # stopped during start-up
+            self._lock.release()
 
     async def load(self, name: str) -> None:
         """Loads (or reloads) ``name``'s versions by the policy: the repository's load call."""
@@ -300,6 +335,12 @@ class Repository:
 
     async def stop(self) -> None:
         """Stops every batcher: the server is stopping and its calls have ended or been cut."""
+        if self.starting is not None:
+            self.starting.cancel()
+            try:
+                await self.starting
+            except (asyncio.CancelledError, Exception):
+                pass
         for task in list(self._retiring):
             task.cancel()
         for entry in self.serving():
@@ -346,36 +387,56 @@ class Repository:
 
     async def _load_version(self, fv: FileVersion, strict: bool) -> str:
         """Loads one version beside what serves, then lets it take over; what went wrong, or ""."""
+        entry, problem = await self._prepare(fv, strict)
+        return problem if entry is None else await self._activate(entry, strict)
+
+    async def _prepare(self, fv: FileVersion, strict: bool) -> tuple[Version | None, str]:
+        """Reads, checks and loads one version (``loader``), not yet warmed nor serving."""
         entry = Version(fv.name, fv.version, fv.path, fv.stamp, LOADING)
-        previous = self._serving.get(fv.name, {}).get(fv.version)
-        if previous is None:
+        if fv.version not in self._serving.get(fv.name, {}):
             self._versions.setdefault(fv.name, {})[fv.version] = entry  # one serving stays listed until replaced
             self._on_change(entry, "state")
-        started = time.perf_counter()
+        entry.started = time.perf_counter()
         try:
             if fv.problem:
                 raise ModelLoadError(fv.problem)
             await self._loader(fv, entry)
         except ModelLoadError as exc:
-            log.error("model %s version %s not loaded: %s", fv.name, fv.version, exc)
-            entry.state, entry.reason, entry.failed_stamp = UNAVAILABLE, str(exc), fv.stamp
-            self._on_change(entry, "failed" if previous is None else "failed beside")
-            if previous is not None:  # the file loaded before serves on; the index says why it is not the new one
-                previous.failed_stamp = fv.stamp
-                previous.reason = f"the changed file failed to load and the one loaded before serves on: {exc}"
-            if strict:
-                raise
-            return str(exc)
+            return None, self._failed(entry, exc, strict)
+        return entry, ""
+
+    async def _activate(self, entry: Version, strict: bool) -> str:
+        """Warms a prepared version (``warmer``), then lets it take over, atomically."""
+        try:
+            await self._warmer(entry)
+        except ModelLoadError as exc:
+            return self._failed(entry, exc, strict)
+        previous = self._serving.get(entry.name, {}).get(entry.version)
         entry.state, entry.reason = READY, ""
-        entry.load_seconds = time.perf_counter() - started
-        self._serving.setdefault(fv.name, {})[fv.version] = entry  # the take-over: new requests plan on it now
-        self._versions.setdefault(fv.name, {})[fv.version] = entry
+        entry.load_seconds = time.perf_counter() - entry.started
+        self._serving.setdefault(entry.name, {})[entry.version] = entry  # the take-over: new requests plan on it now
+        self._versions.setdefault(entry.name, {})[entry.version] = entry
         self._by_model[id(entry.model)] = entry
         self._on_change(entry, "loaded")
         if previous is not None:
             self._retire(previous, "replaced by a newer file")
-        log.info("model %s version %s ready in %.1f s (%s)", fv.name, fv.version, entry.load_seconds, fv.path)
+        log.info("model %s version %s ready in %.1f s (%s)", entry.name, entry.version, entry.load_seconds,
+                 entry.path)
         return ""
+
+    def _failed(self, entry: Version, exc: ModelLoadError, strict: bool) -> str:
+        """Records a version that did not load; what served serves on. Raises in strict mode."""
+        log.error("model %s version %s not loaded: %s", entry.name, entry.version, exc)
+        entry.state, entry.reason, entry.failed_stamp = UNAVAILABLE, str(exc), entry.stamp
+        entry.model = entry.batcher = None
+        previous = self._serving.get(entry.name, {}).get(entry.version)
+        self._on_change(entry, "failed" if previous is None else "failed beside")
+        if previous is not None:  # the file loaded before serves on; the index says why it is not the new one
+            previous.failed_stamp = entry.stamp
+            previous.reason = f"the changed file failed to load and the one loaded before serves on: {exc}"
+        if strict:
+            raise exc
+        return str(exc)
 
     def _retire(self, entry: Version, reason: str) -> None:
         """Takes ``entry`` out of service now; its batcher stops once its leases are released."""
@@ -412,3 +473,11 @@ class Repository:
         if not NAME.fullmatch(name) or ".." in name:
             raise invalid(f"model name {quote(name)}: use letters, digits, '.', '_' and '-' (no path), "
                           "as the repository's folder or file names it")
+
+
+async def _discard(entries) -> None:
+    """Stops the batchers of versions loaded but never served (start-up failed or was stopped)."""
+    for entry in entries:
+        if entry.batcher is not None:
+            await entry.batcher.stop()
+        entry.model = entry.batcher = None

@@ -194,7 +194,7 @@ def test_passes_run_only_at_ladder_sizes_and_padding_changes_no_result(model):
 
     async def run():
         batcher, _ = make(padded, max_batch_size=16)
-        batcher.warm_up(1)
+        batcher.warm_up(1, full=True)
         warmed = set(recorder.sizes)
         batcher.start()
         results = []

@@ -238,13 +238,28 @@ def test_a_lone_single_image_goes_wide_only_when_the_compute_runs_below_the_loop
 def test_warm_up_makes_every_kernel_once_and_every_instance_its_thread_team(model):
     watched = _Watched(model.module)
     batcher, _ = make(model, watched, instances=2, max_batch_size=4, budget=ThreadShares(2, 2, wide_from=3))
-    batcher.warm_up(1)
+    batcher.warm_up(1, full=True)
     first, second = dict.fromkeys(thread for thread, _, _ in watched.passes)  # in the order they ran
     seen = {t: {(threads, n) for thread, threads, n in watched.passes if thread == t} for t in (first, second)}
     assert batcher.ladder == (1, 2, 3, 4)
     # the first instance: every rung at the share, the rungs a lone pass may take wide at every thread
     assert seen[first] == {(1, n) for n in batcher.ladder} | {(2, 3), (2, 4)}
     assert seen[second] == {(1, 4), (2, 4)}  # one pass at each thread count it can get
+    asyncio.run(batcher.stop())
+
+
+def test_before_a_model_serves_only_the_first_rungs_are_warmed_and_the_rest_after_on_a_thread_of_its_own(model):
+    watched = _Watched(model.module)
+    batcher, _ = make(model, watched, instances=2, max_batch_size=4, budget=ThreadShares(2, 2, wide_from=3))
+    batcher.warm_up(1)  # before serving: FIRST_RUNGS of the ladder (1, 2, 4 here), no feature maps
+    first, second = dict.fromkeys(thread for thread, _, _ in watched.passes)
+    seen = {t: {(threads, n) for thread, threads, n in watched.passes if thread == t} for t in (first, second)}
+    assert seen[first] == {(1, 1), (1, 2), (1, 4), (2, 4)} and seen[second] == {(1, 4), (2, 4)}
+    before = len(watched.passes)
+    batcher.warm_up_background()  # after: every rung, with and without feature maps, on a warm-up thread
+    rest = watched.passes[before:]
+    assert {thread for thread, _, _ in rest}.isdisjoint({first, second})
+    assert {(threads, n) for _, threads, n in rest} == {(1, n) for n in batcher.ladder} | {(2, 3), (2, 4)}
     asyncio.run(batcher.stop())
 
 

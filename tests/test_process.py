@@ -70,7 +70,7 @@ def test_the_ready_file_appears_only_once_serving_and_tells_the_truth(tiny_model
         assert len(server.metrics_ports) == 1 and server.metrics_ports[0] not in (0, port)
         body = urllib.request.urlopen(server.metrics_url(0), timeout=10).read().decode()
         assert "cifar10_model_info" in body and 'model="tiny-max"' in body
-        assert "serving tiny-avg:test, tiny-max:test" in server.log  # the log stays readable for people and tests
+        assert "serving tiny-max:test" in server.log and "all models ready: tiny-avg:test, tiny-max:test" in server.log
 
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0

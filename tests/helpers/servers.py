@@ -54,6 +54,7 @@ class RunningServer:
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self.thread.start()
         self.app = self.run(create_server(config, registry), timeout=120)
+        self.run(self.app.all_ready(), timeout=120)  # tests use every model from the start
         self.target = f"127.0.0.1:{self.app.port}"
 
     def run(self, coro, timeout: float = 30):
