@@ -4,7 +4,6 @@ patch-whitening layer (tiny widths, synthetic data, a few seconds on one CPU thr
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from cifar10_serving.model.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from cifar10_serving.model.data import PYTHON_FORMAT_DIR
 from cifar10_serving.model.ema import EMA, Lookahead
 from cifar10_serving.model.export import build_metadata, export_torchscript, load_eager
 from cifar10_serving.model.network import CifarNet, NetConfig, describe_layers, fit_whitening
@@ -23,6 +21,7 @@ from cifar10_serving.model.recipe import (Recipe, augment, fold_logit_scale, fre
 from cifar10_serving.model.train import main
 from cifar10_serving.protos.artifact import METADATA_FILE
 from tests.helpers.models import TINY_WIDTHS
+from tests.helpers.datasets import python_format_dataset, smooth_images
 
 
 @pytest.fixture
@@ -36,33 +35,11 @@ def deterministic():
     torch.set_num_threads(threads)
 
 
-def _smooth_images(n: int, seed: int = 0) -> torch.Tensor:
-    """uint8 images with neighbouring pixels and channels correlated, as in real photographs."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 1, 8, 8, generator=gen) * 200 + torch.rand(n, 3, 8, 8, generator=gen) * 40
-    fine = F.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
-    return (fine + torch.rand(n, 3, 32, 32, generator=gen) * 40).clamp(0, 255).to(torch.uint8)
-
-
-def _python_format(root: Path, per_class: int = 40) -> Path:
-    """A CIFAR-10 Python-format folder of synthetic images whose class shows in their colour."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), per_class)
-    base = rng.integers(0, 256, (10, 3))
-    images = np.clip(base[labels][:, :, None, None] + rng.integers(-40, 41, (len(labels), 3, 32, 32)), 0, 255)
-    folder = root / PYTHON_FORMAT_DIR
-    folder.mkdir(parents=True)
-    for i, (chunk, lab) in enumerate(zip(np.array_split(images.astype(np.uint8), 5), np.array_split(labels, 5)), 1):
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({b"data": chunk.reshape(len(chunk), -1), b"labels": lab.tolist()}, f)
-    return root
-
-
 # ----------------------------------------------------------------------------- resume
 @pytest.mark.system  # a training run
 @pytest.mark.parametrize("extra", [[], ["--whiten", "--ema", "0.8", "--ema-every", "2"]], ids=["plain", "whiten-ema"])
 def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, deterministic, extra):
-    root = _python_format(tmp_path / "data")
+    root = python_format_dataset(tmp_path / "data")
     common = ["--data", str(root), "--widths", "4,8,8", "--residual", "--epochs", "4", "--batch-size", "64",
               "--lr", "0.2", "--val-per-class", "5", "--threads", "1", "--no-progress", *extra]
     whole, pieces = tmp_path / "whole.pt", tmp_path / "pieces.pt"
@@ -86,7 +63,7 @@ def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, det
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, deterministic):
-    root = _python_format(tmp_path / "data", per_class=10)
+    root = python_format_dataset(tmp_path / "data", per_class=10)
     common = ["--data", str(root), "--widths", "4,8,8", "--epochs", "2", "--batch-size", "64", "--val-per-class", "2",
               "--threads", "1", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "m.pt")]
     assert main([*common, "--stop-after", "1"]) == 0
@@ -97,7 +74,7 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, deterministic):
 
 
 def test_resume_takes_a_checkpoint_written_before_a_recipe_field_existed(tmp_path, deterministic):
-    root = _python_format(tmp_path / "data", per_class=10)
+    root = python_format_dataset(tmp_path / "data", per_class=10)
     ckpt = tmp_path / "ckpt"
     common = ["--data", str(root), "--widths", "4,8,8", "--epochs", "2", "--batch-size", "64", "--val-per-class", "2",
               "--threads", "1", "--no-progress", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "m.pt")]
@@ -255,7 +232,7 @@ def test_folding_the_logit_scale_gives_the_scaled_softmax():
 
 
 def test_alternating_flips_flip_each_image_the_other_way_in_the_next_epoch(tmp_path):
-    padded = reflect_pad(_smooth_images(6), 2)
+    padded = reflect_pad(smooth_images(6), 2)
     recipe = Recipe(translate_px=2)
     idx = torch.arange(6)
     coin = torch.tensor([True, False, True, True, False, False])
@@ -270,7 +247,7 @@ def test_alternating_flips_flip_each_image_the_other_way_in_the_next_epoch(tmp_p
 def _whitened_net(seed: int = 0) -> tuple[CifarNet, torch.Tensor]:
     torch.manual_seed(seed)
     net = CifarNet(NetConfig(widths=TINY_WIDTHS, residual=True, whiten=True))
-    images = _smooth_images(64)
+    images = smooth_images(64)
     fit_whitening(net, images)
     return net, images
 
@@ -344,7 +321,7 @@ def test_files_written_before_the_whiten_field_still_load(tmp_path):
     assert "whiten" not in json.loads(extra[METADATA_FILE])["architecture"]
     rebuilt, _ = load_eager(path)
     assert rebuilt.config.whiten is False and len(rebuilt.stem) == 0
-    x = _smooth_images(2)
+    x = smooth_images(2)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), net(x))
 

@@ -17,7 +17,7 @@ from cifar10_serving.model.network import CifarNet, NetConfig, fit_whitening
 from cifar10_serving.model.recipe import Recipe, whitening_fit_indices
 from cifar10_serving.model.train import indices_sha256, main, train
 from tests.helpers.models import TINY_WIDTHS
-from tests.test_recipe import _python_format, _smooth_images
+from tests.helpers.datasets import python_format_dataset, smooth_images
 
 CLASSES = 10
 
@@ -42,7 +42,7 @@ def _no_training(**fields) -> Recipe:
 
 def _dataset(per_class: int) -> Dataset:
     labels = _class_sorted_labels(per_class)
-    return Dataset(_smooth_images(len(labels)), labels, "synthetic, class-sorted", "0" * 64)
+    return Dataset(smooth_images(len(labels)), labels, "synthetic, class-sorted", "0" * 64)
 
 
 def _whitened_net() -> CifarNet:
@@ -101,7 +101,7 @@ def test_the_split_seed_changes_the_validation_images():
 
 @pytest.mark.system  # a training run, one epoch
 def test_the_exported_metadata_records_both_seeds_and_the_whitening_fit(tmp_path):
-    root = _python_format(tmp_path / "data", per_class=40)
+    root = python_format_dataset(tmp_path / "data", per_class=40)
     out = tmp_path / "m.pt"
     assert main(["--data", str(root), "--widths", "4,8,8", "--whiten", "--epochs", "1", "--batch-size", "64",
                  "--val-per-class", "5", "--whiten-fit-images", "120", "--seed", "3", "--threads", "1",
@@ -117,7 +117,7 @@ def test_the_exported_metadata_records_both_seeds_and_the_whitening_fit(tmp_path
 
 def test_resuming_a_checkpoint_from_before_the_split_seed_keeps_its_split(tmp_path):
     """Before issue 31 the split was seeded by --seed: such a checkpoint resumes only with that split."""
-    root = _python_format(tmp_path / "data", per_class=10)
+    root = python_format_dataset(tmp_path / "data", per_class=10)
     ckpt = tmp_path / "ckpt"
     common = ["--data", str(root), "--widths", "4,8,8", "--epochs", "2", "--batch-size", "64", "--val-per-class", "2",
               "--seed", "3", "--threads", "1", "--no-progress", "--checkpoint-dir", str(ckpt),
