@@ -17,6 +17,7 @@ from cifar10_serving.client._client import (
 )
 from cifar10_serving.client._credentials import tls_credentials
 from cifar10_serving.client.explanation import Explanation, ExplanationMap
+from cifar10_serving.client.filters import LayerFilters
 
 __all__ = ["Classification", "ClassifierClient", "ClassifierError", "Explanation", "ExplanationMap", "ImageLike",
-           "Prediction", "StreamResult", "tls_credentials"]
+           "LayerFilters", "Prediction", "StreamResult", "tls_credentials"]

@@ -15,6 +15,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.client.explanation import Explanation, explanations
+from cifar10_serving.client.filters import LayerFilters, layer_filters
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -35,15 +36,17 @@ BALANCED_MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 def retry_service_config(attempts: int, load_balancing: str | None = None) -> str:
-    """The gRPC service config that retries Classify, ListModels and GetModelInfo up to ``attempts``
-    times in all (50 ms, then 100 ms, ... up to 500 ms apart, with gRPC's jitter), and balances calls
-    with the ``load_balancing`` policy (``"round_robin"``, ``"pick_first"``; None: gRPC's default)."""
+    """The gRPC service config that retries Classify, ListModels, GetModelInfo and GetFilters up to
+    ``attempts`` times in all (50 ms, then 100 ms, ... up to 500 ms apart, with gRPC's jitter), and
+    balances calls with the ``load_balancing`` policy (``"round_robin"``, ``"pick_first"``; None:
+    gRPC's default)."""
     config: dict[str, Any] = {}
     if load_balancing is not None:
         config["loadBalancingConfig"] = [{load_balancing: {}}]
     if attempts > 1:
         config["methodConfig"] = [{
-            "name": [{"service": _SERVICE, "method": m} for m in ("Classify", "ListModels", "GetModelInfo")],
+            "name": [{"service": _SERVICE, "method": m}
+                     for m in ("Classify", "ListModels", "GetModelInfo", "GetFilters")],
             "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
                             "backoffMultiplier": 2, "retryableStatusCodes": list(RETRYABLE_CODES)},
         }]
@@ -255,6 +258,15 @@ class ClassifierClient:
         if target is not None:
             request.class_index = target
         return explanations(self._call(self._stub().Explain, request, timeout))
+
+    def filters(self, model: str = "", *, layers: Sequence[str] = (), dtype: str = "float32",
+                timeout: float | None = None) -> dict[str, LayerFilters]:
+        """The trained weights of ``layers`` (empty: every convolution and the fully connected
+        layer), by layer name in the model's order, as ``dtype`` ("float32" or "float16") arrays."""
+        if dtype not in _FEATURE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_FEATURE_DTYPES)}, got {dtype!r}")
+        request = pb.GetFiltersRequest(model=model, layers=list(layers), dtype=_FEATURE_DTYPES[dtype])
+        return layer_filters(self._call(self._stub().GetFilters, request, timeout))
 
     def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         return self._call(self._stub().ListModels, pb.ListModelsRequest(), timeout)

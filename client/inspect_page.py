@@ -1,7 +1,9 @@
 """One self-contained HTML page that shows a whole network on one image, as ConvNetJS's CIFAR-10 demo
 does: the input, the top-k, every layer's feature maps in order with the size rule each downsampling
 step applied and the fully connected layer's ten scores; and, beside the answer, the server's
-explanations (saliency and Grad-CAM) where it offers them. With several models, one column each, and
+explanations (saliency and Grad-CAM) where it offers them. Where the server offers its filters
+(GetFilters), each convolution shows them beside its maps, each downsampling step a worked example on
+this image's own numbers, and the end the pooled features that raised the top class most. With several models, one column each, and
 each layer's row across them, so max pooling, average pooling and a strided convolution can be
 compared at the same layer.
 
@@ -24,23 +26,31 @@ from PIL import Image
 from cifar10_serving.client._client import Classification, ClassifierClient, ClassifierError
 from cifar10_serving.client.explanation import Explanation
 from cifar10_serving.client.featuremaps import shape_text
+from cifar10_serving.client.filter_pictures import channel_grid, kernel_scale, rgb_patches, strongest_channels
+from cifar10_serving.client.filters import LayerFilters
+from cifar10_serving.client.worked_examples import contributions, downsampling_example
 from cifar10_serving.client.pictures import as_volume, data_uri, enlarge, grid, overlay, tile_scale
 
 INPUT_SCALE = 6  # 32 x 32 -> 192 x 192 on the page
 COLUMN_PX = 400  # a model's column: its grids are enlarged to about this width
 DOWNSAMPLING = ("maxpool", "avgpool", "conv_downsample")
 ALL_LAYERS = "*"
+RGB_SCALE = 8  # a first convolution's 3x3 filters drawn 24 px a side
+CHANNELS_SHOWN = 4  # a deeper convolution's output channels drawn, the strongest on this image
+BARS = 8  # pooled features shown as bars at the end
 
 
 @dataclass
 class ModelView:
     """What the page shows of one model: its ModelInfo, the classification with every layer's
-    output, and its explanation (``None``, with ``explain_note`` saying why there is none)."""
+    output, its explanation and its filters (each ``None``, with a note saying why there is none)."""
 
     info: object  # pb.ModelInfo
     result: Classification
     explanation: Explanation | None = None
     explain_note: str = ""
+    filters: dict[str, LayerFilters] | None = None
+    filters_note: str = ""
     layers: list = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,8 +82,19 @@ def gather(client: ClassifierClient, pixels: np.ndarray, models: Sequence[str] =
     for name in models:
         info = client.model_info(name, timeout=timeout)
         result = client.classify([pixels], model=info.name, top_k=top_k, layers=[ALL_LAYERS], timeout=timeout)[0]
-        views.append(ModelView(info, result, *_explain(client, pixels, info.name, layer, timeout)))
+        views.append(ModelView(info, result, *_explain(client, pixels, info.name, layer, timeout),
+                               *_filters(client, info.name, timeout)))
     return views
+
+
+def _filters(client: ClassifierClient, model: str, timeout: float | None):
+    """(filters, note): every layer's weights, or why there are none."""
+    try:
+        return client.filters(model, timeout=timeout), ""
+    except ClassifierError as exc:
+        if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+            return None, "not offered by this server"
+        return None, f"failed: {exc}"
 
 
 def _explain(client: ClassifierClient, pixels: np.ndarray, model: str, layer: str, timeout: float | None):
@@ -146,7 +167,7 @@ def _layer_cell(view: ModelView, name: str, pixels: np.ndarray) -> str:
     fmap = view.result.feature_maps[name]
     notes = _notes(view, layer, before)
     if layer.kind == "fc":
-        body = _scores(view, fmap)
+        body = _scores(view, fmap) + _contributions(view, index)
     else:
         channels, h, w = as_volume(fmap).shape
         scale = tile_scale(h, w, channels, COLUMN_PX)
@@ -155,6 +176,7 @@ def _layer_cell(view: ModelView, name: str, pixels: np.ndarray) -> str:
         body = (f'{_img(pixels_grid, f"{name} feature maps")}'
                 f'<p class="scale">black..white: {scale_note} ({float(fmap.min()):.3g} to {float(fmap.max()):.3g}); '
                 f'{scale}x nearest-neighbour</p>')
+        body = _filter_figure(view, name, fmap) + body + _downsampling(view, index)
     return (f'<section class="layer" data-layer="{_e(name)}" data-kind="{_e(layer.kind)}">'
             f'<h3>{_e(name)} <span class="kind">{_e(layer.kind)}</span> '
             f'<span class="shape">{shape_text(layer.output_shape)}</span></h3>{notes}{body}</section>')
@@ -191,6 +213,98 @@ def _scores(view: ModelView, logits: np.ndarray) -> str:
         f'<td class="num">{v:+.2f}</td><td class="signed"><span class="{"pos" if v >= 0 else "neg"}" '
         f'style="width:{50 * abs(v) / span:.1f}%"></span></td></tr>' for i, v in enumerate(map(float, logits)))
     return f'<table class="scores">{rows}</table>'
+
+
+def _filter_figure(view: ModelView, name: str, fmap: np.ndarray) -> str:
+    """A convolution's filters: RGB patches when it reads the image's colours, else a grid per output
+    channel for the channels whose maps are strongest here (all of them would be thousands of tiles)."""
+    weights = (view.filters or {}).get(name)
+    if weights is None or weights.weight.ndim != 4:
+        note = view.filters_note if view.filters is None else ""
+        return f'<p class="absent">filters: {_e(note)}</p>' if note and name == view.layers[0].name else ""
+    w = np.asarray(weights.weight, dtype=np.float32)
+    out, c_in, k = w.shape[0], w.shape[1], w.shape[2]
+    if c_in == 3:
+        caption = (f"{out} filters, 3 x {k} x {k}, as RGB, each over its own largest magnitude: grey is 0, "
+                   f"brighter in a colour raises the output, darker lowers it; {RGB_SCALE}x")
+        return (f'<figure class="filters" data-layer="{_e(name)}">{_img(rgb_patches(w, RGB_SCALE), f"{name} filters")}'
+                f'<figcaption>{_e(caption)}</figcaption></figure>')
+    shown = strongest_channels(fmap, CHANNELS_SHOWN) if np.ndim(fmap) == 3 else list(range(min(out, CHANNELS_SHOWN)))
+    scale = kernel_scale(c_in, k)
+    grids = "".join(f'<figure>{_img(channel_grid(w[c], scale), f"{name} filter {c}")}'
+                    f'<figcaption>channel {c}</figcaption></figure>' for c in shown)
+    caption = (f"{len(shown)} of {out} filters ({c_in} x {k} x {k}), the output channels strongest on this image: "
+               f"one tile per input channel, red positive, blue negative, white 0, each filter over its own "
+               f"largest magnitude; {scale}x")
+    return (f'<div class="filters" data-layer="{_e(name)}">{grids}<p class="scale">{_e(caption)}</p></div>')
+
+
+def _downsampling(view: ModelView, index: int) -> str:
+    """The worked example of a pooling layer or strided convolution, on its own input's numbers."""
+    layer = view.layers[index]
+    if layer.kind not in DOWNSAMPLING or not index:
+        return ""
+    source = view.layers[index - 1].name
+    weights = (view.filters or {}).get(layer.name)
+    example = downsampling_example(layer.kind, view.result.feature_maps[source], view.result.feature_maps[layer.name],
+                                   layer.kernel, layer.stride, None if weights is None else weights.weight)
+    if example is None:
+        return ""
+    side = example.patch.shape[0]
+    where = (f"rows {example.top}-{example.top + side - 1}, columns {example.left}-{example.left + side - 1}")
+    out_where = (f"rows {example.top // example.stride}-{example.top // example.stride + 1}, columns "
+                 f"{example.left // example.stride}-{example.left // example.stride + 1}")
+    windows = example.window == example.stride  # non-overlapping: each number belongs to one window
+    patch = _numbers(example.patch, (lambda y, x: (y // example.stride) * 2 + x // example.stride) if windows else None)
+    result = _numbers(example.result, lambda y, x: y * 2 + x)
+    if layer.kind == "conv_downsample":
+        c_in = view.result.feature_maps[source].shape[0]
+        text = (f"worked example: input channel {example.in_channel} of {_e(source)} ({where}), the one that moves "
+                f"output channel {example.channel} most; times the filter's {example.window} x {example.window} slice "
+                f"for it, window by window (stride {example.stride}), it adds the share shown; the shares of all "
+                f"{c_in} input channels sum to the output of {_e(layer.name)} ({out_where})")
+        body = (f'{patch}<span class="op">&times;</span>{_numbers(example.kernel)}<span class="op">=</span>'
+                f'{_numbers(example.share, lambda y, x: y * 2 + x)}<span class="op">&Sigma; {c_in} channels</span>'
+                f'{result}')
+    else:
+        rule = "largest" if layer.kind == "maxpool" else "mean"
+        text = (f"worked example: channel {example.channel} of {_e(source)} ({where}); the {rule} of each "
+                f"{example.window} x {example.window} window, stride {example.stride}, is {_e(layer.name)} "
+                f"({out_where})" + ("" if windows else f"; windows of {example.window} overlap"))
+        body = f'{patch}<span class="op">&rarr; {rule} &rarr;</span>{result}'
+    return (f'<div class="pool-example" data-kind="{_e(layer.kind)}" data-channel="{example.channel}">'
+            f'<p class="rule">{text}</p><div class="worked">{body}</div></div>')
+
+
+def _numbers(values: np.ndarray, window=None) -> str:
+    """A small matrix of numbers as a table; ``window(y, x)`` colours each cell by its window."""
+    rows = "".join("<tr>" + "".join(
+        f'<td{f" class=w{window(y, x)}" if window else ""}>{float(v):.2f}</td>' for x, v in enumerate(row)) + "</tr>"
+        for y, row in enumerate(np.asarray(values, dtype=np.float32)))
+    return f'<table class="numbers">{rows}</table>'
+
+
+def _contributions(view: ModelView, index: int) -> str:
+    """The pooled features that raised the top class's score most: value x weight, as bars."""
+    weights = (view.filters or {}).get(view.layers[index].name)
+    if weights is None or not index:
+        return ""
+    source = view.layers[index - 1].name
+    features = view.result.feature_maps[source].reshape(-1)
+    top = view.result.top_k[0]
+    parts = contributions(features, weights.weight, top.index)
+    shown, rest = parts[:BARS], parts[BARS:]
+    span = max(abs(p.product) for p in shown) or 1.0
+    bars = "".join(
+        f'<li><span class="label">feature {p.feature}</span><span class="bar"><span class="{"pos" if p.product >= 0 else "neg"}" '
+        f'style="width:{100 * abs(p.product) / span:.1f}%"></span></span>'
+        f'<span class="num">{p.value:.2f} x {p.weight:+.2f} = {p.product:+.2f}</span></li>' for p in shown)
+    bias = 0.0 if weights.bias is None else float(weights.bias[top.index])
+    score = sum(p.product for p in parts) + bias
+    return (f'<div class="contributions" data-class="{_e(top.label)}"><p class="rule">what raised {_e(top.label)} most: '
+            f'the {len(shown)} largest of its {len(parts)} terms, pooled feature ({_e(source)}) x its weight</p>'
+            f'<ol>{bars}</ol><p class="scale">the other {len(rest)} features add {sum(p.product for p in rest):+.2f}, '
+            f'the bias {bias:+.2f}: {_e(top.label)}\'s score {score:+.2f}</p></div>')
 
 
 def _explanation_cell(view: ModelView, pixels: np.ndarray) -> str:
@@ -238,6 +352,13 @@ figure {{ margin: 0 8px 0 0; display: inline-block; vertical-align: top; }} figc
 .scores .pos, .scores .neg {{ position: absolute; top: 2px; height: 10px; }}
 .scores .pos {{ left: 50%; background: #3a7; }} .scores .neg {{ right: 50%; background: #c55; }}
 .absent {{ color: #999; font-style: italic; }}
+.filters figure {{ margin: 0 6px 4px 0; }} figure.filters {{ display: block; margin-bottom: 6px; }}
+.worked {{ display: flex; flex-wrap: wrap; align-items: center; gap: 6px; margin-bottom: 6px; }} .op {{ color: #666; font-size: 12px; }}
+.numbers {{ border-collapse: collapse; font: 11px monospace; }} .numbers td {{ border: 1px solid #ccc; padding: 1px 3px; text-align: right; }}
+.numbers .w0 {{ background: #fde2e2; }} .numbers .w1 {{ background: #e2f0fd; }} .numbers .w2 {{ background: #e5f7e2; }} .numbers .w3 {{ background: #fdf5d8; }}
+.contributions ol {{ list-style: none; padding: 0; margin: 0; font-size: 12px; }} .contributions li {{ display: flex; gap: 6px; align-items: center; }}
+.contributions .label {{ width: 80px; }} .contributions .bar {{ width: 140px; height: 10px; }} .contributions .num {{ font-family: monospace; }}
+.contributions .bar span {{ display: block; height: 100%; }} .contributions .pos {{ background: #3a7; }} .contributions .neg {{ background: #c55; }}
 </style></head>
 <body><h1>{title}</h1>
 <div class="models">

@@ -25,6 +25,7 @@ from cifar10_serving.server.calls import Call
 from cifar10_serving.server.core import ServingCore, top_k
 from cifar10_serving.server.errors import Rejection, invalid, listing, quote
 from cifar10_serving.server.explain import GRAD_CAM, INPUT, SALIENCY, Maps
+from cifar10_serving.server.filters import LayerWeights
 from cifar10_serving.server.grpc_handlers import GRPC_STATUS, NO_RESERVATION, deadline_of, lookup, unary
 from cifar10_serving.server.images import Encoded, ImageError, Raw, Resize, Source
 from cifar10_serving.server.models import LoadedModel
@@ -113,6 +114,10 @@ class V1Servicer(pb_grpc.ClassifierServicer):
         return await unary(context, self.metrics, "Explain", self.core.label(request.model),
                            lambda call, deadline: self._explain(request, deadline))
 
+    async def GetFilters(self, request: pb.GetFiltersRequest, context) -> pb.Filters:
+        return await unary(context, self.metrics, "GetFilters", self.core.label(request.model),
+                           lambda call, deadline: self._filters(request))
+
     # ------------------------------------------------------------------ Classify
     async def _classify(self, request: pb.ClassifyRequest,
                         deadline: float | None) -> tuple[pb.ClassifyResponse | bytes, Reservation]:
@@ -186,6 +191,20 @@ class V1Servicer(pb_grpc.ClassifierServicer):
         try:
             maps = await self.core.explain(model, sources(request.images), resize, layer, target, deadline)
             return await self.core.off_loop(_explanation, request, model, layer, maps), reservation
+        except BaseException:
+            reservation.release()
+            raise
+
+    # ------------------------------------------------------------------ GetFilters
+    async def _filters(self, request: pb.GetFiltersRequest) -> tuple[pb.Filters, Reservation]:
+        model = self.core.model(request.model, request.model_version)
+        dtype = FEATURE_DTYPES.get(request.dtype)
+        if dtype is None:
+            raise invalid(f"dtype {_enum_name(pb.DType, request.dtype)} not offered for filters; use FLOAT32 or FLOAT16")
+        weights, reservation = await self.core.filters(model, request.layers, np.dtype(dtype[0]).itemsize,
+                                                       request.ByteSize())
+        try:  # megabytes of values copied: on the answer thread, off the loop
+            return await self.core.off_loop(_filters, model, weights, dtype), reservation
         except BaseException:
             reservation.release()
             raise
@@ -287,6 +306,18 @@ def _explanation(request: pb.ExplainRequest, model: LoadedModel, layer: str, map
         for c, p, s, g in zip(maps.classes, maps.probabilities, maps.saliency, maps.grad_cam)]
     return pb.ExplainResponse(request_id=request.request_id, model=model.name, model_version=model.version,
                               explanations=explanations)
+
+
+def _filters(model: LoadedModel, weights: list[LayerWeights], dtype: tuple[str, int]) -> pb.Filters:
+    byte_order, dtype_enum = dtype
+
+    def tensor(array: np.ndarray) -> pb.WeightTensor:
+        return pb.WeightTensor(shape=array.shape, dtype=dtype_enum,
+                               data=np.ascontiguousarray(array, dtype=byte_order).tobytes())
+
+    return pb.Filters(model=model.name, model_version=model.version, layers=[
+        pb.LayerFilters(layer=w.layer, kind=w.kind, weight=tensor(w.weight),
+                        bias=None if w.bias is None else tensor(w.bias)) for w in weights])
 
 
 def model_info(model: LoadedModel, is_default: bool) -> pb.ModelInfo:

@@ -19,7 +19,7 @@ NAMESPACE = "cifar10"
 # From 100 us (a lone image on an idle CPU server) to 10 s (a full batch of large JPEGs under load).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The method label's values; server.calls refuses any other. Another API's methods go on this line.
-METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo", "Explain",
+METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo", "Explain", "GetFilters",
            "ModelInfer", "ModelMetadata", "ModelConfig", "ModelStatistics",
            "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",  # the Open Inference Protocol's (server.open_inference); its probes are not counted
            "HTTPModelInfer", "HTTPModelMetadata")  # the same protocol over HTTP (server.http_api), its own label

@@ -2,7 +2,9 @@
 
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``), with the
 standard library only: the test asks the rendered page how many layer sections it has, whether every
-image decoded, which label tops each model's bars, and takes a screenshot. Debian's ``chromium``
+image decoded, which label tops each model's bars, which convolutions show their filters, which
+downsampling steps their worked example and whether the contribution bars are there, and takes a
+screenshot. Debian's ``chromium``
 package provides the browser; without it these tests skip and say so.
 """
 
@@ -27,7 +29,7 @@ from PIL import Image
 
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.client.cli import main
-from cifar10_serving.client.inspect_page import load_input, merged_layer_order
+from cifar10_serving.client.inspect_page import BARS, DOWNSAMPLING, load_input, merged_layer_order
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from tests.helpers.servers import RunningServer, make_config
 
@@ -39,6 +41,7 @@ needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
 BROWSER_SECONDS = 60  # each wait on the browser; a page of inlined PNGs renders in well under that
 WINDOW = (1280, 900)
+CONVOLUTIONS = ("patch_whitening", "conv", "conv_downsample")  # layers whose filters the page draws
 
 
 class Chromium:
@@ -142,6 +145,13 @@ PAGE_FACTS = """JSON.stringify({
   }),
   rules: [...document.querySelectorAll('.rule')].map(r => r.innerText),
   explain: [...document.querySelectorAll('section.explain')].map(s => s.innerText),
+  filters: [...document.querySelectorAll('.filters')].map(f => ({layer: f.dataset.layer,
+                                                                pictures: f.querySelectorAll('img').length})),
+  examples: [...document.querySelectorAll('.pool-example')].map(e => ({
+    kind: e.dataset.kind, tables: [...e.querySelectorAll('table')].map(t => t.querySelectorAll('td').length),
+    text: e.innerText})),
+  bars: [...document.querySelectorAll('.contributions')].map(c => ({top: c.dataset.class,
+    bars: [...c.querySelectorAll('li .bar span')].filter(b => b.getBoundingClientRect().width > 0).length})),
 })"""
 
 
@@ -181,6 +191,15 @@ def check_rendered(seen: dict, client: ClassifierClient, models: list[str], imag
     labels = [client.classify([pixels], model=name)[0].label for name in models]
     assert [t["top"] for t in seen["tops"]] == labels
     assert all(t["text"] == t["top"] and t["shown"] for t in seen["tops"])
+    # Each convolution's filters, each downsampling step's worked example, and the bars at the end.
+    convolutions = [l.name for name in models for l in client.model_info(name).layers if l.kind in CONVOLUTIONS]
+    assert sorted(f["layer"] for f in seen["filters"]) == sorted(convolutions)  # the page goes row by row
+    assert all(f["pictures"] >= 1 for f in seen["filters"])
+    kinds = [l.kind for name in models for l in client.model_info(name).layers if l.kind in DOWNSAMPLING]
+    assert sorted(e["kind"] for e in seen["examples"]) == sorted(kinds)
+    for example in seen["examples"]:
+        assert "worked example" in example["text"] and example["tables"][-1] == 4  # the 2x2 result
+    assert [b["top"] for b in seen["bars"]] == labels and all(b["bars"] == BARS for b in seen["bars"])
 
 
 @pytest.mark.system
@@ -193,6 +212,8 @@ def test_page_shows_every_layer_of_two_models_side_by_side(tiny_server, tiny_cli
     rules = " | ".join(seen["rules"])
     assert "(W - F) / S + 1 = (32 - 2) / 2 + 1 = 16; depth unchanged: 4" in rules  # tiny-max's stage1.pool
     assert "(W - F) / S + 1 = (32 - 3) / 2 + 1 = 15 (rounded down); depth unchanged: 4" in rules  # tiny-avg's
+    # tiny-avg's windows of 3 at stride 2 overlap: its patches are 5 x 5, tiny-max's 4 x 4.
+    assert [e["tables"] for e in seen["examples"]] == [[16, 4], [25, 4]] * 3
     assert len(seen["explain"]) == len(models) and all(text.startswith("Why ") for text in seen["explain"])
     assert sum("grad_cam" in i["alt"] or "saliency" in i["alt"] for i in seen["images"]) == 2 * len(models)
     shot = browser.screenshot(tmp_path / "page.png")
@@ -204,15 +225,18 @@ def test_page_shows_every_layer_of_two_models_side_by_side(tiny_server, tiny_cli
 @pytest.mark.system
 @needs_chromium
 def test_bundled_models_page_renders(browser, tmp_path):
-    """The page the README shows: the shipped max- and average-pooling models on the shipped cat."""
-    config = make_config(BUNDLED_MODELS, default_model="base-max")
+    """The page the README shows: the shipped max-pooling, average-pooling and strided-convolution
+    models side by side on the shipped cat, with their filters, worked examples and contributions."""
+    config = make_config(BUNDLED_MODELS, default_model="base-max", load_models="base-max,base-avg,base-conv")
     running = RunningServer(config)
     try:
-        models = ["base-max", "base-avg"]
+        models = ["base-max", "base-avg", "base-conv"]
         page = inspect_page(running.target, models, tmp_path / "out")
         seen = facts(browser, page)
         with ClassifierClient(running.target) as client:
             check_rendered(seen, client, models, EXAMPLES / "cat.jpg")
+        assert any("input channel" in e["text"] for e in seen["examples"])  # base-conv's strided convolution
+        assert "stem.whiten" in [f["layer"] for f in seen["filters"]]  # its whitening stem
         shot = browser.screenshot(tmp_path / "page.png", height=WINDOW[1])
         assert Image.open(shot).size[1] == WINDOW[1]
     finally:
@@ -255,6 +279,7 @@ def test_page_says_when_the_server_offers_no_explanations(tiny_server, tmp_path)
         server.stop(1).wait(10)
         servicer.channel.close()
     assert 'data-offered="false"' in page and "saliency and Grad-CAM: not offered by this server" in page
+    assert "filters: not offered by this server" in page and 'class="contributions"' not in page
     assert page.count('<section class="layer"') > 10  # the rest of the page stands
 
 

@@ -283,3 +283,47 @@ class ExplanationMap(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, method: _Optional[str] = ..., layer: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GetFiltersRequest(_message.Message):
+    __slots__ = ("model", "model_version", "layers", "dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    dtype: DType
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class Filters(_message.Message):
+    __slots__ = ("model", "model_version", "layers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    layers: _containers.RepeatedCompositeFieldContainer[LayerFilters]
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerFilters, _Mapping]]] = ...) -> None: ...
+
+class LayerFilters(_message.Message):
+    __slots__ = ("layer", "kind", "weight", "bias")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    kind: str
+    weight: WeightTensor
+    bias: WeightTensor
+    def __init__(self, layer: _Optional[str] = ..., kind: _Optional[str] = ..., weight: _Optional[_Union[WeightTensor, _Mapping]] = ..., bias: _Optional[_Union[WeightTensor, _Mapping]] = ...) -> None: ...
+
+class WeightTensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...

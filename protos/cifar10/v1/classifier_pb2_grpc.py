@@ -60,6 +60,11 @@ class ClassifierStub:
                 request_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.GetFilters = channel.unary_unary(
+                '/cifar10.v1.Classifier/GetFilters',
+                request_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.GetFiltersRequest.SerializeToString,
+                response_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.Filters.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -103,6 +108,14 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFilters(self, request, context):
+        """The trained weights of a model's convolutions and fully connected layer: what each filter looks
+        for. Bounded by the answer budget like feature maps: RESOURCE_EXHAUSTED when too large.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainRequest.FromString,
                     response_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainResponse.SerializeToString,
+            ),
+            'GetFilters': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFilters,
+                    request_deserializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.GetFiltersRequest.FromString,
+                    response_serializer=protos_dot_cifar10_dot_v1_dot_classifier__pb2.Filters.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class Classifier:
             '/cifar10.v1.Classifier/Explain',
             protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainRequest.SerializeToString,
             protos_dot_cifar10_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFilters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cifar10.v1.Classifier/GetFilters',
+            protos_dot_cifar10_dot_v1_dot_classifier__pb2.GetFiltersRequest.SerializeToString,
+            protos_dot_cifar10_dot_v1_dot_classifier__pb2.Filters.FromString,
             options,
             channel_credentials,
             insecure,
