@@ -14,7 +14,14 @@ Endpoints (``/v2/models/{model}`` may add ``/versions/{version}``):
     GET  /v2/health/live | /v2/health/ready      no token: probes carry none
     GET  /v2                                     server metadata
     GET  /v2/models/{model} | .../ready          model metadata, readiness
-    POST /v2/models/{model}/infer                JSON, or Triton's binary tensor extension
+    POST /v2/models/{model}/infer                JSON, or Triton's binary tensor extension; explanations too
+    GET  /v2/models/{model}/config               Triton's model configuration
+    GET  /v2/models[/{model}]/stats              Triton's statistics
+    POST /v2/repository/index                    the repository's index
+    POST /v2/repository/models/{model}/load | unload   explicit mode; an admin token when tokens are on
+
+The protocol's rules are ``server.v2_tensors``', shared with the gRPC front-end; the JSON and binary
+framing is ``server.http_tensors``'.
 
 Why aiohttp: the asyncio HTTP server that runs on an event loop it does not own, alongside grpc.aio,
 without a second framework (ASGI) or server process between; a request body is read only when the
@@ -25,7 +32,6 @@ dependency with a long record of maintenance (aio-libs).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -36,19 +42,25 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2
 
 from cifar10_serving.server import http_tensors
+from cifar10_serving.server import v2_tensors as rules
 from cifar10_serving.server.answer_budget import Reservation
 from cifar10_serving.server.calls import INTERNAL_MESSAGE, Call
 from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.errors import Code, Rejection, invalid
 from cifar10_serving.server.http_server import Limits, Listener, ssl_context
-from cifar10_serving.server.images import Encoded, Resize
-from cifar10_serving.server.security import load_tokens
+from cifar10_serving.server.images import Encoded, Raw, Resize, Source
+from cifar10_serving.server.security import NOT_ACCEPTED, NOT_ADMIN, check_bearer, load_tokens
+from cifar10_serving.server.v2_tensors import ENCODED_IMAGE, IMAGE, SERVER_NAME
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "cifar10-serving"
-PLATFORM = "pytorch_torchscript"
-EXTENSIONS = ("classification", "binary_tensor_data")
+# Triton's: top-k strings, binary tensors, and the REST forms of ModelConfig, ModelStatistics and the repository.
+EXTENSIONS = ("classification", "binary_tensor_data", "model_configuration", "statistics", "model_repository")
+# The method label of each call but inference and metadata: the protocol's method, as gRPC counts it
+# (server.metrics.METHODS holds the label values; HTTP's own would go there first).
+METHODS = {"stats": "ModelStatistics", "config": "ModelConfig", "index": "RepositoryIndex",
+           "load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}
+SMALL_BODY_BYTES = 64 * 1024  # the repository calls' JSON: a few parameters at most
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OPEN_PATHS = ("/v2/health/",)  # no token, and answered while draining: probes must see not-ready
 # The protocol's HTTP status for each of the core's codes (KServe's and Triton's choices).
@@ -91,13 +103,17 @@ class HttpApi:
         self.health = health  # the health servicer: readiness follows it
         self.limits = Limits.of(config)
         self.listener = Listener(self.limits)
-        self._tokens = [t.encode() for t in load_tokens(config.auth_token_file)] if config.auth_token_file else None
+        self._tokens: list[bytes] | None = None  # None: tokens are off
+        self._admin: list[bytes] = []  # who may load and unload (docs/model-repository.md)
+        if config.auth_token_file:
+            if config.admin_token_file:
+                self._admin = [t.encode() for t in load_tokens(config.admin_token_file, "admin_token_file")]
+            self._tokens = [t.encode() for t in load_tokens(config.auth_token_file)] + self._admin
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._runner: web.AppRunner | None = None
-        self._metadata: dict[tuple[str, str], dict] = {}  # by name and version, made on first ask
         try:
             self._version = package_metadata.version(SERVER_NAME)
         except package_metadata.PackageNotFoundError:
@@ -109,13 +125,16 @@ class HttpApi:
         app.router.add_get("/v2/health/live", self.live)
         app.router.add_get("/v2/health/ready", self.ready)
         app.router.add_get("/v2", self.server_metadata)
+        app.router.add_get("/v2/models/stats", self.statistics)  # before /v2/models/{model}: every model's
         for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             app.router.add_get(model, self.model_metadata)
             app.router.add_get(model + "/ready", self.model_ready)
             app.router.add_post(model + "/infer", self.infer)
-            # The REST forms of the other gRPC calls go here as they land: statistics and
-            # configuration (GET .../stats, .../config), the repository (POST /v2/repository/...),
-            # and explanations, once the gRPC v2 side offers them.
+            app.router.add_get(model + "/config", self.model_config)
+            app.router.add_get(model + "/stats", self.statistics)
+        app.router.add_post("/v2/repository/index", self.repository_index)
+        app.router.add_post("/v2/repository/models/{model}/load", self.repository_load)
+        app.router.add_post("/v2/repository/models/{model}/unload", self.repository_unload)
         return app
 
     async def start(self) -> int:
@@ -157,7 +176,8 @@ class HttpApi:
             if self._draining and not open_path:
                 return error(503, DRAINING_MESSAGE, close=True)
             if self._tokens is not None and not open_path:
-                status, problem = self._auth(request.headers.get("Authorization"))
+                problem = check_bearer(self._tokens, request.headers.get("Authorization"))
+                status = 403 if problem == NOT_ACCEPTED else 401
                 if problem is not None:
                     response = error(status, problem, close=True)
                     if status == 401:
@@ -181,19 +201,6 @@ class HttpApi:
                 self._idle.set()
             if connection is not None:
                 connection.request_finished()
-
-    def _auth(self, value: str | None) -> tuple[int, str | None]:
-        """As the gRPC side: ``Bearer <token>``, the scheme in any case, compared in constant time."""
-        if value is None:
-            return 401, "this server needs a bearer token: send the header 'Authorization: Bearer <token>'"
-        scheme, _, given = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            return 401, "the Authorization header must be 'Bearer <token>'"
-        given_bytes = given.strip().encode("latin-1", "replace")
-        accepted = False
-        for token in self._tokens:
-            accepted |= hmac.compare_digest(given_bytes, token)
-        return (200, None) if accepted else (403, "bearer token not accepted")
 
     # ------------------------------------------------------------------ health and metadata
     async def live(self, request: web.Request) -> web.Response:
@@ -221,10 +228,8 @@ class HttpApi:
                 model = self.core.model(name, request.match_info.get("version", ""))
         except Rejection as rejection:
             return rejected(rejection)
-        key = (model.name, model.version)
-        if key not in self._metadata:
-            self._metadata[key] = http_tensors.model_metadata(model, PLATFORM)
-        return web.json_response(self._metadata[key])
+        versions = [m.version for m in self.core.models() if m.name == model.name]  # every ready one, as gRPC
+        return web.json_response(rules.model_metadata(model, versions))
 
     async def _serving(self) -> bool:
         response = await self.health.Check(health_pb2.HealthCheckRequest(service=""), None)
@@ -260,11 +265,13 @@ class HttpApi:
         header, binary = http_tensors.split(body, request.headers.get(HEADER_LENGTH))
         document = await self._maybe_off_loop(len(header), http_tensors.parse_json, header)
         plan = http_tensors.plan(model, document, binary, self.config.max_batch_size, self.core.check_echo)
-        call.images = plan.images
         deadline = None
         if plan.timeout_us is not None:
             deadline = call.deadline = time.monotonic() + plan.timeout_us / 1e6
-        json_out = any(not o.binary for o in plan.outputs)
+        if plan.outputs.explanation is not None:  # explained images are not counted as classified ones
+            return await self._explain(plan, deadline, held)
+        call.images = plan.images
+        json_out = any(not o.raw for o in plan.outputs.outputs)
         advice = (f"request fewer layer outputs (this asks for {len(plan.layers)}), binary FP16 ones, or fewer images"
                   if plan.layers else "send fewer images per request")
         held.append(self.core.reserve(model, images=plan.images, request_bytes=0, echo_bytes=plan.echo_bytes,
@@ -272,14 +279,26 @@ class HttpApi:
                                       advice=advice))
         images = await self._images(plan, deadline)
         result = await self.core.infer(model, images, plan.layers, deadline, held[-1])  # counted in the statistics
+        tensors = rules.inference_tensors(model, plan.outputs, result.probabilities, result.features)
         if plan.layers or (json_out and plan.images > 1):  # large answers are written off the loop
-            text, header_length = await self.core.off_loop(http_tensors.answer, plan, result.probabilities,
-                                                           result.features)
-        else:
-            text, header_length = http_tensors.answer(plan, result.probabilities, result.features)
-        if header_length is None:
-            return text, {"Content-Type": "application/json"}
-        return text, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+            return _framed(*await self.core.off_loop(http_tensors.answer, plan, tensors))
+        return _framed(*http_tensors.answer(plan, tensors))
+
+    async def _explain(self, plan: http_tensors.Plan, deadline: float | None,
+                       held: list[Reservation]) -> tuple[bytes, dict]:
+        """Saliency and Grad-CAM on the core's explanation path, as gRPC's ModelInfer and cifar10.v1's
+        Explain take it: checked, reserved, then a place on the path (429 at once when none is free)."""
+        model, ask = plan.model, plan.outputs.explanation
+        layer = self.core.explainer.plan(model, plan.images, ask.layer, ask.target)
+        held.append(self.core.reserve_explanation(model, images=plan.images, request_bytes=0,
+                                                  echo_bytes=plan.echo_bytes))
+        try:
+            maps = await self.core.explain(model, await self._sources(plan), Resize.CENTER_CROP, layer, ask.target,
+                                           deadline)
+        except Rejection as rejection:
+            raise (rules.with_input_name(rejection) if plan.input == ENCODED_IMAGE else rejection) from None
+        tensors = rules.explanation_tensors(plan.outputs, maps, layer)
+        return _framed(*await self.core.off_loop(http_tensors.answer, plan, tensors))
 
     async def _body(self, request: web.Request, model, held: list[Reservation]) -> bytes:
         """The body, refused from ``Content-Length`` before it is read when over the limit (413) or
@@ -304,19 +323,121 @@ class HttpApi:
     async def _maybe_off_loop(self, size: int, fn: Callable, *args):
         return await self.core.off_loop(fn, *args) if size > OFF_LOOP_BYTES else fn(*args)
 
-    async def _images(self, plan: http_tensors.Plan, deadline: float | None):
+    async def _pixels(self, plan: http_tensors.Plan):
         model = plan.model
-        if plan.input == http_tensors.IMAGE:
-            size = len(plan.binary) if plan.binary is not None else plan.images * math.prod(model.input_shape)
-            array = await self._maybe_off_loop(size, http_tensors.image_array, plan)
-            return self.core.tensor(model, array, f"input {http_tensors.IMAGE!r}: {plan.datatype}")
+        size = len(plan.binary) if plan.binary is not None else plan.images * math.prod(model.input_shape)
+        array = await self._maybe_off_loop(size, http_tensors.image_array, plan)
+        return self.core.tensor(model, array, f"input {IMAGE!r}: {plan.datatype}")
+
+    async def _images(self, plan: http_tensors.Plan, deadline: float | None):
+        if plan.input == IMAGE:
+            return await self._pixels(plan)
         files = [Encoded(data) for data in http_tensors.encoded_files(plan)]
         try:
-            return await self.core.decode(model, files, Resize.CENTER_CROP, deadline)
+            return await self.core.decode(plan.model, files, Resize.CENTER_CROP, deadline)
         except Rejection as rejection:
-            if rejection.code is Code.INVALID_ARGUMENT:
-                raise invalid(f"input {http_tensors.ENCODED_IMAGE!r}: {rejection.message}") from None
-            raise
+            raise rules.with_input_name(rejection) from None
+
+    async def _sources(self, plan: http_tensors.Plan) -> list[Source]:
+        """The input as the core's image sources, for the explanation path (which decodes them itself)."""
+        if plan.input == ENCODED_IMAGE:
+            return [Encoded(data) for data in http_tensors.encoded_files(plan)]
+        pixels = await self._pixels(plan)
+        return [Raw(image.tobytes(), image.shape, pixels.dtype, channels_last=False) for image in pixels]
+
+    # ------------------------------------------------------------------ statistics, configuration, repository
+    async def model_config(self, request: web.Request) -> web.Response:
+        def config() -> dict:
+            model = self.core.model(request.match_info["model"], request.match_info.get("version", ""))
+            return rules.model_config(model, self.config, self.core.instances, self.core.device.type)
+
+        return await self._lookup(request, "config", config)
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        def statistics() -> dict:
+            versions = self.core.statistics(request.match_info.get("model", ""), request.match_info.get("version", ""))
+            return {"model_stats": [rules.model_statistics(v) for v in versions]}
+
+        return await self._lookup(request, "stats", statistics)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        async def index() -> list:
+            document = await self._small_json(request, ("repository_name", "ready"))
+            rules.one_repository(_string(document.get("repository_name", ""), "\"repository_name\""))
+            ready = document.get("ready", False)
+            if not isinstance(ready, bool):
+                raise invalid(f"\"ready\" is {rules.shown(ready)}; send true or false")
+            return rules.repository_index(self.core.repository.index(ready_only=ready))
+
+        return await self._lookup(request, "index", index, model="")
+
+    async def repository_load(self, request: web.Request) -> web.Response:
+        return await self._change(request, "load", self.core.repository.load)
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        return await self._change(request, "unload", self.core.repository.unload)
+
+    async def _change(self, request: web.Request, kind: str, change) -> web.Response:
+        """A load or an unload: an admin token when tokens are on (403 for another), then gRPC's rules
+        (``server.v2_tensors.check_change``: explicit mode only, no parameters) and the repository's
+        own check of the name."""
+        if self._tokens is not None and check_bearer(self._admin, request.headers.get("Authorization")) is not None:
+            return error(403, NOT_ADMIN, close=True)
+
+        async def work() -> dict:
+            document = await self._small_json(request, ("parameters",))
+            params = http_tensors.parameters(document, METHODS[kind])
+            rules.check_change(self.config.model_control_mode, METHODS[kind], params)
+            await change(request.match_info["model"])
+            return {}
+
+        return await self._lookup(request, kind, work, model=request.match_info["model"])
+
+    async def _lookup(self, request: web.Request, kind: str, answer: Callable, model: str | None = None):
+        """A call that is not inference: counted under the protocol's method, refused like any other."""
+        name = request.match_info.get("model", "") if model is None else model
+        try:
+            with Call(self.metrics, METHODS[kind], self.core.label(name) if name else ""):
+                result = answer()
+                if asyncio.iscoroutine(result):
+                    result = await result
+        except Rejection as rejection:
+            return rejected(rejection, close=not request.content.is_eof())
+        return web.json_response(result)
+
+    async def _small_json(self, request: web.Request, keys: tuple[str, ...]) -> dict:
+        """A repository call's JSON body: empty or an object of ``keys``, at most ``SMALL_BODY_BYTES``."""
+        length = request.content_length
+        if length is None and request.headers.get("Transfer-Encoding"):
+            raise _Status(411, "send the body with a Content-Length (chunked bodies are not read)")
+        if length is not None and length > SMALL_BODY_BYTES:
+            raise _Status(413, f"the body is {length:,} bytes; this call takes at most {SMALL_BODY_BYTES:,}")
+        if not length:
+            return {}
+        timeout = self.config.http_body_timeout_ms / 1000 if self.config.http_body_timeout_ms > 0 else None
+        try:
+            body = await asyncio.wait_for(request.read(), timeout)
+        except asyncio.TimeoutError:
+            raise _Status(408, f"the body's {length:,} bytes did not arrive within {timeout:g} s "
+                               "(--http-body-timeout-ms)") from None
+        if not body.strip():
+            return {}
+        document = http_tensors.parse_json(body, "the body", "")
+        http_tensors.known_keys(document, keys, "the body")
+        return document
+
+
+def _framed(body: bytes, header_length: int | None) -> tuple[bytes, dict]:
+    """An inference answer's body and headers: JSON, or with binary outputs the JSON header's length."""
+    if header_length is None:
+        return body, {"Content-Type": "application/json"}
+    return body, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+
+
+def _string(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"{what} is {rules.shown(value)}; send a string")
+    return value
 
 
 class _Status(Rejection):

@@ -36,6 +36,8 @@ AUTH_HEADER = "authorization"
 ADMIN_METHODS = ("/inference.GRPCInferenceService/RepositoryModelLoad",
                  "/inference.GRPCInferenceService/RepositoryModelUnload")
 BEARER = "Bearer "
+NOT_ACCEPTED = "bearer token not accepted"  # check_bearer's answer for a well-formed token it does not know
+NOT_ADMIN = "this token may not load or unload models: send one of the server's --admin-token-file"
 
 
 class SecurityConfigError(ValueError):
@@ -89,14 +91,39 @@ def load_tokens(path: str, setting: str = "auth_token_file") -> list[str]:
     return tokens
 
 
+def check_bearer(accepted_tokens: Sequence[bytes], header_value: str | bytes | None) -> str | None:
+    """None when ``header_value`` (gRPC's ``authorization`` metadata, HTTP's ``Authorization``
+    header; None when absent) carries one of ``accepted_tokens``, else what is wrong with it:
+    ``NOT_ACCEPTED`` for a well-formed token that is not one of them, another message when there is
+    none or it is malformed. Both front-ends check tokens with it, so they accept the same values.
+
+    ``Bearer <token>``: the scheme in any case (RFC 7235), one or more spaces before the token, and
+    whitespace around the whole value ignored (HTTP trims it from any field value); the token itself
+    is compared exactly, against every accepted token in constant time, so that timing tells nothing
+    about any of them."""
+    if header_value is None:
+        return f"this server needs a bearer token: send '{AUTH_HEADER}: {BEARER}<token>'"
+    value = header_value if isinstance(header_value, str) else header_value.decode("utf-8", "surrogateescape")
+    scheme, _, given = value.strip().partition(" ")
+    if scheme.lower() != BEARER.strip().lower() or not given.strip():
+        return f"the {AUTH_HEADER} value must be '{BEARER}<token>'"
+    try:  # tokens are read as UTF-8; surrogateescape gives back the bytes a header could not decode
+        given_bytes = given.lstrip(" ").encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return NOT_ACCEPTED
+    accepted = False
+    for token in accepted_tokens:
+        accepted |= hmac.compare_digest(given_bytes, token)
+    return None if accepted else NOT_ACCEPTED
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses every call but health with UNAUTHENTICATED unless it carries an accepted token; the
     ``admin_methods`` (``/package.Service/Method``) take only ``admin_tokens``, and a call to them
     with another accepted token is refused PERMISSION_DENIED.
 
-    The header is ``authorization: Bearer <token>``: the scheme in any case (RFC 7235), one or more
-    spaces before the token, and whitespace around the whole value ignored (HTTP trims it from any
-    field value); the token itself is compared exactly. A refused call's message is never read."""
+    The metadata is ``authorization: Bearer <token>``, checked by ``check_bearer`` (as the HTTP
+    front-end checks its header). A refused call's message is never read."""
 
     def __init__(self, tokens: Sequence[str], open_prefixes: Sequence[str] = (HEALTH_PREFIX,),
                  admin_tokens: Sequence[str] = (), admin_methods: Sequence[str] = ()) -> None:
@@ -112,8 +139,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         problem = self._problem(metadata, self._tokens)
         code = grpc.StatusCode.UNAUTHENTICATED
         if problem is None and details.method in self._admin_methods and self._problem(metadata, self._admin):
-            code, problem = grpc.StatusCode.PERMISSION_DENIED, (
-                "this token may not load or unload models: send one of the server's --admin-token-file")
+            code, problem = grpc.StatusCode.PERMISSION_DENIED, NOT_ADMIN
         handler = await continuation(details)
         if problem is None or handler is None:
             return handler
@@ -121,18 +147,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
     def _problem(self, metadata, accepted_tokens: list[bytes]) -> str | None:
         values = [value for key, value in metadata if key == AUTH_HEADER]
-        if not values:
-            return f"this server needs a bearer token: send metadata '{AUTH_HEADER}: {BEARER}<token>'"
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        scheme, _, given = value.strip().partition(" ")
-        if scheme.lower() != BEARER.strip().lower() or not given.strip():
-            return f"the {AUTH_HEADER} metadata must be '{BEARER}<token>'"
-        given_bytes = given.lstrip(" ").encode("latin-1")
-        # Compare against every token in constant time, so timing tells nothing about any of them.
-        accepted = False
-        for token in accepted_tokens:
-            accepted |= hmac.compare_digest(given_bytes, token)
-        return None if accepted else "bearer token not accepted"
+        return check_bearer(accepted_tokens, values[0] if values else None)
 
 
 def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:

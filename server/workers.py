@@ -6,7 +6,8 @@ own ready file, and waits:
 
 - every worker binds the gRPC port with SO_REUSEPORT; the kernel spreads *connections* (not calls)
   across them, so a client needs several connections to use several workers (one gRPC channel is
-  one connection; a load balancer in front spreads calls);
+  one connection; a load balancer in front spreads calls); the HTTP port (``--http-port``) likewise,
+  reserved the same way when it is 0, so every worker serves HTTP on one port too;
 - worker i serves its own Prometheus endpoint on ``metrics_port + i`` (each its own scrape target,
   the histograms aggregate with ``sum by``); with ``--metrics-port 0`` each picks a free port;
 - once every worker is SERVING, the supervisor logs one "serving" line and writes ``--ready-file``
@@ -72,21 +73,25 @@ def _reserve_port(host: str) -> socket.socket:
     return sock
 
 
-def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int, ready_file: Path) -> list[str]:
+def worker_argv(argv: Sequence[str], config: ServerConfig, index: int, port: int, ready_file: Path,
+                http_port: int | None = None) -> list[str]:
     """The command line of worker ``index``: the user's flags, then the ones that make it a worker
-    (argparse keeps the last value of a repeated flag)."""
+    (argparse keeps the last value of a repeated flag). ``http_port``: the shared HTTP port (default
+    ``config.http_port``; -1 keeps HTTP off)."""
     metrics_port = config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
     threads = config.torch_threads or default_torch_threads(config.workers)
+    http_port = config.http_port if http_port is None else http_port
     return [sys.executable, "-m", "cifar10_serving.server", *argv, "--workers", "1", "--worker-index", str(index),
-            "--port", str(port), "--metrics-port", str(metrics_port), "--torch-threads", str(threads),
-            "--ready-file", str(ready_file)]
+            "--port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+            "--torch-threads", str(threads), "--ready-file", str(ready_file)]
 
 
 def ready_document(config: ServerConfig, port: int, workers: list[dict[str, Any]]) -> dict[str, Any]:
     """The supervisor's ready file: a lone server's fields (server/main.py), every worker's metrics
     ports, and each worker's own document under ``workers``."""
     first = workers[0]
-    return {"pid": os.getpid(), "host": config.host, "port": port, "metrics_host": first["metrics_host"],
+    return {"pid": os.getpid(), "host": config.host, "port": port, "http_port": first.get("http_port"),
+            "metrics_host": first["metrics_host"],
             "metrics_ports": [p for w in workers for p in w["metrics_ports"]], "models": first["models"],
             "default_model": first["default_model"], "device": first["device"], "worker_index": -1,
             "workers": workers}
@@ -95,6 +100,8 @@ def ready_document(config: ServerConfig, port: int, workers: list[dict[str, Any]
 def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     reserved = _reserve_port(config.host) if config.port == 0 else None
     port = reserved.getsockname()[1] if reserved is not None else config.port
+    http_reserved = _reserve_port(config.http_host or config.host) if config.http_port == 0 else None
+    http_port = http_reserved.getsockname()[1] if http_reserved is not None else config.http_port
     workers: list[subprocess.Popen] = []
     stopping = []
 
@@ -118,7 +125,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
         for i in range(config.workers):
             if not stopping:
                 # The death signal fires when the thread that forked exits: this one, the main thread.
-                workers.append(subprocess.Popen(worker_argv(argv, config, i, port, ready_files[i]),
+                workers.append(subprocess.Popen(worker_argv(argv, config, i, port, ready_files[i], http_port),
                                                 preexec_fn=_die_with(os.getpid())))
         while not stopping:
             failed = [w for w in workers if w.poll() is not None]
@@ -136,8 +143,9 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
         if config.ready_file:
             remove_ready_file(config.ready_file)
         shutil.rmtree(ready_dir, ignore_errors=True)
-        if reserved is not None:
-            reserved.close()
+        for sock in (reserved, http_reserved):
+            if sock is not None:
+                sock.close()
     return 0 if all(w.returncode == 0 for w in workers) else 1
 
 

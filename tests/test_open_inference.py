@@ -141,7 +141,8 @@ def test_model_metadata_lists_the_inputs_scores_and_every_layer(stub, own, model
         ("image", "UINT8", [-1, 3, 32, 32]), ("encoded_image", "BYTES", [-1, 1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probabilities", "FP32", [-1, 10]),
-        *((layer.name, "FP32", [-1, *layer.output_shape]) for layer in info.layers)]
+        *((layer.name, "FP32", [-1, *layer.output_shape]) for layer in info.layers),
+        ("saliency", "FP32", [-1, 32, 32]), ("grad_cam", "FP32", [-1, 32, 32])]  # the explanations, last
     same = stub.ModelMetadata(v2.ModelMetadataRequest(name=model, version=info.version), timeout=10)
     assert same == meta
 

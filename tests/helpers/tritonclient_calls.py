@@ -5,7 +5,8 @@ with the python of tritonclient's own venv (it pins protobuf<7, this project >=7
 
 DIR holds images.npy (N x 3 x 32 x 32 uint8) and 0.png, 1.png, ...; what came back is written to
 DIR/answers.json for the test to check against the own API. With HTTP_TARGET, the same calls through
-tritonclient.http go to DIR/http_answers.json.
+tritonclient.http go to DIR/http_answers.json, with statistics, configuration and the repository
+(the server runs in explicit mode: OTHER is unloaded and loaded again).
 """
 
 import json
@@ -18,6 +19,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 MODEL = "tiny-max"
+OTHER = "tiny-avg"  # unloaded and loaded again over HTTP
 TIMEOUT_SECONDS = 30.0
 
 
@@ -50,6 +52,14 @@ def main(target: str, directory: Path) -> None:
         fmap = result.as_numpy("stage2.pool")
         answers["fmap_shape"] = list(fmap.shape)
         answers["fmap"] = fmap.astype(float).ravel().tolist()
+
+        # Explanations: saliency and Grad-CAM as outputs, each image's top class at the default layer.
+        outputs = [triton.InferRequestedOutput("saliency"), triton.InferRequestedOutput("grad_cam")]
+        result = client.infer(MODEL, [pixels], outputs=outputs, client_timeout=TIMEOUT_SECONDS)
+        answers["saliency"] = result.as_numpy("saliency").tolist()
+        answers["grad_cam"] = result.as_numpy("grad_cam").tolist()
+        layer = result.get_output("grad_cam").parameters["layer"]
+        answers["grad_cam_layer"] = layer.string_param
 
         # Errors come back as InferenceServerException with the gRPC status.
         answers["errors"] = {}
@@ -111,6 +121,29 @@ def main_http(target: str, directory: Path) -> None:
             except InferenceServerException as exc:
                 answers["errors"][what] = [exc.status(), exc.message()]
         answers["after"] = client.infer(MODEL, [pixels]).as_numpy("probabilities").tolist()
+
+        # Explanations for class 7 at a chosen layer, through infer's own request parameters.
+        outputs = [triton_http.InferRequestedOutput("saliency"), triton_http.InferRequestedOutput("grad_cam")]
+        result = client.infer(MODEL, [pixels], outputs=outputs, parameters={"class_index": 7, "layer": "stage2.pool"})
+        answers["saliency_7"] = result.as_numpy("saliency").tolist()
+        answers["grad_cam_7"] = result.as_numpy("grad_cam").tolist()
+        answers["grad_cam_7_parameters"] = result.get_output("grad_cam")["parameters"]
+
+        # Statistics, configuration and the repository (explicit mode).
+        answers["statistics"] = client.get_inference_statistics(MODEL)
+        answers["all_statistics"] = client.get_inference_statistics()
+        answers["config"] = client.get_model_config(MODEL)
+        answers["index"] = client.get_model_repository_index()
+        client.unload_model(OTHER)
+        answers["ready_after_unload"] = client.is_model_ready(OTHER)
+        answers["index_after_unload"] = client.get_model_repository_index()
+        client.load_model(OTHER)
+        answers["ready_after_load"] = client.is_model_ready(OTHER)
+        try:
+            client.load_model("no-such-model")
+            answers["errors"]["unknown_load"] = None
+        except InferenceServerException as exc:
+            answers["errors"]["unknown_load"] = [exc.status(), exc.message()]
     (directory / "http_answers.json").write_text(json.dumps(answers))
 
 
