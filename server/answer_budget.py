@@ -76,6 +76,18 @@ class Reservation:
             self._budget = None
 
 
+class Reservations(list):
+    """Several reservations held and released as one (a request answered by two paths)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self)
+
+    def release(self) -> None:
+        for reservation in self:
+            reservation.release()
+
+
 class AnswerBudget:
     def __init__(self, limit_bytes: int, metrics: Metrics) -> None:
         self.limit = limit_bytes

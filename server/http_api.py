@@ -268,8 +268,11 @@ class HttpApi:
         deadline = None
         if plan.timeout_us is not None:
             deadline = call.deadline = time.monotonic() + plan.timeout_us / 1e6
+        explained = []
         if plan.outputs.explanation is not None:  # explained images are not counted as classified ones
-            return await self._explain(plan, deadline, held)
+            explained = await self._explanation_tensors(plan, deadline, held)
+            if not plan.outputs.inference:
+                return _framed(*await self.core.off_loop(http_tensors.answer, plan, explained))
         call.images = plan.images
         json_out = any(not o.raw for o in plan.outputs.outputs)
         advice = (f"request fewer layer outputs (this asks for {len(plan.layers)}), binary FP16 ones, or fewer images"
@@ -279,13 +282,14 @@ class HttpApi:
                                       advice=advice))
         images = await self._images(plan, deadline)
         result = await self.core.infer(model, images, plan.layers, deadline, held[-1])  # counted in the statistics
-        tensors = rules.inference_tensors(model, plan.outputs, result.probabilities, result.features)
-        if plan.layers or (json_out and plan.images > 1):  # large answers are written off the loop
+        tensors = plan.outputs.in_order(
+            rules.inference_tensors(model, plan.outputs, result.probabilities, result.features) + explained)
+        if plan.layers or explained or (json_out and plan.images > 1):  # large answers are written off the loop
             return _framed(*await self.core.off_loop(http_tensors.answer, plan, tensors))
         return _framed(*http_tensors.answer(plan, tensors))
 
-    async def _explain(self, plan: http_tensors.Plan, deadline: float | None,
-                       held: list[Reservation]) -> tuple[bytes, dict]:
+    async def _explanation_tensors(self, plan: http_tensors.Plan, deadline: float | None,
+                                   held: list[Reservation]) -> list:
         """Saliency and Grad-CAM on the core's explanation path, as gRPC's ModelInfer and cifar10.v1's
         Explain take it: checked, reserved, then a place on the path (429 at once when none is free)."""
         model, ask = plan.model, plan.outputs.explanation
@@ -297,8 +301,7 @@ class HttpApi:
                                            deadline)
         except Rejection as rejection:
             raise (rules.with_input_name(rejection) if plan.input == ENCODED_IMAGE else rejection) from None
-        tensors = rules.explanation_tensors(plan.outputs, maps, layer)
-        return _framed(*await self.core.off_loop(http_tensors.answer, plan, tensors))
+        return rules.explanation_tensors(plan.outputs, maps, layer)
 
     async def _body(self, request: web.Request, model, held: list[Reservation]) -> bytes:
         """The body, refused from ``Content-Length`` before it is read when over the limit (413) or

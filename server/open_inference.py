@@ -31,7 +31,7 @@ from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server import v2_tensors as rules
 from cifar10_serving.server import wire
-from cifar10_serving.server.answer_budget import Reservation
+from cifar10_serving.server.answer_budget import Reservation, Reservations
 from cifar10_serving.server.calls import Call
 from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.errors import LIST_ITEMS, Rejection, invalid, quote
@@ -154,8 +154,22 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: v2.ModelInferRequest, call: Call,
                      deadline: float | None) -> tuple[v2.ModelInferResponse | bytes, Reservation]:
         plan = self._plan(request)
-        if plan.outputs.explanation is not None:
+        if plan.outputs.explanation is not None and not plan.outputs.inference:
             return await self._explain(request, plan, deadline)
+        held = Reservations()
+        try:
+            explained = []
+            if plan.outputs.explanation is not None:  # both paths: the explanation's first, each reserved
+                explained = await self._explanation_tensors(request, plan, deadline, held)
+            answer, reservation = await self._inference(request, plan, call, deadline, explained)
+        except BaseException:
+            held.release()
+            raise
+        held.append(reservation)
+        return answer, held
+
+    async def _inference(self, request: v2.ModelInferRequest, plan: InferPlan, call: Call,
+                         deadline: float | None, explained: list) -> tuple[v2.ModelInferResponse | bytes, Reservation]:
         call.images = plan.images  # known once the shape is checked
         # Feature maps counted at float32, the largest type an output may ask for.
         advice = (f"request fewer layer outputs (this asks for {len(plan.layers)}), FP16 ones, or fewer images"
@@ -165,8 +179,9 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         try:
             images = await self._images(plan, deadline)
             result = await self.core.infer(plan.model, images, plan.layers, deadline, reservation)
-            tensors = rules.inference_tensors(plan.model, plan.outputs, result.probabilities, result.features)
-            if plan.layers:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
+            tensors = plan.outputs.in_order(
+                rules.inference_tensors(plan.model, plan.outputs, result.probabilities, result.features) + explained)
+            if plan.layers or explained:  # feature maps: tens of MB, encoded as wire bytes on a thread (server.wire)
                 return await self.core.off_loop(encode_infer_response, request, plan, tensors), reservation
             return respond(request, plan, tensors), reservation
         except BaseException:
@@ -178,21 +193,27 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         """Saliency and Grad-CAM on the core's explanation path, as cifar10.v1's Explain takes it:
         checked, reserved, then a place on the path (RESOURCE_EXHAUSTED at once when none is free).
         Explained images are not counted as classified ones."""
+        held = Reservations()
+        try:
+            tensors = await self._explanation_tensors(request, plan, deadline, held)
+            return await self.core.off_loop(encode_infer_response, request, plan, tensors), held
+        except BaseException:
+            held.release()
+            raise
+
+    async def _explanation_tensors(self, request: v2.ModelInferRequest, plan: InferPlan, deadline: float | None,
+                                   held: Reservations) -> list:
+        """The explanation outputs, their reservation added to ``held``."""
         model, ask = plan.model, plan.outputs.explanation
         layer = self.core.explainer.plan(model, plan.images, ask.layer, ask.target)
-        reservation = self.core.reserve_explanation(model, images=plan.images, request_bytes=request.ByteSize(),
-                                                    echo_bytes=plan.echo_bytes)
+        held.append(self.core.reserve_explanation(model, images=plan.images, request_bytes=request.ByteSize(),
+                                                  echo_bytes=plan.echo_bytes))
         try:
             maps = await self.core.explain(model, await self._sources(plan), Resize.CENTER_CROP, layer, ask.target,
                                            deadline)
-            tensors = rules.explanation_tensors(plan.outputs, maps, layer)
-            return await self.core.off_loop(encode_infer_response, request, plan, tensors), reservation
         except Rejection as rejection:
-            reservation.release()
             raise (rules.with_input_name(rejection) if plan.tensor.name == ENCODED_IMAGE else rejection) from None
-        except BaseException:
-            reservation.release()
-            raise
+        return rules.explanation_tensors(plan.outputs, maps, layer)
 
     # ------------------------------------------------------------------ plan
     def _plan(self, request: v2.ModelInferRequest) -> InferPlan:

@@ -75,11 +75,21 @@ class Explanation:
 @dataclass(frozen=True)
 class Outputs:
     outputs: tuple[Output, ...]
-    explanation: Explanation | None = None  # set: every output is an explanation
+    explanation: Explanation | None = None  # set: some outputs are explanations
 
     @property
     def layers(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs if o.name not in (PROBABILITIES, *EXPLANATIONS))
+
+    @property
+    def inference(self) -> bool:
+        """Whether any output comes from the inference path (probabilities or a layer)."""
+        return any(o.name not in EXPLANATIONS for o in self.outputs)
+
+    def in_order(self, tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors`` of both paths in the order the request asked for their outputs."""
+        order = {o.name: i for i, o in enumerate(self.outputs)}
+        return sorted(tensors, key=lambda t: order[t.output.name])
 
 
 @dataclass(frozen=True)
@@ -230,10 +240,8 @@ def plan_outputs(model: LoadedModel, requested: Sequence, read: Read, *, default
     if not explained:
         _explanations_only(explain)
         return Outputs(tuple(outputs))
-    if len(explained) != len(outputs):
-        others = ", ".join(repr(o.name) for o in outputs if o.name not in EXPLANATIONS)
-        raise invalid(f"{' and '.join(map(repr, explained))} are answered on the explanation path, {others} on "
-                      "the inference path: ask for them in separate requests")
+    # With inference outputs too (perf_analyzer asks for every output ModelMetadata lists), both paths
+    # answer, each with its own limits and reservation, and the outputs come back in the order asked.
     if len(set(targets.values())) > 1:
         raise invalid(f"{SALIENCY!r} and {GRAD_CAM!r} come from one backward pass: send one {CLASS_INDEX!r} "
                       "(on either, or the same on both)")
@@ -299,6 +307,8 @@ def inference_tensors(model: LoadedModel, outputs: Outputs, probabilities: np.nd
     """The inference path's outputs, in the order asked."""
     tensors = []
     for output in outputs.outputs:
+        if output.name in EXPLANATIONS:
+            continue  # the explanation path's
         if output.name == PROBABILITIES and output.top_k:
             tensors.append(Tensor(output, "BYTES", classification(model, probabilities, output.top_k)))
         elif output.name == PROBABILITIES:
@@ -316,7 +326,7 @@ def explanation_tensors(outputs: Outputs, maps: Maps, layer: str) -> list[Tensor
     common = {CLASS_INDEX: classes[0]} if len(set(classes)) == 1 else {}
     indices = ",".join(map(str, classes))
     tensors = []
-    for output in outputs.outputs:
+    for output in (o for o in outputs.outputs if o.name in EXPLANATIONS):
         array, at = (maps.saliency, INPUT) if output.name == SALIENCY else (maps.grad_cam, layer)
         tensors.append(Tensor(output, "FP32", np.ascontiguousarray(array, dtype="<f4"),
                               {**common, CLASS_INDICES: indices, LAYER: at}))
