@@ -228,10 +228,12 @@ class ClassifierClient:
     # ------------------------------------------------------------------ calls
     def classify(self, images: Sequence[ImageLike], *, model: str = "", top_k: int = 5,
                  layers: Sequence[str] = (), feature_dtype: str = "float32", resize: bool = True,
-                 timeout: float | None = None) -> list[Classification]:
-        """Classifies ``images`` in one call; ``layers=["*"]`` returns every layer's feature map."""
+                 version: str = "", timeout: float | None = None) -> list[Classification]:
+        """Classifies ``images`` in one call; ``layers=["*"]`` returns every layer's feature map;
+        ``version``: one ready version of the model (empty: its latest)."""
         request = self.request(images, model=model, top_k=top_k, layers=layers, feature_dtype=feature_dtype,
                                resize=resize)
+        request.model_version = version
         response = self._call(self._stub().Classify, request, timeout)
         return [_classification(r) for r in response.results]
 
@@ -271,8 +273,8 @@ class ClassifierClient:
     def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         return self._call(self._stub().ListModels, pb.ListModelsRequest(), timeout)
 
-    def model_info(self, name: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
-        return self._call(self._stub().GetModelInfo, pb.GetModelInfoRequest(name=name), timeout)
+    def model_info(self, name: str = "", *, version: str = "", timeout: float | None = None) -> pb.ModelInfo:
+        return self._call(self._stub().GetModelInfo, pb.GetModelInfoRequest(name=name, version=version), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""

@@ -187,15 +187,22 @@ def _models(client: ClassifierClient, args) -> int:
         print(json.dumps({"default_model": response.default_model, "models": [
             {"name": m.name, "version": m.version, "pooling": m.pooling.kind, "window": m.pooling.window,
              "validation_accuracy": m.validation_accuracy, "flops_per_image": m.flops_per_image,
-             "device": m.device, "dataset": m.dataset} for m in response.models]}, indent=1))
+             "device": m.device, "dataset": m.dataset} for m in response.models],
+            "versions": [{"name": v.name, "version": v.version, "state": v.state, "reason": v.reason}
+                         for v in response.versions]}, indent=1))
         return 0
-    _say(f"  {'model':<14} {'pooling':<9} {'val acc':>8} {'MFLOP':>7}  device")
+    _say(f"  {'model':<14} {'version':<8} {'pooling':<9} {'val acc':>8} {'MFLOP':>7}  device")
     for m in response.models:
         star = "*" if m.name == response.default_model else " "
         acc = f"{100 * m.validation_accuracy:.2f}%" if m.validation_images else "-"
-        _say(f"{star} {m.name:<14} {m.pooling.kind + ' ' + str(m.pooling.window):<9} {acc:>8} "
+        _say(f"{star} {m.name:<14} {m.version:<8} {m.pooling.kind + ' ' + str(m.pooling.window):<9} {acc:>8} "
              f"{m.flops_per_image / 1e6:7.1f}  {m.device}")
     _say("(* default; accuracy on the held-out validation split of CIFAR-10 (JPEG))")
+    others = [v for v in response.versions if v.state != "READY"]
+    if others:  # versions the repository holds that do not serve now, and why
+        _say("not serving:")
+        for v in others:
+            _say(f"  {v.name:<14} {v.version or '-':<8} {v.state or 'never loaded':<12} {v.reason}")
     return 0
 
 

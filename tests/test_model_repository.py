@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cifar10_serving.client import ClassifierClient
+from cifar10_serving.client.cli import main as cli_main
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
@@ -271,7 +273,7 @@ def test_repository_calls_in_none_and_poll_mode_are_failed_precondition(tiny_mod
             assert ("tiny-max", "1" if mode == "poll" else "test") in _index(channel)  # the index answers in every mode
 
 
-def test_a_request_can_name_a_version_and_the_api_lists_every_version(tmp_path):
+def test_a_request_can_name_a_version_and_the_api_lists_every_version(tmp_path, capsys):
     publish(tmp_path, "tiny-max", "1")
     publish(tmp_path, "tiny-max", "2", seed=1)
     with ServerProcess(server_args(tmp_path, version_policy="all")) as server, \
@@ -289,6 +291,18 @@ def test_a_request_can_name_a_version_and_the_api_lists_every_version(tmp_path):
         metadata = v2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
             v2.ModelMetadataRequest(name="tiny-max"), timeout=10)
         assert list(metadata.versions) == ["1", "2"]
+        with ClassifierClient(server.target) as client:  # the client library and the CLI show versions too
+            assert client.model_info("tiny-max", version="1").version == "1"
+            assert client.classify([random_images(1)[0]], version="1")[0].label
+        bad = tmp_path / ".staging-bad"
+        bad.mkdir()
+        (bad / "model.pt").write_bytes(b"not a model")
+        bad.rename(tmp_path / "tiny-max" / "3")  # a poll server would try it; this one lists it as it scans
+    with ServerProcess(server_args(tmp_path, version_policy="all", model_control_mode="poll")) as server:
+        assert cli_main(["--target", server.target, "models"]) == 0
+        shown = capsys.readouterr().out
+        assert "tiny-max       1" in shown and "tiny-max       2" in shown
+        assert "not serving:" in shown and "UNAVAILABLE" in shown and "not a TorchScript archive" in shown
 
 
 def test_a_file_whose_folders_disagree_with_its_metadata_is_refused_at_start(tmp_path):
