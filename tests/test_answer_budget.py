@@ -9,13 +9,14 @@ import urllib.parse
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
-from tests.helpers.rawh2 import WithholdingClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tests.helpers.images import encode, random_images
+from tests.helpers.memory import budget_in_use, rss, wait_for_budget_back
+from tests.helpers.rawh2 import WithholdingClient
 from tests.helpers.servers import server_args
 
 pytestmark = pytest.mark.system  # a server process, its memory read from /proc
@@ -38,10 +39,6 @@ def server(tiny_models_dir):
         yield process
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
 
 def _others_are_served(server) -> None:
     with grpc.insecure_channel(server.target) as channel:
@@ -50,20 +47,11 @@ def _others_are_served(server) -> None:
         assert len(pb_grpc.ClassifierStub(channel).Classify(PLAIN, timeout=10).results) == 1
 
 
-def _in_use(server) -> float:
-    return server.metric_sum("cifar10_answer_budget_in_use_bytes")
-
-
-def _wait_for_budget_back(server, seconds: float = 10.0) -> None:
-    until = time.monotonic() + seconds
-    while _in_use(server) > 0 and time.monotonic() < until:
-        time.sleep(0.1)
-    assert _in_use(server) == 0
 
 
 def test_unread_answers_are_refused_once_the_budget_is_full_and_memory_stays_bounded(server):
     _others_are_served(server)
-    before = _rss(server.pid)
+    before = rss(server.pid)
     clients = [WithholdingClient("127.0.0.1", server.port) for _ in range(10)]
     try:
         streams = []
@@ -82,16 +70,16 @@ def test_unread_answers_are_refused_once_the_budget_is_full_and_memory_stays_bou
         assert all(code == RESOURCE_EXHAUSTED for code, _ in refused), refused
         message = urllib.parse.unquote(refused[0][1])
         assert "fewer feature_layers" in message and "FLOAT16" in message, message
-        grown = _rss(server.pid) - before
+        grown = rss(server.pid) - before
         # Unbounded, 40 unsent answers of ~2.2 MB, each held three times over, grew it by ~260 MB.
         assert grown < BUDGET + 64 * MiB, f"resident memory grew {grown / MiB:.0f} MiB"
-        assert 0 < _in_use(server) <= BUDGET
+        assert 0 < budget_in_use(server) <= BUDGET
         assert server.metric_sum("cifar10_answer_budget_refusals_total") >= len(refused)
         _others_are_served(server)  # plain calls keep a quarter of the budget and half the queue
     finally:
         for client in clients:
             client.close()
-    _wait_for_budget_back(server)  # the calls end with their connections, and give their bytes back
+    wait_for_budget_back(server)  # the calls end with their connections, and give their bytes back
     with grpc.insecure_channel(server.target, options=BIG_ANSWERS) as channel:
         response = pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest.FromString(EVERY_MAP), timeout=30)
         assert len(response.results) == 32 and len(response.results[0].feature_maps) > 20
@@ -99,7 +87,7 @@ def test_unread_answers_are_refused_once_the_budget_is_full_and_memory_stays_bou
 
 def test_an_unread_stream_is_bounded_by_the_same_budget(server):
     before_refusals = server.metric_sum("cifar10_answer_budget_refusals_total")
-    before = _rss(server.pid)
+    before = rss(server.pid)
     client = WithholdingClient("127.0.0.1", server.port)
     try:
         stream = client.call(STREAM)
@@ -110,12 +98,12 @@ def test_an_unread_stream_is_bounded_by_the_same_budget(server):
         while server.metric_sum("cifar10_answer_budget_refusals_total") - before_refusals < 24:
             assert time.monotonic() < until, "the stream's requests were not refused"
             client.pump(0.1)
-        assert _rss(server.pid) - before < BUDGET + 64 * MiB
-        assert _in_use(server) <= BUDGET
+        assert rss(server.pid) - before < BUDGET + 64 * MiB
+        assert budget_in_use(server) <= BUDGET
         _others_are_served(server)
     finally:
         client.close()
-    _wait_for_budget_back(server)
+    wait_for_budget_back(server)
 
 
 def test_an_answer_larger_than_the_budget_is_refused_with_advice_that_works(server):
@@ -130,4 +118,4 @@ def test_an_answer_larger_than_the_budget_is_refused_with_advice_that_works(serv
         del request.feature_layers[:]
         request.feature_layers.append("stage3.pool")
         assert len(stub.Classify(request, timeout=30).results[0].feature_maps) == 1
-    _wait_for_budget_back(server)
+    wait_for_budget_back(server)

@@ -10,15 +10,16 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.core import MAX_ECHO_BYTES
 from cifar10_serving.server.launcher import ServerProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tests.helpers.images import random_images
+from tests.helpers.memory import budget_in_use, rss, wait_for_budget_back
 from tests.helpers.rawh2 import WithholdingClient
 from tests.helpers.servers import server_args
 
@@ -45,20 +46,7 @@ def server(tiny_models_dir):
         yield process
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
-
-def _in_use(server) -> float:
-    return server.metric_sum("cifar10_answer_budget_in_use_bytes")
-
-
-def _budget_back(server, seconds: float = 15.0) -> None:
-    until = time.monotonic() + seconds
-    while _in_use(server) > 0 and time.monotonic() < until:
-        time.sleep(0.1)
-    assert _in_use(server) == 0
 
 
 def _classify_works(server) -> None:
@@ -72,7 +60,7 @@ def test_unread_explain_answers_are_held_in_the_budget(server):
     """Explain took no reservation: a client that never reads grew the server without bound while
     the budget's gauge stayed at 0. Now each answer is reserved until written."""
     request = pb.ExplainRequest(images=EIGHT, request_id="x" * MAX_ECHO_BYTES).SerializeToString()
-    before, refusals_before = _rss(server.pid), server.metric_sum("cifar10_answer_budget_refusals_total")
+    before, refusals_before = rss(server.pid), server.metric_sum("cifar10_answer_budget_refusals_total")
     clients = [WithholdingClient("127.0.0.1", server.port) for _ in range(8)]
     try:
         streams, held = [], 0.0
@@ -80,22 +68,22 @@ def test_unread_explain_answers_are_held_in_the_budget(server):
             client = clients[i % len(clients)]
             streams.append((client, client.call(EXPLAIN, request)))
             until = time.monotonic() + 10
-            while time.monotonic() < until and _in_use(server) <= held and not any(
+            while time.monotonic() < until and budget_in_use(server) <= held and not any(
                     s in c.statuses for c, s in streams[-1:]):
                 client.pump(0.02)
-            held = max(held, _in_use(server))
+            held = max(held, budget_in_use(server))
         refused = [c.statuses[s] for c, s in streams if s in c.statuses]
         assert held > 0, "unread Explain answers are not in the budget"
-        assert _in_use(server) <= BUDGET
+        assert budget_in_use(server) <= BUDGET
         assert server.metric_sum("cifar10_answer_budget_refusals_total") > refusals_before
         assert refused and all(code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] for code, _ in refused), refused
-        grown = _rss(server.pid) - before
+        grown = rss(server.pid) - before
         assert grown < BUDGET + 64 * MiB, f"resident memory grew {grown / MiB:.0f} MiB"
         _classify_works(server)  # plain calls keep their quarter of the budget
     finally:
         for client in clients:
             client.close()
-    _budget_back(server)
+    wait_for_budget_back(server)
 
 
 def test_refusals_in_an_unread_stream_are_held_in_the_budget(server):
@@ -115,12 +103,12 @@ def test_refusals_in_an_unread_stream_are_held_in_the_budget(server):
                                 code="INVALID_ARGUMENT") - refusals_before < 40:
             assert time.monotonic() < until, "the stream's requests were not answered"
             client.pump(0.05)
-        assert _in_use(server) > 0, "refusals waiting to be written are not in the budget"
-        assert _in_use(server) <= BUDGET
+        assert budget_in_use(server) > 0, "refusals waiting to be written are not in the budget"
+        assert budget_in_use(server) <= BUDGET
         _classify_works(server)
     finally:
         client.close()
-    _budget_back(server)
+    wait_for_budget_back(server)
 
 
 def test_an_echoed_id_over_the_limit_is_refused_and_one_at_the_limit_is_echoed(server):

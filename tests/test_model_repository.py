@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.client.cli import main as cli_main
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
@@ -24,7 +23,9 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.launcher import ServerProcess
+
 from tests.helpers.images import random_images
+from tests.helpers.memory import rss
 from tests.helpers.models import export_tiny
 from tests.helpers.servers import server_args
 
@@ -173,10 +174,6 @@ def test_unload_under_load_fails_no_call_in_flight(tmp_path):
         _wait(lambda: _index(channel)[("tiny-avg", "1")] == ("UNAVAILABLE", "unloaded"))
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
 
 def test_load_unload_cycles_give_their_memory_back(tmp_path):
     # A bundled model, not a tiny one: what a cycle could leak is the size of a real module and its kernels.
@@ -199,11 +196,11 @@ def test_load_unload_cycles_give_their_memory_back(tmp_path):
             assert classify(pb.ClassifyRequest(model="small-max", images=[IMAGE]), timeout=30).model_version == "1"
 
         cycle()  # the first cycle fills the allocator's caches and the kernel cache for good
-        before = _rss(server.pid)
+        before = rss(server.pid)
         start = time.monotonic()
         for _ in range(20):
             cycle()
-        grown = _rss(server.pid) - before
+        grown = rss(server.pid) - before
         print(f"20 load/unload cycles of small-max: resident memory {grown / 2**20:+.1f} MiB, "
               f"{(time.monotonic() - start) / 20:.2f} s a cycle")
         assert grown < 100 * 2**20
