@@ -9,6 +9,7 @@ import urllib.parse
 
 import grpc
 import pytest
+
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess

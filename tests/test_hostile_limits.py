@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2

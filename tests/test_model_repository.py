@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.client.cli import main as cli_main
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
@@ -23,7 +24,6 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server.launcher import ServerProcess
-
 from tests.helpers.images import random_images
 from tests.helpers.memory import rss
 from tests.helpers.models import export_tiny
