@@ -9,12 +9,11 @@ import urllib.parse
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.launcher import ServerProcess
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tests.helpers.images import encode, random_images
 from tests.helpers.memory import budget_in_use, rss, wait_for_budget_back
 from tests.helpers.rawh2 import WithholdingClient
