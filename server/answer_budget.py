@@ -129,10 +129,11 @@ def answer_bytes(images: int, elements: int, layers: int, itemsize: int, classes
     return images * (HELD_COPIES * per_image + 4 * elements)
 
 
-def explanation_bytes(images: int, pixels: int) -> int:
-    """An explanation's answer while held: two float32 maps of ``pixels`` per image, in protobuf's
-    repeated floats, in ``HELD_COPIES`` copies; and the gradients of the pass, about four maps more."""
-    per_image = 2 * pixels * 4 + IMAGE_OVERHEAD_BYTES
+def explanation_bytes(images: int, pixels: int, value_bytes: int = 4) -> int:
+    """An explanation's answer while held: two maps of ``pixels`` per image at ``value_bytes`` a value
+    (4: float32, as protobuf and binary tensors hold them; more for JSON text), in ``HELD_COPIES``
+    copies; and the gradients of the pass, about four float32 maps more."""
+    per_image = 2 * pixels * value_bytes + IMAGE_OVERHEAD_BYTES
     return images * (HELD_COPIES * per_image + 4 * 2 * pixels * 4)
 
 

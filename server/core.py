@@ -139,11 +139,12 @@ class ServingCore:
         return Lease(self.repository.entry(model), self._reserve(nbytes, model.name, bool(layers), advice), images)
 
     def reserve_explanation(self, model: LoadedModel, *, images: int, request_bytes: int,
-                            echo_bytes: int = 0) -> Reservation:
-        """As ``reserve``, for an explanation: two maps the input's size per image."""
+                            echo_bytes: int = 0, value_bytes: int = 4) -> Reservation:
+        """As ``reserve``, for an explanation: two maps the input's size per image, each value held
+        in ``value_bytes`` (more than float32's 4 when the answer is JSON text)."""
         h, w = model.input_shape[1:]
         nbytes = (2 * request_bytes + ECHO_COPIES * echo_bytes + images * math.prod(model.input_shape)
-                  + explanation_bytes(images, h * w))
+                  + explanation_bytes(images, h * w, value_bytes))
         return Lease(self.repository.entry(model), self._reserve(nbytes, model.name, True,
                                                                  "explain fewer images per request"), 0)
 

@@ -294,8 +294,10 @@ class HttpApi:
         Explain take it: checked, reserved, then a place on the path (429 at once when none is free)."""
         model, ask = plan.model, plan.outputs.explanation
         layer = self.core.explainer.plan(model, plan.images, ask.layer, ask.target)
+        json_maps = any(not o.raw for o in plan.outputs.outputs if o.name in rules.EXPLANATIONS)
         held.append(self.core.reserve_explanation(model, images=plan.images, request_bytes=0,
-                                                  echo_bytes=plan.echo_bytes))
+                                                  echo_bytes=plan.echo_bytes,
+                                                  value_bytes=JSON_VALUE_BYTES if json_maps else 4))
         try:
             maps = await self.core.explain(model, await self._sources(plan), Resize.CENTER_CROP, layer, ask.target,
                                            deadline)

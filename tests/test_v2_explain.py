@@ -290,3 +290,19 @@ def test_model_infer_keeps_its_latency_while_explanations_are_saturated(tiny_mod
         assert saturated < 1.0  # a bound that cannot flake; the figures printed show the usual range
     finally:
         served.stop()
+
+
+def test_an_explanation_answered_as_json_reserves_what_its_text_holds(tiny_server):
+    core = tiny_server.app.core
+    model = core.model("tiny-max")
+
+    async def both():
+        binary = core.reserve_explanation(model, images=8, request_bytes=0)
+        text = core.reserve_explanation(model, images=8, request_bytes=0, value_bytes=32)
+        sizes = binary.nbytes, text.nbytes
+        binary.release(), text.release()
+        return sizes
+
+    binary, text = tiny_server.run(both())
+    maps = 8 * 2 * 32 * 32  # two input-sized maps per image
+    assert text - binary == 3 * maps * (32 - 4)  # every held copy of every value, at its JSON size
