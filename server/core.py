@@ -325,6 +325,10 @@ class ServingCore:
             m.model_loads.labels(entry.name, "failed").inc()
         elif event in ("unloaded", "replaced"):
             m.model_loads.labels(entry.name, "unloaded").inc()
+            # What was read from its file for explanations and filters goes with it (a replaced
+            # version's file changed, so the copies of the same version are stale too).
+            self.explainer.forget(entry.name, entry.version)
+            self.weights.forget(entry.name, entry.version)
 
 
 def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:

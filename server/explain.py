@@ -151,6 +151,11 @@ class Explainer:
         classes = None if target is None else torch.full((len(images),), target, dtype=torch.long, device=model.device)
         return explain(self._module(model), x, classes, layer, logits_layer(model))
 
+    def forget(self, name: str, version: str) -> None:
+        """Drops a version's unfrozen copy: it was unloaded (a reload loads its file again)."""
+        with self._load_lock:
+            self._modules.pop((name, version), None)
+
     def _module(self, model: LoadedModel) -> torch.jit.ScriptModule:
         """The model's unfrozen copy, from the file the served one came from; loaded once, on first use."""
         with self._load_lock:

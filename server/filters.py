@@ -127,6 +127,10 @@ class WeightStore:
         self.max_cached = max_cached
         self._weights: OrderedDict[tuple[str, str], asyncio.Future] = OrderedDict()
 
+    def forget(self, name: str, version: str) -> None:
+        """Drops a version's weights: it was unloaded (a reload reads its file again)."""
+        self._weights.pop((name, version), None)
+
     async def get(self, model: LoadedModel) -> dict[str, LayerWeights]:
         key = (model.name, model.version)
         future = self._weights.get(key)
