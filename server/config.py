@@ -184,7 +184,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if self.model_control_mode not in ("none", "poll", "explicit"):
             raise ValueError(f"model_control_mode must be none, poll or explicit, got {self.model_control_mode!r}")
-        _check_policy(self.version_policy)
+        VersionPolicy.parse(self.version_policy)  # a bad policy fails here, naming the setting
         if self.repository_poll_seconds <= 0:
             raise ValueError(f"repository_poll_seconds must be > 0, got {self.repository_poll_seconds}")
         if self.model_control_mode == "explicit" and self.workers > 1:
@@ -197,17 +197,47 @@ class ServerConfig:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
 
     @property
+    def policy(self) -> VersionPolicy:
+        """``version_policy``, parsed."""
+        return VersionPolicy.parse(self.version_policy)
+
+    @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
 
-def _check_policy(text: str) -> None:
-    kind, _, rest = text.partition(":")
-    ok = ((kind == "all" and not rest) or (kind == "latest" and (not rest or rest.isdigit() and int(rest) >= 1))
-          or (kind == "specific" and rest and all(rest.split(","))))
-    if not ok:
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model are served: ``latest:N``, ``all`` or ``specific:V1,V2``."""
+
+    kind: str
+    count: int = 1
+    versions: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, rest = text.partition(":")
+        if kind == "all" and not rest:
+            return cls("all")
+        if kind == "latest" and (not rest or rest.isdigit() and int(rest) >= 1):
+            return cls("latest", int(rest or 1))
+        if kind == "specific" and rest and all(v for v in rest.split(",")):
+            return cls("specific", versions=tuple(rest.split(",")))
         raise ValueError(f"version_policy {text!r}: use latest:N (N >= 1), all, or specific:V1,V2")
+
+    def choose(self, versions) -> list[str]:
+        ordered = sorted(versions, key=version_key)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "latest":
+            return ordered[-self.count:]
+        return [v for v in ordered if v in self.versions]
+
+
+def version_key(version: str) -> tuple:
+    """Numbers in numeric order, before other names in text order: "2" < "10" < "v1"."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
 def available_cores() -> int:

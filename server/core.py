@@ -34,7 +34,7 @@ from cifar10_serving.server import filters as filter_weights
 from cifar10_serving.server.answer_budget import (ECHO_COPIES, AnswerBudget, OverBudget, Reservation, answer_bytes,
                                                   default_budget_bytes, explanation_bytes, layer_elements,
                                                   refusal_bytes)
-from cifar10_serving.server.batching import Batcher, BatchError, BatchResult, ThreadShares
+from cifar10_serving.server.batching import Batcher, BatchError, BatchResult, ThreadShares, wide_from
 from cifar10_serving.server.calls import model_label
 from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.decode_lanes import DecodeExpired, Decoder
@@ -46,7 +46,7 @@ from cifar10_serving.server.metrics import Metrics
 from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_artifact
 from cifar10_serving.server.priority import lower_priority
 from cifar10_serving.server.repository import (TRITON_FILE, FileVersion, Lease, Repository,
-                                               Version, VersionPolicy)
+                                               Version)
 
 T = TypeVar("T")
 
@@ -61,19 +61,20 @@ MAX_ECHO_BYTES = 1024
 
 
 class ServingCore:
-    """``device``: where models run; ``shares``: the torch threads every forward pass shares;
+    """``device``: where models run; ``threads``: the torch threads every forward pass shares;
     ``instances``: passes of one model in flight at once. ``await start()`` loads the repository."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics, *, device: torch.device, shares: ThreadShares,
+    def __init__(self, config: ServerConfig, metrics: Metrics, *, device: torch.device, threads: int,
                  instances: int, explainer: Explainer | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.device = device
-        self.shares = shares
+        self.threads = threads
+        self.shares: ThreadShares | None = None  # sized at start, once the repository is read
         self.instances = instances
         self.validators: list[Callable[[LoadedModel], object]] = []  # front-ends' checks of a model they will serve
         self.repository = Repository(config.models_dir, config.model_control_mode,
-                                     VersionPolicy.parse(config.version_policy), self._load, self._warm, self._changed)
+                                     config.policy, self._load, self._warm, self._changed)
         self._warm_queue: asyncio.Queue[Batcher] | None = None  # the rest of each model's warm-up, in the background
         self._serving = False
         self.budget = AnswerBudget(config.answer_budget_bytes or default_budget_bytes(), metrics)
@@ -244,7 +245,7 @@ class ServingCore:
         self._warm_queue = asyncio.Queue()
         self._warmer = asyncio.get_running_loop().create_task(self._warm_rest(), name="background-warm-up")
         names = [n for n in self.config.load_models.split(",") if n] if self.config.load_models != "*" else None
-        await self.repository.start(names, self.default_model)
+        await self.repository.start(names, self.default_model, self._share_threads)
         self._serving = True  # from here on, warm-ups yield to serving passes
         if self.config.model_control_mode != "explicit" or names is None or self.default_model in names:
             try:  # the default must serve, unless explicit mode leaves it out on purpose
@@ -262,6 +263,11 @@ class ServingCore:
                 task.cancel()
         await self.repository.stop()
         self._encode_pool.shutdown(wait=False)
+
+    def _share_threads(self, models: int) -> None:
+        """One ``ThreadShares`` for the process: every model's passes share it, each pass an equal
+        share over the instances of the ``models`` loaded at start (one loaded later shares the same way)."""
+        self.shares = ThreadShares(self.threads, self.instances * max(1, models), wide_from(self.config.compute_nice))
 
     async def _load(self, file: FileVersion, entry: Version) -> None:
         """The repository's loader: checks, loads and warms one version beside what serves."""
@@ -298,9 +304,10 @@ class ServingCore:
         batcher.start()
         if self.config.warmup_batches > 0:
             self._warm_queue.put_nowait(batcher)
-        # What start-up does once for the heap (server.main.settle_heap), kept true for what this load left.
-        gc.collect()
-        gc.freeze()
+        if self._serving:  # before SERVING, start-up's settle_heap (server.main) does this once for all
+            # What start-up does once for the heap, kept true for what this load left.
+            gc.collect()
+            gc.freeze()
 
     async def _warm_rest(self) -> None:
         """The rest of each model's warm-up, one model at a time, on a thread below the serving ones."""

@@ -2,11 +2,12 @@
 PNG chunks and the size of the whole file, each in time linear in what it lets through.
 
 Pillow walks a JPEG's segments and a PNG's chunks in Python, and some of that walk is worse than
-linear: ``JpegImagePlugin.APP`` grows ``info["exif"]`` by concatenation, so 4 MB of 16-byte APP1
-segments took 7 s to open and 8 MB 32 s, on the one thread that reads every request's headers,
-where no deadline or cancellation reaches it (security review, issue 28). The linear parts cost too:
-Pillow spends about 1 us per 0xFF fill byte and 2-6 us per segment or chunk, so 64 MiB of tiny
-PNG chunks would take about 20 s. ``check_encoded`` refuses such files after looking at no more than
+linear: ``JpegImagePlugin.APP`` grows ``info["exif"]`` by concatenation, so the time to open a file
+of many small APP1 segments grows with the square of their number, on the one thread that reads
+every request's headers, where no deadline or cancellation reaches it (security review, issue 28).
+The linear parts cost too: Pillow steps through fill bytes one at a time and spends microseconds on
+each segment or chunk, so a message of tiny PNG chunks takes seconds (the figures: bench/RESULTS.md,
+"Smaller measurements"). ``check_encoded`` refuses such files after looking at no more than
 its limits let through; a file whose structure is merely truncated or malformed is left to Pillow,
 which refuses it with its own message.
 
@@ -34,8 +35,8 @@ MAX_JPEG_STRAY_BYTES = 1 * KiB  # fill (0xFF) and junk bytes between segments: P
 
 # PNG, the whole file: Pillow reads chunks before the first IDAT when it opens, the rest when it decodes.
 MAX_PNG_ANCILLARY_CHUNKS = 64  # every chunk but IHDR, PLTE, IDAT, IEND; real files: < 15
-# Pillow spends ~6 us on each chunk, IDAT included, so this bounds the walk to ~0.1 s; with libpng's
-# 8 KiB IDATs it allows 128 MiB, twice the largest request message.
+# Pillow spends microseconds on each chunk, IDAT included, so this bounds its walk to about a tenth of a
+# second (bench/RESULTS.md); with libpng's 8 KiB IDATs it allows 128 MiB, twice the largest request message.
 MAX_PNG_CHUNKS = 16_384
 
 # The encoded bytes of one image may exceed its raw RGB pixels at the pixel limit (3 bytes each) by this

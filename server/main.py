@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
@@ -33,7 +32,6 @@ from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.server import cifar10_v1, grpc_metrics, open_inference, registration
 from cifar10_serving.server import http_api  # issue 32: the Open Inference Protocol over HTTP
-from cifar10_serving.server.batching import ThreadShares, wide_from
 from cifar10_serving.server.config import ServerConfig, default_instances, default_torch_threads, parse_config
 from cifar10_serving.server.connections import close_port
 from cifar10_serving.server.drain import DrainGate
@@ -44,7 +42,6 @@ from cifar10_serving.server.ready_file import remove_ready_file, write_ready_fil
 from cifar10_serving.server.security import SecurityConfigError, add_port, check_models_dir
 from cifar10_serving.server.security import interceptors as security_interceptors
 from cifar10_serving.server.core import ServingCore
-from cifar10_serving.server.repository import scan
 from cifar10_serving.server.workers import supervise
 
 log = logging.getLogger("server")
@@ -142,10 +139,6 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         interceptors = [grpc_metrics.interceptor(registry)]
     if device.type == "cuda":
         registry.register(GpuMemoryCollector([device.index or 0]))
-    # One for the process: every model's passes share it, each pass an equal share over the instances
-    # of the models the repository holds at start (a model loaded later shares the same way).
-    shares = ThreadShares(threads, instances * max(1, len(_models_in(config.models_dir))), wide_from(config.compute_nice))
-
     gate = DrainGate((SERVICE_NAME, open_inference.SERVICE_NAME))  # one gate: each call is counted once
     # The given interceptors (the metrics one by default) go first, so calls refused by authentication
     # or the drain gate are counted.
@@ -156,7 +149,7 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
         ("grpc.so_reuseport", 1 if config.worker_index >= 0 else 0),
         *connection_options(config),
     ])
-    core = ServingCore(config, metrics, device=device, shares=shares, instances=instances)
+    core = ServingCore(config, metrics, device=device, threads=threads, instances=instances)
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Each API over the core, registered as the generated code does, but answers may be wire bytes.
@@ -200,10 +193,6 @@ async def create_server(config: ServerConfig, registry: CollectorRegistry | None
              f", worker {config.worker_index}" if config.worker_index >= 0 else "")
     return App(config, server, port, metrics_port, core, health_servicer, metrics, metrics_http, gate=gate,
                device=str(device), http=http, http_port=http_port)  # issue 32: http
-
-
-def _models_in(models_dir: str) -> dict:
-    return scan(Path(models_dir)) if Path(models_dir).is_dir() else {}
 
 
 def settle_heap() -> int:

@@ -45,7 +45,6 @@ RAW_OUTPUT_FIELD = v2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_c
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 # Triton's: top-k as "score:index:label" strings; ModelConfig; ModelStatistics; the Repository calls.
 EXTENSIONS = ("classification", "model_configuration", "statistics", "model_repository")
-REPOSITORY_CHANGES = ("RepositoryModelLoad", "RepositoryModelUnload")  # explicit mode only; admin tokens
 RAW_WORDS = "raw contents; send the input as raw_input_contents"  # how FP16 outputs must travel
 
 

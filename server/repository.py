@@ -33,6 +33,7 @@ from typing import Awaitable, Callable
 
 from cifar10_serving.protos import artifact
 from cifar10_serving.server.batching import Batcher
+from cifar10_serving.server.config import VersionPolicy, version_key
 from cifar10_serving.server.errors import Code, Rejection, invalid, quote
 from cifar10_serving.server.models import LoadedModel, ModelLoadError
 from cifar10_serving.server.statistics import Statistics
@@ -113,39 +114,6 @@ class Lease:
         self.entry.leases -= 1
         if self.entry.leases == 0:
             self.entry.idle.set()
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """Which versions of a model are served: ``latest:N``, ``all`` or ``specific:V1,V2``."""
-
-    kind: str
-    count: int = 1
-    versions: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> VersionPolicy:
-        kind, _, rest = text.partition(":")
-        if kind == "all" and not rest:
-            return cls("all")
-        if kind == "latest" and (not rest or rest.isdigit() and int(rest) >= 1):
-            return cls("latest", int(rest or 1))
-        if kind == "specific" and rest and all(v for v in rest.split(",")):
-            return cls("specific", versions=tuple(rest.split(",")))
-        raise ValueError(f"version policy {text!r}: use latest:N (N >= 1), all, or specific:V1,V2")
-
-    def choose(self, versions) -> list[str]:
-        ordered = sorted(versions, key=version_key)
-        if self.kind == "all":
-            return ordered
-        if self.kind == "latest":
-            return ordered[-self.count:]
-        return [v for v in ordered if v in self.versions]
-
-
-def version_key(version: str) -> tuple:
-    """Numbers in numeric order, before other names in text order: "2" < "10" < "v1"."""
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
 def scan(models_dir: Path) -> dict[str, dict[str, FileVersion]]:
@@ -251,12 +219,14 @@ class Repository:
         return entries
 
     # ------------------------------------------------------------------ changes
-    async def start(self, names: list[str] | None, first: str) -> None:
+    async def start(self, names: list[str] | None, first: str,
+                    before_loading: Callable[[int], None] = lambda models: None) -> None:
         """Loads ``names`` (None: every model) at start, and returns once ``first`` serves: every
         version is read, checked and loaded first (in ``none`` mode one that fails fails the start, as
         a server given files it cannot serve should; otherwise it stays UNAVAILABLE with its reason),
         then ``first`` is warmed and serves, and the others are warmed and serve one by one after
-        start returns (``starting``), each as soon as it is warm."""
+        start returns (``starting``), each as soon as it is warm. ``before_loading(n)`` is told how
+        many models will load, before the first does."""
         if not self.models_dir.is_dir():
             raise ModelLoadError(f"models directory {self.models_dir} does not exist")
         found = scan(self.models_dir)
@@ -267,6 +237,7 @@ class Repository:
         if unknown:
             raise ModelLoadError(f"models {unknown} are not in the repository {self.models_dir}: {sorted(found)}")
         strict = self.mode == "none"
+        before_loading(len(wanted))
         order = sorted(wanted, key=lambda name: name != first)  # the first first, the rest in their order
         await self._lock.acquire()
         try:

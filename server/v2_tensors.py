@@ -376,13 +376,13 @@ def model_config(model: LoadedModel, config, instances: int, device_type: str) -
     them), every output, the batching settings and the instances."""
     h, w = model.input_shape[1:]
     layers = {row["name"]: row["output_shape"] for row in model.metadata["layers"]}
-    kind, _, rest = config.version_policy.partition(":")
-    if kind == "all":
+    chosen = config.policy
+    if chosen.kind == "all":
         policy: dict = {"all": {}}
-    elif kind == "specific":
-        policy = {"specific": {"versions": [int(v) for v in rest.split(",") if v.isdigit()]}}
+    elif chosen.kind == "specific":  # Triton's versions are numbers: others are not listed
+        policy = {"specific": {"versions": [int(v) for v in chosen.versions if v.isdigit()]}}
     else:
-        policy = {"latest": {"num_versions": int(rest or 1)}}
+        policy = {"latest": {"num_versions": chosen.count}}
     return {
         "name": model.name, "platform": PLATFORM, "backend": "pytorch", "version_policy": policy,
         "max_batch_size": config.max_batch_size,

@@ -19,7 +19,6 @@ from torch.nn import functional as F
 from cifar10_serving.client import ClassifierClient, ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
-from cifar10_serving.server.batching import ThreadShares
 from cifar10_serving.server.cifar10_v1 import V1Servicer
 from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.explain import Explainer
@@ -133,7 +132,7 @@ class Served:
         self.metrics = Metrics(CollectorRegistry())
         self.thread_pool = ThreadPoolExecutor(1)
         self.explainer = Explainer(threads=1, max_waiting=0, executor=self.thread_pool)
-        self.core = ServingCore(self.config, self.metrics, device=torch.device("cpu"), shares=ThreadShares(1, 1),
+        self.core = ServingCore(self.config, self.metrics, device=torch.device("cpu"), threads=1,
                                 instances=1, explainer=self.explainer)
         await self.core.start()
         self.server = grpc.aio.server()

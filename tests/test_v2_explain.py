@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
 from cifar10_serving.protos.inference import open_inference_grpc_pb2_grpc as v2_grpc
 from cifar10_serving.server import registration
-from cifar10_serving.server.batching import ThreadShares
 from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.explain import Explainer
 from cifar10_serving.server.health import DrainingHealthServicer
@@ -227,7 +226,7 @@ class Served:
         self.pool = ThreadPoolExecutor(1)
         self.explainer = Explainer(threads=1, max_waiting=1, executor=self.pool)
         self.core = ServingCore(config, Metrics(CollectorRegistry()), device=torch.device("cpu"),
-                                shares=ThreadShares(1, 1), instances=1, explainer=self.explainer)
+                                threads=1, instances=1, explainer=self.explainer)
         health = DrainingHealthServicer()
         self.server = grpc.aio.server()
         registration.add_service(OpenInferenceServicer(self.core, health), self.server, v2, "GRPCInferenceService")
