@@ -20,9 +20,11 @@ def bundled_models_dir() -> Path:
     """The models shipped inside the package (``model/artifacts`` in a checkout, package data in a
     wheel). Found without importing ``cifar10_serving.model``: the server never imports the trainer."""
     spec = importlib.util.find_spec("cifar10_serving.model")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None or not spec.origin:
         return Path("model") / "artifacts"  # not installed: relative to the working directory, and says so when missing
-    return Path(next(iter(spec.submodule_search_locations))) / "artifacts"
+    # resolve(): a strict editable install links each file from a tree under build/, which holds only the
+    # artifacts that existed at install time; the package's own __init__.py leads back to the real folder.
+    return Path(spec.origin).resolve().parent / "artifacts"
 
 
 DEFAULT_MODELS_DIR = bundled_models_dir()
