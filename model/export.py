@@ -3,13 +3,14 @@
 The file is an artifact as ``cifar10_serving.protos.artifact`` specifies: weights, code and a
 ``metadata.json`` extra file (class names, input spec, pooling, every layer with its kind and output
 shape, training recipe, validation accuracy, dataset checksum), so the server needs ``torch.jit.load``
-alone. Export is this one function, so another format (``torch.export``) can be added beside it
-without touching the rest.
+alone. ``export_compiled`` adds the optional compiled package beside it (``torch.export`` and
+AOTInductor; ``python -m model.compile``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -21,6 +22,8 @@ from cifar10_serving.model.data import CLASSES, DEFAULT_DATA, load_training_set,
 from cifar10_serving.model.evaluate import evaluate
 from cifar10_serving.model.network import POOL_STRIDE, CifarNet, NetConfig, count_flops, describe_layers
 from cifar10_serving.protos import artifact
+
+COMPILED_MAX_BATCH = 64  # the server's default --max-batch-size: larger passes run the TorchScript
 
 
 def build_metadata(net: CifarNet, name: str, version: str, **extra: Any) -> dict:
@@ -64,6 +67,52 @@ def export_torchscript(net: CifarNet, path: str | Path, metadata: dict) -> Path:
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(net)
         scripted.save(str(path), _extra_files={artifact.METADATA_FILE: text})
+    return path
+
+
+class _AllFeatures(torch.nn.Module):
+    """``forward_with_features`` over every layer, as a flat tuple: what ``torch.export`` can trace."""
+
+    def __init__(self, net: CifarNet) -> None:
+        super().__init__()
+        self.net = net
+        self.names = list(net.layer_names)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        probs, features = self.net.forward_with_features(x, self.names)
+        return (probs, *[features[name] for name in self.names])
+
+
+def export_compiled(net: CifarNet, path: str | Path, metadata: dict, source: str | Path,
+                    max_batch: int = COMPILED_MAX_BATCH) -> Path:
+    """Compiles ``net`` ahead of time with ``torch.export`` and AOTInductor, for the CPU, into the
+    package ``protos/artifact.py`` specifies: models ``forward`` and ``features`` for batches of 1 to
+    ``max_batch``, with ``metadata`` (the metadata of ``source``, the ``.pt`` it accelerates) and a
+    ``compiled`` section naming that file's sha256. Needs a C++ compiler; a minute or two on two cores.
+    Kernels read their thread count when they run (``cpp.dynamic_threads``), so one package serves
+    passes of any thread share."""
+    from torch._inductor import aot_compile, cpu_vec_isa
+    from torch.export.pt2_archive._package import package_pt2
+
+    path = Path(path)
+    if path.suffix != artifact.COMPILED_SUFFIX:
+        raise ValueError(f"{path}: a compiled package is named *{artifact.COMPILED_SUFFIX}")
+    isa = cpu_vec_isa.pick_vec_isa()
+    metadata = {**metadata, "compiled": {
+        "source_sha256": hashlib.sha256(Path(source).read_bytes()).hexdigest(), "device": "cpu",
+        "cpu_isa": str(isa) if isa else "", "max_batch": max_batch, "torch_version": torch.__version__}}
+    text = artifact.encode_metadata(metadata)
+    net = net.to("cpu", memory_format=torch.contiguous_format).eval()
+    example = torch.zeros(min(4, max_batch), *metadata["input"]["shape"][1:], dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    files = {}
+    options = {"aot_inductor.package": True, "cpp.dynamic_threads": True}
+    for name, module in ((artifact.COMPILED_FORWARD, net), (artifact.COMPILED_FEATURES, _AllFeatures(net))):
+        with torch.no_grad():
+            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            files[name] = aot_compile(program.module(), (example,), options=options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    package_pt2(str(path), aoti_files=files, extra_files={artifact.METADATA_FILE: text})
     return path
 
 

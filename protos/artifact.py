@@ -50,6 +50,19 @@ Versions
     layer's width came later without a bump: the exporter always wrote them so, and a file that
     broke them could not be served.)
 
+The compiled package, ``<name>.pt2`` beside ``<name>.pt`` (optional; ``model.compile`` writes it)
+    A PT2 archive as ``torch.export.pt2_archive`` writes it (a zip under one root folder): two
+    AOTInductor models compiled ahead of time from the same network, ``forward`` (x -> probs) and
+    ``features`` (x -> (probs, one tensor per entry of ``layer_names``, in order)), for batches of 1
+    to ``compiled.max_batch``, and ``<root>/extra/metadata.json``: the ``.pt``'s metadata, key for
+    key, plus ``compiled`` (``COMPILED_FIELDS``): ``source_sha256`` of the ``.pt`` file it was compiled
+    from, ``device`` ("cpu"), ``cpu_isa`` (the vector instructions its kernels use: "avx512",
+    "avx2", ... or "" for none), ``max_batch`` and ``torch_version`` (the package runs only under that
+    torch). It is an accelerator of its ``.pt``, never a model of its own: a reader serves it only
+    beside the ``.pt`` it names, and explanations and filters still come from the ``.pt``. Shared
+    objects run native code: load only packages you trust, made on the kind of machine that serves.
+    The optional key ``compiled`` needed no format bump.
+
 This module needs only the standard library (the client-only install has no torch): it reads,
 checks and encodes metadata; loading the module itself is the server's (``server/models.py``).
 """
@@ -66,6 +79,10 @@ READABLE_VERSIONS = (1,)
 METADATA_FILE = "metadata.json"  # the name given to torch.jit.save's _extra_files
 EXTRA_DIR = "extra"  # where torch.jit.save puts extra files inside the archive's root folder
 ARTIFACT_SUFFIX = ".pt"
+COMPILED_SUFFIX = ".pt2"  # the compiled package beside an artifact
+COMPILED_FORWARD, COMPILED_FEATURES = "forward", "features"  # the package's two models
+COMPILED_FIELDS: dict[str, type] = {"source_sha256": str, "device": str, "cpu_isa": str, "max_batch": int,
+                                    "torch_version": str}
 FEATURES_METHOD = "forward_with_features"
 LAYER_NAMES_ATTR = "layer_names"
 EXPORTED_NAMES = (FEATURES_METHOD, LAYER_NAMES_ATTR)  # beyond forward: what consumers call or read
@@ -73,7 +90,8 @@ REQUIRED_KEYS: dict[str, type] = {"format_version": int, "name": str, "version":
                                   "input": dict, "layers": list}
 OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
     "pooling": (dict,), "output": (dict,), "architecture": (dict,), "flops_per_image": (int,), "parameters": (int,),
-    "torch_version": (str,), "dataset": (dict,), "training": (dict,), "validation": (dict, type(None))}
+    "torch_version": (str,), "dataset": (dict,), "training": (dict,), "validation": (dict, type(None)),
+    "compiled": (dict,)}
 INPUT_DTYPE = "uint8"
 
 
@@ -205,6 +223,13 @@ def _check_optional(metadata: dict, where: str) -> None:
     output = metadata.get("output", {})
     if "kind" in output and not isinstance(output["kind"], str):
         raise ArtifactFormatError(f"{where}: 'output.kind' is {_json_type(output['kind'])}, expected a string")
+    compiled = metadata.get("compiled") or {}
+    for name, kind in COMPILED_FIELDS.items() if compiled else ():
+        if not _is(compiled.get(name), (kind,)):
+            raise ArtifactFormatError(f"{where}: 'compiled.{name}' is {_json_type(compiled.get(name))}, expected "
+                                      f"{_json_type(kind())}")
+    if compiled and compiled["max_batch"] < 1:
+        raise ArtifactFormatError(f"{where}: 'compiled.max_batch' is {compiled['max_batch']}, expected at least 1")
     source = (metadata.get("dataset") or {}).get("source")
     if source is not None and not isinstance(source, str):
         raise ArtifactFormatError(f"{where}: 'dataset.source' is {_json_type(source)}, expected a string")

@@ -171,7 +171,7 @@ class _Job:
 class Batcher:
     def __init__(self, model: LoadedModel, metrics: Metrics, max_batch_size: int, max_queue_delay_us: int,
                  max_queue_images: int, instances: int = 1, budget: ThreadShares | None = None,
-                 nice: int = 0, statistics: Statistics | None = None) -> None:
+                 nice: int = 0, statistics: Statistics | None = None, compiled_min_batch: int = 0) -> None:
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
         self.model = model
@@ -196,12 +196,17 @@ class Batcher:
             self._free.put_nowait(instance)
         self._passes: set[asyncio.Task] = set()
         self.ladder = batch_ladder(max_batch_size)
+        # The rungs the compiled package runs, where the model has one (docs/compiled.md); the rest the TorchScript.
+        compiled = model.compiled
+        self._compiled_rungs = frozenset(n for n in self.ladder if compiled is not None and compiled_min_batch
+                                         and compiled_min_batch <= n <= compiled.max_batch)
         self._layer_order = {name: i for i, name in enumerate(model.layer_names)}
         # The per-pass series, looked up once: ``labels`` takes a lock and builds a key on every call.
         self._queue_gauge = metrics.queue_images.labels(model.name)
         self._queue_seconds = metrics.queue_seconds.labels(model.name)
         self._compute_seconds = metrics.compute_seconds.labels(model.name)
         self._batch_size = metrics.batch_size.labels(model.name)
+        self._compiled_passes = metrics.compiled_passes.labels(model.name)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -385,10 +390,16 @@ class Batcher:
             try:
                 x = buffer[:rung].to(self.model.device, non_blocking=True)
                 n1 = time.perf_counter_ns()
-                if layers:
-                    probs, feats = self.model.module.forward_with_features(x, layers)
+                if rung in self._compiled_rungs:
+                    module = self.model.compiled
+                    if jobs[0].future is not None:  # a call's pass, not warm-up's
+                        self._compiled_passes.inc()
                 else:
-                    probs, feats = self.model.module(x), {}
+                    module = self.model.module
+                if layers:
+                    probs, feats = module.forward_with_features(x, layers)
+                else:
+                    probs, feats = module(x), {}
                 n2 = time.perf_counter_ns()
                 # Copies to the host on this stream and waits for it: the buffer is free again after.
                 probs_np = probs[:n].float().cpu().numpy()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,8 @@ ENCODE_THREADS = 1
 # answers: a UUID is 36 bytes, a W3C traceparent 55. Longer ids are refused rather than held in
 # every answer, stream refusal and log line.
 MAX_ECHO_BYTES = 1024
+
+log = logging.getLogger(__name__)
 
 
 class ServingCore:
@@ -272,7 +275,8 @@ class ServingCore:
     async def _load(self, file: FileVersion, entry: Version) -> None:
         """The repository's loader: checks, loads and warms one version beside what serves."""
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, load_artifact, file.path, self.device)
+        runners = self.instances + 1 if self.config.compiled_min_batch else 0  # + the background warmer
+        model = await loop.run_in_executor(None, load_artifact, file.path, self.device, True, runners)
         if file.path.name == TRITON_FILE and (model.name, model.version) != (file.name, file.version):
             raise ModelLoadError(f"{file.path}: its metadata names model {model.name!r} version {model.version!r}, "
                                  f"the folders {file.name!r} version {file.version!r}")
@@ -283,7 +287,11 @@ class ServingCore:
         entry.model = model
         entry.batcher = Batcher(model, self.metrics, self.config.max_batch_size, self.config.max_queue_delay_us,
                                 self.config.max_queue_images, self.instances, self.shares, self.config.compute_nice,
-                                statistics=entry.statistics)
+                                statistics=entry.statistics, compiled_min_batch=self.config.compiled_min_batch)
+        if model.compiled is not None:
+            log.info("model %s version %s: %s runs its passes of %d to %d images", model.name, model.version,
+                     model.compiled.path.name, self.config.compiled_min_batch,
+                     min(model.compiled.max_batch, self.config.max_batch_size))
 
     async def _warm(self, entry: Version) -> None:
         """The repository's warmer: the first rungs before the version serves, the rest queued for

@@ -67,6 +67,9 @@ class Metrics:
         self.batch_size = Histogram(
             "batch_size_images", "Images in each forward pass.",
             ["model"], namespace=ns, buckets=batch_buckets(max_batch_size), registry=registry)
+        self.compiled_passes = Counter(
+            "compiled_passes", "Forward passes run by the model's compiled package (NAME.pt2) rather than its "
+            "TorchScript.", ["model"], namespace=ns, registry=registry)
         self.batch_failures = Counter(
             "batch_failures", "Forward passes that raised, by model and reason (out_of_memory or error).",
             ["model", "reason"], namespace=ns, registry=registry)
@@ -123,6 +126,7 @@ class Metrics:
         for reason in FAILURE_REASONS:
             self.batch_failures.labels(name, reason)
         self.answer_budget_refusals.labels(name)
+        self.compiled_passes.labels(name)
         for reason in ABANDON_REASONS:
             self.decode_abandoned.labels(name, reason)
 

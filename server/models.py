@@ -8,13 +8,20 @@ and nothing else).
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import io
+import logging
+import tempfile
 import warnings
+import weakref
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._C._aoti as _aoti
 
 from cifar10_serving.protos import artifact
 
@@ -24,10 +31,91 @@ from cifar10_serving.protos import artifact
 # few GiB of activations, as much as one process should hold; CIFAR models take 32, ImageNet ones 224-512.
 MAX_INPUT_SIDE = 1024
 CHANNELS = 3  # the decoder always produces RGB
+log = logging.getLogger("server.models")
 
 
 class ModelLoadError(RuntimeError):
     """A model that cannot be served; the message names the file (or setting) and what is wrong."""
+
+
+class _CompiledRunner:
+    """One AOTInductor model of a package, run through its shared object's C interface with ctypes,
+    which lets go of the GIL for the pass: torch's own runner (``torch._inductor.aoti_load_package``)
+    holds it, and a 40 ms pass then stopped the event loop for 40 ms. The interface's calls take the
+    input handles and give the output handles (``torch/csrc/inductor/aoti_runtime/interface.h``)."""
+
+    def __init__(self, library: Path, models: int) -> None:
+        self._lib = ctypes.CDLL(str(library))
+        self._handle = ctypes.c_void_p()
+        self._check(self._lib.AOTInductorModelContainerCreateWithDevice(
+            ctypes.byref(self._handle), ctypes.c_size_t(models), b"cpu", None), "create")
+        outputs = ctypes.c_size_t()
+        self._check(self._lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(outputs)), "inspect")
+        self.outputs = outputs.value
+        weakref.finalize(self, self._lib.AOTInductorModelContainerDelete, self._handle)
+
+    @staticmethod
+    def _check(code: int, what: str) -> None:
+        if code != 0:  # AOTI_RUNTIME_FAILURE; the runtime has written its reason to stderr
+            raise RuntimeError(f"the compiled model's {what} call failed (code {code}; the reason is in the log)")
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        handles = [_capsule_pointer(c) for c in _aoti.unsafe_alloc_void_ptrs_from_tensors([x.contiguous()])]
+        inputs = (ctypes.c_void_p * 1)(*handles)  # stolen by the call, as its interface says
+        outputs = (ctypes.c_void_p * self.outputs)()
+        self._check(self._lib.AOTInductorModelContainerRun(self._handle, inputs, ctypes.c_size_t(1), outputs,
+                                                           ctypes.c_size_t(self.outputs), None, None), "run")
+        return _aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule(p) for p in outputs])
+
+
+_pythonapi = ctypes.pythonapi
+_pythonapi.PyCapsule_GetPointer.restype = ctypes.c_void_p
+_pythonapi.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_pythonapi.PyCapsule_New.restype = ctypes.py_object
+_pythonapi.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _capsule_pointer(capsule) -> int:
+    return _pythonapi.PyCapsule_GetPointer(capsule, None)
+
+
+def _capsule(pointer: int):
+    return _pythonapi.PyCapsule_New(pointer, None, None)
+
+
+class CompiledModel:
+    """A ``.pt2`` package's two AOTInductor models (``protos/artifact.py``): ``forward`` and
+    ``features`` (every layer, in ``layer_names`` order), for batches of 1 to ``max_batch``. Each
+    model runs up to ``runners`` passes at once (one per thread that calls it)."""
+
+    def __init__(self, path: Path, metadata: dict, layer_names: list[str], runners: int) -> None:
+        self.path = path
+        self.max_batch = metadata["compiled"]["max_batch"]
+        self.layer_names = layer_names
+        wanted = (artifact.COMPILED_FORWARD, artifact.COMPILED_FEATURES)
+        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="compiled-") as folder:
+            libraries = {}
+            for name in wanted:  # <root>/data/aotinductor/<name>/<hash>.wrapper.so
+                found = [n for n in archive.namelist() if n.split("/")[1:4] == ["data", "aotinductor", name]
+                         and n.endswith(".so")]
+                if len(found) != 1:
+                    raise ModelLoadError(f"{path}: {len(found)} shared objects for the compiled model {name!r}, "
+                                         f"expected one")
+                libraries[name] = archive.extract(found[0], folder)
+            # Loaded, the objects need no file: the folder goes once both are open.
+            self._forward, self._features = (_CompiledRunner(Path(libraries[name]), runners) for name in wanted)
+        if self._forward.outputs != 1 or self._features.outputs != 1 + len(layer_names):
+            raise ModelLoadError(f"{path}: its models give {self._forward.outputs} and {self._features.outputs} "
+                                 f"outputs; expected 1 and {1 + len(layer_names)} (the scores and every layer)")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor, layers) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As the TorchScript method: scores and the named layers' outputs (the package computes them all)."""
+        probs, *outputs = self._features(x)
+        wanted = set(layers)
+        return probs, {name: t for name, t in zip(self.layer_names, outputs) if name in wanted}
 
 
 @dataclass
@@ -38,6 +126,7 @@ class LoadedModel:
     module: torch.jit.ScriptModule
     metadata: dict[str, Any]
     device: torch.device
+    compiled: CompiledModel | None = None  # the .pt2 beside the file, where one was found and taken
     class_names: list[str] = field(init=False)
     layer_names: list[str] = field(init=False)
     input_shape: tuple[int, int, int] = field(init=False)  # (C, H, W)
@@ -75,10 +164,13 @@ def optimize_for_serving(module: torch.jit.ScriptModule) -> torch.jit.ScriptModu
         return torch.jit.load(buffer)
 
 
-def load_artifact(path: str | Path, device: torch.device, optimize: bool = True) -> LoadedModel:
+def load_artifact(path: str | Path, device: torch.device, optimize: bool = True, compiled_runners: int = 0
+                  ) -> LoadedModel:
     """Loads one artifact onto ``device`` in eval mode, with its embedded metadata. The metadata is
     checked first, so a file of a format this server does not read is refused before its code loads;
-    every refusal is a ``ModelLoadError`` that names the file and the problem."""
+    every refusal is a ``ModelLoadError`` that names the file and the problem. ``compiled_runners``
+    > 0 on the CPU: the compiled package beside the file, if there is one, is checked and loaded
+    too (``load_compiled``), for that many passes at once."""
     path = Path(path)
     try:
         metadata = artifact.read_metadata(path)
@@ -97,7 +189,87 @@ def load_artifact(path: str | Path, device: torch.device, optimize: bool = True)
     check_module(module, metadata, path, device)
     if optimize:
         module = optimize_for_serving(module)
-    return LoadedModel(metadata["name"], metadata["version"], path, module, metadata, device)
+    model = LoadedModel(metadata["name"], metadata["version"], path, module, metadata, device)
+    package = path.with_suffix(artifact.COMPILED_SUFFIX)
+    if compiled_runners > 0 and package.is_file():
+        if device.type == "cpu":
+            model.compiled = load_compiled(package, model, compiled_runners)
+        else:
+            log.info("%s: compiled for the CPU; the model runs on %s with its TorchScript", package, device)
+    return model
+
+
+def load_compiled(package: Path, model: LoadedModel, runners: int) -> CompiledModel:
+    """The compiled package of ``model``, checked as an artifact is before any of its code loads: its
+    metadata is readable, equal to the ``.pt``'s but for ``compiled``, compiled from these very bytes
+    (sha256), by this torch, for instructions this CPU has; then both its models must give the
+    TorchScript's answers on a test batch. Any failure is a ``ModelLoadError`` naming the package."""
+    try:
+        metadata = artifact.read_metadata(package)
+    except artifact.ArtifactFormatError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    compiled = metadata.get("compiled")
+    if not compiled:
+        raise ModelLoadError(f"{package}: {artifact.METADATA_FILE} has no 'compiled' section; write the package "
+                             f"with python -m model.compile")
+    differs = sorted(k for k in {*metadata, *model.metadata} - {"compiled"} if metadata.get(k) != model.metadata.get(k))
+    if differs:
+        raise ModelLoadError(f"{package}: its metadata differs from {model.path.name}'s in {', '.join(differs)}; "
+                             f"compile it again from that file")
+    digest = hashlib.sha256(model.path.read_bytes()).hexdigest()
+    if compiled["source_sha256"] != digest:
+        raise ModelLoadError(f"{package}: compiled from a file with sha256 {compiled['source_sha256'][:12]}..., "
+                             f"not from {model.path.name} ({digest[:12]}...); compile it again")
+    if compiled["torch_version"] != torch.__version__ or compiled["device"] != "cpu":
+        raise ModelLoadError(f"{package}: compiled for {compiled['device']} by torch {compiled['torch_version']}; "
+                             f"this server runs torch {torch.__version__} on the CPU; compile it again here")
+    flags = cpu_flags()
+    missing = sorted(flag for flag in ISA_FLAGS.get(compiled["cpu_isa"], ()) if flags and flag not in flags)
+    if missing:
+        raise ModelLoadError(f"{package}: compiled for {compiled['cpu_isa']}, and this CPU lacks "
+                             f"{', '.join(missing)}; compile it again on this machine")
+    try:
+        loaded = CompiledModel(package, metadata, model.layer_names, runners)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # torch's loader raises RuntimeError for a bad archive or shared object
+        raise ModelLoadError(f"{package}: not a loadable compiled package: {exc}") from exc
+    check_compiled(loaded, model)
+    return loaded
+
+
+def check_compiled(compiled: CompiledModel, model: LoadedModel) -> None:
+    """Both compiled models give the TorchScript's scores and layer outputs on a batch of noise."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, *model.input_shape), dtype=torch.uint8, generator=generator)
+    try:
+        with torch.inference_mode():
+            expected, features = model.module.forward_with_features(x, model.layer_names)
+            probs = compiled(x)
+            probs_too, outputs = compiled.forward_with_features(x, model.layer_names)
+    except Exception as exc:
+        last_line = (str(exc).strip() or type(exc).__name__).splitlines()[-1]
+        raise ModelLoadError(f"{compiled.path}: a pass of the compiled package fails: {last_line}") from exc
+    for name, got, want in (("forward", probs, expected), ("features", probs_too, expected),
+                            *((f"layer {n}", outputs.get(n), features[n]) for n in model.layer_names)):
+        if got is None or got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+            raise ModelLoadError(f"{compiled.path}: its {name} does not give what {model.path.name} gives; "
+                                 f"compile it again from that file")
+
+
+# The /proc/cpuinfo flags each of inductor's vector instruction sets needs (torch._inductor.cpu_vec_isa).
+ISA_FLAGS = {"avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+             "amx_tile": ("amx_tile", "avx512f"), "zvector": (), "neon": (), "asimd": (), "sve": (), "": ()}
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux); empty elsewhere, where nothing is checked."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def check_servable(metadata: dict, path: Path) -> None:
