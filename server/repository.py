@@ -55,7 +55,7 @@ class FileVersion:
     name: str
     version: str
     path: Path
-    stamp: tuple[int, int]  # modification time and size: a changed file is loaded again
+    stamp: tuple[int, ...]  # modification times and sizes (_stamp): a changed file is loaded again
     problem: str = ""  # why it cannot be loaded, found by the scan (unreadable metadata, a clash)
 
 
@@ -66,13 +66,13 @@ class Version:
     name: str
     version: str
     path: Path | None = None
-    stamp: tuple[int, int] = (0, 0)
+    stamp: tuple[int, ...] = (0, 0)
     state: str = ""
     reason: str = ""
     model: LoadedModel | None = None
     batcher: Batcher | None = None
     statistics: Statistics = field(default_factory=Statistics)
-    failed_stamp: tuple[int, int] = (-1, -1)  # the file whose load failed last: not tried again until it changes
+    failed_stamp: tuple[int, ...] = (-1, -1)  # the file whose load failed last: not tried again until it changes
     started: float = 0.0  # when its load began (time.perf_counter)
     load_seconds: float = 0.0
     leases: int = 0
@@ -141,9 +141,15 @@ def scan(models_dir: Path) -> dict[str, dict[str, FileVersion]]:
     return found
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, ...]:
+    """The file's modification time and size, and its compiled package's (docs/compiled.md) where it has
+    one: poll mode loads a version again when either changes, or a package comes or goes."""
     status = path.stat()
-    return (status.st_mtime_ns, status.st_size)
+    try:
+        package = path.with_suffix(artifact.COMPILED_SUFFIX).stat()
+        return (status.st_mtime_ns, status.st_size, package.st_mtime_ns, package.st_size)
+    except FileNotFoundError:
+        return (status.st_mtime_ns, status.st_size)
 
 
 Loader = Callable[[FileVersion, Version], Awaitable[None]]

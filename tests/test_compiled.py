@@ -24,7 +24,8 @@ from cifar10_serving.client import ClassifierClient
 from cifar10_serving.protos import artifact
 from cifar10_serving.server.models import ModelLoadError, load_artifact
 from tests.helpers.models import export_tiny
-from tests.helpers.servers import RunningServer, make_config
+from cifar10_serving.server.launcher import ServerProcess
+from tests.helpers.servers import RunningServer, make_config, server_args
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="compiling a package needs a C++ compiler (.ci/run installs g++)")
@@ -195,3 +196,22 @@ def test_the_server_refuses_to_start_on_a_package_that_is_not_its_artifacts(comp
     assert "cannot start" in stderr and str(pt.with_suffix(".pt2")) in stderr, stderr
     digest = hashlib.sha256(pt.read_bytes()).hexdigest()[:12]
     assert digest in stderr, stderr
+
+
+@pytest.mark.system
+def test_poll_mode_takes_up_a_package_put_beside_a_serving_model(compiled_dir, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(compiled_dir / "tiny-max.pt", models / "tiny-max.pt")
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    with ServerProcess(server_args(models, model_control_mode="poll", repository_poll_seconds=0.3,
+                                   compiled_min_batch=1)) as server, \
+            ClassifierClient(server.target, timeout=30) as client:
+        client.classify([image], model="tiny-max")
+        assert server.metric_sum("cifar10_compiled_passes_total", model="tiny-max") == 0
+        shutil.copy(compiled_dir / "tiny-max.pt2", models / "tiny-max.pt2")
+        deadline = time.monotonic() + 60
+        while server.metric_sum("cifar10_compiled_passes_total", model="tiny-max") == 0:
+            assert time.monotonic() < deadline, "the package was not taken up within 60 s"
+            client.classify([image], model="tiny-max")  # answered all along, by one runtime or the other
+            time.sleep(0.2)
