@@ -36,6 +36,7 @@ import yaml
 from cifar10_serving.client import ClassifierClient, ClassifierError
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
+from cifar10_serving.server.config import DEFAULT_MODELS_DIR
 from cifar10_serving.server.launcher import ServerProcess
 from tests.helpers.images import random_images
 from tests.helpers.models import export_tiny
@@ -48,6 +49,8 @@ CALLERS = 8  # threads, each with one call in flight at a time
 BATCH = 4  # images per call
 PAUSE_S = 0.02  # between one caller's calls: steady load, not saturation, so that a replica can restart on 2 shared cores
 GRACE = 5.0  # each replica's --grace-period-seconds
+BUNDLED = os.environ.get("PROXY_TEST_MODELS") == "bundled"
+BUNDLED_MODEL = "base-max"
 RETRYABLE = {"UNAVAILABLE", "CANCELLED"}  # client/_client.py RETRYABLE_CODES: never run, safe to resend
 
 
@@ -141,7 +144,8 @@ class Replicas:
     """REPLICAS server processes; a restarted one comes back on the port it had."""
 
     def __init__(self, proxy_models_dir: Path) -> None:
-        self.args = server_args(proxy_models_dir, max_batch_size=16, grace_period_seconds=GRACE)
+        flags = {"max_batch_size": 16} if not BUNDLED else {"default_model": BUNDLED_MODEL, "torch_threads": None}
+        self.args = server_args(proxy_models_dir, grace_period_seconds=GRACE, **flags)
         self.procs = [ServerProcess(self.args, wait=False) for _ in range(REPLICAS)]  # start together
         for proc in self.procs:
             proc.wait_ready()
@@ -158,9 +162,12 @@ class Replicas:
         signalled = time.monotonic()
         assert old.stop(signal.SIGTERM, timeout=GRACE + 30) == 0, old.log
         exited = time.monotonic()
-        self.procs[i] = ServerProcess([*self.args, "--port", str(self.ports[i])])
+        self.procs[i] = ServerProcess([*self.args, "--port", str(self.ports[i])], wait=False)
+        self.procs[i].wait_ready(all_models=False)
+        serving = time.monotonic()
+        self.procs[i].wait_ready()
         return {"drain": round(drain_seconds(old.log), 1), "exit": round(exited - signalled, 1),
-                "start": round(time.monotonic() - exited, 1)}
+                "start": round(serving - exited, 1), "all_ready": round(time.monotonic() - exited, 1)}
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -296,7 +303,11 @@ def library(target):
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def proxy_models_dir(tmp_path_factory):
-    """One tiny model: each replica warms up every model it loads, and replicas restart here."""
+    """One tiny model: each replica warms up every model it loads, and replicas restart here. With
+    PROXY_TEST_MODELS=bundled, the five bundled models at the server's defaults, as the shipped
+    deployment runs them (for the rolling restart's figures: bench/RESULTS.md)."""
+    if BUNDLED:
+        return DEFAULT_MODELS_DIR
     directory = tmp_path_factory.mktemp("proxy-models")
     export_tiny(directory, "tiny-max")
     return directory
@@ -305,7 +316,8 @@ def proxy_models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images_and_expected(proxy_models_dir):
     images = random_images(32, seed=51)
-    model = torch.jit.load(str(proxy_models_dir / "tiny-max.pt"), map_location="cpu").eval()
+    model = torch.jit.load(str(proxy_models_dir / f"{BUNDLED_MODEL if BUNDLED else 'tiny-max'}.pt"),
+                           map_location="cpu").eval()
     with torch.no_grad():
         expected = model(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).numpy()
     return images, expected
