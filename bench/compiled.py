@@ -4,8 +4,8 @@
     python -m bench.compiled --model base-conv --quick
 
 Raw: the server's own loading (``load_artifact``: the frozen TorchScript, and the package through the
-server's GIL-free runner) called in this process, batch 1 / 8 / 32 at 1 and 2 threads, each pair
-measured in ABAB turns so that a drift of the machine hits both alike. Served: the server as a child
+server's GIL-free runner) called in this process, batch 1 / 8 / 32 at 1 and 2 threads, scores only and
+with every layer's map, measured in ABAB turns so that a drift of the machine hits both alike. Served: the server as a child
 process three times, ``--compiled-min-batch 0`` (TorchScript only), the default (the package from its
 rung) and 1 (the package for every pass), each driven by one Python client on one connection with
 single PNG images at 1 / 8 / 32 callers (``bench.load``), with the mean batch the batcher formed and
@@ -59,7 +59,10 @@ def raw(pt: Path, batches: list[int], threads: list[int], seconds: float) -> lis
     from cifar10_serving.server.models import load_artifact
 
     model = load_artifact(pt, torch.device("cpu"), compiled_runners=1)
-    runtimes = {"torchscript": model.module, "compiled": model.compiled}
+    layers = model.layer_names
+    runtimes = {"torchscript": model.module, "compiled": model.compiled,  # scores only, and every layer's map
+                "torchscript+maps": lambda x: model.module.forward_with_features(x, layers),
+                "compiled+maps": lambda x: model.compiled.forward_with_features(x, layers)}
     rows = []
     for t in threads:
         torch.set_num_threads(t)
@@ -79,9 +82,11 @@ def raw(pt: Path, batches: list[int], threads: list[int], seconds: float) -> lis
                         rates[name].append(batch * n / (time.perf_counter() - t0))
             row = {"threads": t, "batch": batch, **{name: sum(r) / len(r) for name, r in rates.items()}}
             row["ratio"] = row["compiled"] / row["torchscript"]
+            row["ratio_maps"] = row["compiled+maps"] / row["torchscript+maps"]
             rows.append(row)
             print(f"  raw  threads {t}  batch {batch:<3} torchscript {row['torchscript']:7.0f} img/s  "
-                  f"compiled {row['compiled']:7.0f} img/s  ({row['ratio']:.2f}x)", flush=True)
+                  f"compiled {row['compiled']:7.0f} img/s  ({row['ratio']:.2f}x);  with every map "
+                  f"{row['torchscript+maps']:7.0f} / {row['compiled+maps']:7.0f} ({row['ratio_maps']:.2f}x)", flush=True)
     return rows
 
 
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--callers", default="1,8,32")
-    p.add_argument("--seconds", type=float, default=4.0, help="raw: per runtime, batch and thread count")
+    p.add_argument("--seconds", type=float, default=3.0, help="raw: per runtime, batch and thread count")
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=10.0, help="served: the measured window of each level")
     p.add_argument("--quick", action="store_true", help="1 s raw, 1 + 3 s served")
