@@ -6,8 +6,8 @@
 Raw: the server's own loading (``load_artifact``: the frozen TorchScript, and the package through the
 server's GIL-free runner) called in this process, batch 1 / 8 / 32 at 1 and 2 threads, scores only and
 with every layer's map, measured in ABAB turns so that a drift of the machine hits both alike. Served: the server as a child
-process three times, ``--compiled-min-batch 0`` (TorchScript only), the default (the package from its
-rung) and 1 (the package for every pass), each driven by one Python client on one connection with
+process three times, ``--compiled-min-batch 0`` (TorchScript only), the defaults (the package from
+their rungs, one for one-thread passes and one for wider ones) and 1 (the package for every pass), each driven by one Python client on one connection with
 single PNG images at 1 / 8 / 32 callers (``bench.load``), with the mean batch the batcher formed and
 the share of passes the package ran (its /metrics). A table on stdout, JSON under ``--out``.
 """
@@ -36,7 +36,7 @@ from bench.inputs import ROOT, make_requests
 from bench.load import closed_loop, unary_calls
 from bench.servers import echo_problems, server_args
 
-DEFAULT_MIN_BATCH = ServerConfig.compiled_min_batch
+DEFAULT_MIN_BATCH, DEFAULT_MIN_WIDE = ServerConfig.compiled_min_batch, ServerConfig.compiled_min_batch_wide
 
 
 def prepare(model: str, folder: Path) -> Path:
@@ -112,10 +112,10 @@ async def served_levels(server: ServerProcess, model: str, callers: list[int], w
 
 def served(folder: Path, model: str, callers: list[int], warmup: float, duration: float) -> dict[str, list[dict]]:
     results = {}
-    for label, min_batch in (("torchscript", 0), (f"compiled from {DEFAULT_MIN_BATCH}", DEFAULT_MIN_BATCH),
-                             ("compiled from 1", 1)):
-        with ServerProcess(server_args(str(folder), default_model=model, compiled_min_batch=min_batch),
-                           on_line=echo_problems) as server:
+    for label, narrow, wide in (("torchscript", 0, None), (f"compiled {DEFAULT_MIN_BATCH}+/{DEFAULT_MIN_WIDE}+", None, None),
+                                ("compiled from 1", 1, 1)):
+        with ServerProcess(server_args(str(folder), default_model=model, compiled_min_batch=narrow,
+                                       compiled_min_batch_wide=wide), on_line=echo_problems) as server:
             rows = asyncio.run(served_levels(server, model, callers, warmup, duration))
         results[label] = rows
         for row in rows:

@@ -171,7 +171,8 @@ class _Job:
 class Batcher:
     def __init__(self, model: LoadedModel, metrics: Metrics, max_batch_size: int, max_queue_delay_us: int,
                  max_queue_images: int, instances: int = 1, budget: ThreadShares | None = None,
-                 nice: int = 0, statistics: Statistics | None = None, compiled_min_batch: int = 0) -> None:
+                 nice: int = 0, statistics: Statistics | None = None,
+                 compiled_min_batch: tuple[int, int] = (0, 0)) -> None:
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
         self.model = model
@@ -196,10 +197,12 @@ class Batcher:
             self._free.put_nowait(instance)
         self._passes: set[asyncio.Task] = set()
         self.ladder = batch_ladder(max_batch_size)
-        # The rungs the compiled package runs, where the model has one (docs/compiled.md); the rest the TorchScript.
-        compiled = model.compiled
-        self._compiled_rungs = frozenset(n for n in self.ladder if compiled is not None and compiled_min_batch
-                                         and compiled_min_batch <= n <= compiled.max_batch)
+        # The rungs the compiled package runs, where the model has one (docs/compiled.md), for passes on one
+        # thread and on more (``compiled_min_batch``: the least rung of each; 0: none); the rest the TorchScript.
+        compiled, (narrow, wide) = model.compiled, compiled_min_batch
+        self._compiled_rungs = tuple(
+            frozenset(n for n in self.ladder if compiled is not None and narrow and least <= n <= compiled.max_batch)
+            for least in (narrow, wide))
         self._layer_order = {name: i for i, name in enumerate(model.layer_names)}
         # The per-pass series, looked up once: ``labels`` takes a lock and builds a key on every call.
         self._queue_gauge = metrics.queue_images.labels(model.name)
@@ -390,7 +393,7 @@ class Batcher:
             try:
                 x = buffer[:rung].to(self.model.device, non_blocking=True)
                 n1 = time.perf_counter_ns()
-                if rung in self._compiled_rungs:
+                if rung in self._compiled_rungs[threads > 1]:
                     module = self.model.compiled
                     if jobs[0].future is not None:  # a call's pass, not warm-up's
                         self._compiled_passes.inc()

@@ -87,11 +87,14 @@ class ServerConfig:
                                               "all, or specific:V1,V2; a request naming no version gets the "
                                               "highest that serves.", MODELS)
     repository_poll_seconds: float = setting(15.0, "How often poll mode rescans the repository.", MODELS)
-    compiled_min_batch: int = setting(8, "A model with a compiled package beside its file (NAME.pt2, python -m "
-                                         "model.compile) runs passes of this many images or more with it, and "
-                                         "smaller ones with its TorchScript: where each was faster on the 2-core "
-                                         "VM (docs/compiled.md); 1: every pass it can take; 0: never (the "
-                                         "package is not even read).", BATCHING)
+    compiled_min_batch: int = setting(2, "A model with a compiled package beside its file (NAME.pt2, python -m "
+                                         "model.compile) runs its one-thread passes of this many images or more "
+                                         "with it, and smaller ones with its TorchScript: where each was faster on "
+                                         "the 2-core VM (docs/compiled.md); 0: never (the package is not even "
+                                         "read).", BATCHING)
+    compiled_min_batch_wide: int = setting(8, "The same for passes on more than one thread (a lone pass on an "
+                                              "idle server), where the package overtakes the TorchScript later.",
+                                           BATCHING)
     max_batch_size: int = setting(64, "Most images in one request and in one forward pass.", BATCHING)
     max_queue_delay_us: int = setting(500, "How long a forming batch may wait for company, in microseconds, when "
                                            "a pass is already running; an idle server starts at once.", BATCHING)
@@ -159,8 +162,9 @@ class ServerConfig:
             raise ValueError(
                 f"max_queue_images ({self.max_queue_images}) must hold one full batch ({self.max_batch_size})"
             )
-        if self.compiled_min_batch < 0:
-            raise ValueError(f"compiled_min_batch must be >= 0 (0: never), got {self.compiled_min_batch}")
+        if self.compiled_min_batch < 0 or self.compiled_min_batch_wide < 1:
+            raise ValueError(f"compiled_min_batch must be >= 0 (0: never) and compiled_min_batch_wide >= 1, got "
+                             f"{self.compiled_min_batch} and {self.compiled_min_batch_wide}")
         if self.instances < 0:
             raise ValueError(f"instances must be >= 0 (0: automatic), got {self.instances}")
         if not 0 <= self.compute_nice <= 19:

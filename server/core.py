@@ -287,11 +287,12 @@ class ServingCore:
         entry.model = model
         entry.batcher = Batcher(model, self.metrics, self.config.max_batch_size, self.config.max_queue_delay_us,
                                 self.config.max_queue_images, self.instances, self.shares, self.config.compute_nice,
-                                statistics=entry.statistics, compiled_min_batch=self.config.compiled_min_batch)
+                                statistics=entry.statistics,
+                                compiled_min_batch=(self.config.compiled_min_batch, self.config.compiled_min_batch_wide))
         if model.compiled is not None:
-            log.info("model %s version %s: %s runs its passes of %d to %d images", model.name, model.version,
-                     model.compiled.path.name, self.config.compiled_min_batch,
-                     min(model.compiled.max_batch, self.config.max_batch_size))
+            log.info("model %s version %s: %s runs its passes of %d to %d images (%d+ on more than one thread)",
+                     model.name, model.version, model.compiled.path.name, self.config.compiled_min_batch,
+                     min(model.compiled.max_batch, self.config.max_batch_size), self.config.compiled_min_batch_wide)
 
     async def _warm(self, entry: Version) -> None:
         """The repository's warmer: the first rungs before the version serves, the rest queued for

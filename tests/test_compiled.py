@@ -111,6 +111,7 @@ def test_a_compiled_pass_lets_other_threads_run(compiled_dir):
 
 
 def test_the_server_runs_the_passes_of_its_rungs_with_the_package_and_answers_the_same(compiled_dir, tmp_path):
+    """One-thread passes from --compiled-min-batch, wider ones from --compiled-min-batch-wide."""
     copy_pair(compiled_dir, tmp_path / "models")
     server = RunningServer(make_config(tmp_path / "models", compiled_min_batch=4, max_batch_size=MAX_BATCH))
     try:
@@ -132,6 +133,19 @@ def test_the_server_runs_the_passes_of_its_rungs_with_the_package_and_answers_th
             np.testing.assert_allclose(answer.probabilities, want[i].numpy(), rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(answer.feature_maps["stage1.conv1"], features["stage1.conv1"][i].numpy(),
                                        rtol=1e-4, atol=1e-4)
+    finally:
+        server.stop()
+    # A lone pass on an idle server takes every thread: the wide rule holds for it.
+    server = RunningServer(make_config(tmp_path / "models", compiled_min_batch=2, compiled_min_batch_wide=8,
+                                       max_batch_size=MAX_BATCH, torch_threads=2))
+    try:
+        passes = server.app.core.metrics.compiled_passes.labels("tiny-max")
+        with ClassifierClient(server.target, timeout=30) as client:
+            before = passes._value.get()
+            client.classify(list(images), model="tiny-max")  # 6 images on two threads: the TorchScript's
+            assert passes._value.get() == before
+            client.classify(list(np.concatenate([images, images[:2]])), model="tiny-max")  # 8: the package's
+            assert passes._value.get() == before + 1
     finally:
         server.stop()
 
@@ -205,7 +219,7 @@ def test_poll_mode_takes_up_a_package_put_beside_a_serving_model(compiled_dir, t
     shutil.copy(compiled_dir / "tiny-max.pt", models / "tiny-max.pt")
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     with ServerProcess(server_args(models, model_control_mode="poll", repository_poll_seconds=0.3,
-                                   compiled_min_batch=1)) as server, \
+                                   compiled_min_batch=1, compiled_min_batch_wide=1)) as server, \
             ClassifierClient(server.target, timeout=30) as client:
         client.classify([image], model="tiny-max")
         assert server.metric_sum("cifar10_compiled_passes_total", model="tiny-max") == 0
