@@ -4,7 +4,6 @@ reader accept, and files of another format are refused, by name, before the serv
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -18,6 +17,7 @@ from cifar10_serving.model.network import CifarNet, NetConfig
 from cifar10_serving.protos import artifact
 from cifar10_serving.server.models import ModelLoadError, load_artifact
 from tests.helpers.models import TINY_WIDTHS, export_tiny
+from tests.helpers.servers import refused_start
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -159,18 +159,7 @@ def test_the_server_refuses_to_start_on_a_file_of_another_format(tmp_path, tiny,
     export_tiny(models, "tiny-max")  # a good model beside it does not make the bad one acceptable
     make, words = BAD[case]
     bad = save_raw(models / "zz-bad.pt", scripted, make(metadata))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR10_")}
-    proc = subprocess.Popen([sys.executable, "-m", "cifar10_serving.server", "--models-dir", str(models),
-                             "--default-model", "tiny-max", "--port", "0", "--metrics-port", "-1",
-                             "--warmup-batches", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    try:
-        _, stderr = proc.communicate(timeout=SERVER_EXIT_SECONDS)
-    finally:
-        if proc.poll() is None:  # it started serving: the bad file was accepted
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode not in (0, None) and proc.returncode > 0, stderr
-    assert "cannot start" in stderr and str(bad) in stderr, stderr
+    stderr = refused_start(models, tmp_path, SERVER_EXIT_SECONDS)
+    assert str(bad) in stderr, stderr
     for word in words:
         assert word in stderr, (word, stderr)

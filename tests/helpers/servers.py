@@ -67,3 +67,27 @@ class RunningServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+def refused_start(models_dir: Path, cwd: Path, timeout: float = 120.0) -> str:
+    """Starts a server on ``models_dir`` (``tiny-max`` the default model) that must refuse to start:
+    asserts it exits with an error (a server that serves never exits: it is killed, and the assertion
+    fails) and returns its stderr. ``timeout`` allows for importing torch and loading on 2 shared cores."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR10_")}
+    proc = subprocess.Popen([sys.executable, "-m", "cifar10_serving.server", "--models-dir", str(models_dir),
+                             "--default-model", "tiny-max", "--port", "0", "--metrics-port", "-1",
+                             "--warmup-batches", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # it started serving: what it should have refused was accepted
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode not in (0, None) and proc.returncode > 0, stderr
+    assert "cannot start" in stderr, stderr
+    return stderr
