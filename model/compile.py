@@ -3,8 +3,9 @@
 Writes ``NAME.pt2`` beside each ``NAME.pt``: the same network compiled with ``torch.export`` and
 AOTInductor for this machine's CPU, with the ``.pt``'s metadata and its sha256 (format in
 ``protos/artifact.py``). The server serves the package where it is faster, for passes of
-``--compiled-min-batch`` images or more, and the ``.pt`` for the rest, explanations and filters
-(docs/compiled.md). Needs a C++ compiler; one to two minutes a model on two cores. A package
+``--compiled-min-batch`` images or more (``--compiled-min-batch-wide`` on more than one thread), and
+the ``.pt`` for the rest, explanations and filters (docs/compiled.md). Needs a C++ compiler; 33-42 s
+a model on the 2-core VM. A package
 compiled on one machine runs on another only with the same vector instructions and the same torch;
 the server checks both and refuses it otherwise.
 """
