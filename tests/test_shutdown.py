@@ -256,7 +256,7 @@ def _run(server: ServerProcess, images: np.ndarray, expected: np.ndarray) -> Non
     assert server.returncode == 0, log
     assert exit_seconds < GRACE, f"exit took {exit_seconds:.1f}s; the server's log:\n{log}"
     # the request computing when the signal came was answered, correctly
-    assert "response" in slow_result and slow_result["done"] > sigterm, slow_result
+    assert "response" in slow_result and slow_result["done"] > sigterm, f"{slow_result}; the server's log:\n{log}"
     assert len(slow_result["response"].results) == 1
     # lost = 0: no call was cut off in a handler (the exit came well within the grace period, and the
     # slow call above completed), and everything sent was answered right or refused with a code that says "retry"
