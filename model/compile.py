@@ -4,9 +4,8 @@ Writes ``NAME.pt2`` beside each ``NAME.pt``: the same network compiled with ``to
 AOTInductor for this machine's CPU, with the ``.pt``'s metadata and its sha256 (format in
 ``protos/artifact.py``). The server serves the package where it is faster, for passes of
 ``--compiled-min-batch`` images or more (``--compiled-min-batch-wide`` on more than one thread), and
-the ``.pt`` for the rest, explanations and filters (docs/compiled.md). Needs a C++ compiler; 33-42 s
-a model on the 2-core VM. A package
-compiled on one machine runs on another only with the same vector instructions and the same torch;
+the ``.pt`` for the rest, explanations and filters (docs/compiled.md). Needs a C++ compiler (how
+long it takes: model/README.md, "Compiling ahead of time"). A package compiled on one machine runs on another only with the same vector instructions and the same torch;
 the server checks both and refuses it otherwise.
 """
 
@@ -15,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import warnings
 from pathlib import Path
 
 from cifar10_serving.model.export import COMPILED_MAX_BATCH, export_compiled, load_eager
@@ -27,10 +25,7 @@ log = logging.getLogger("model.compile")
 def compile_artifact(source: str | Path, out: str | Path | None = None, max_batch: int = COMPILED_MAX_BATCH) -> Path:
     """Compiles the artifact at ``source`` into ``out`` (default: beside it, ``.pt2``)."""
     source = Path(source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        net, metadata = load_eager(source)
+    net, metadata = load_eager(source)  # quiet about TorchScript's deprecation, as every loader here is
     return export_compiled(net, out or source.with_suffix(artifact.COMPILED_SUFFIX), metadata, source, max_batch)
 
 

@@ -88,7 +88,7 @@ def export_compiled(net: CifarNet, path: str | Path, metadata: dict, source: str
     """Compiles ``net`` ahead of time with ``torch.export`` and AOTInductor, for the CPU, into the
     package ``protos/artifact.py`` specifies: models ``forward`` and ``features`` for batches of 1 to
     ``max_batch``, with ``metadata`` (the metadata of ``source``, the ``.pt`` it accelerates) and a
-    ``compiled`` section naming that file's sha256. Needs a C++ compiler; a minute or two on two cores.
+    ``compiled`` section naming that file's sha256. Needs a C++ compiler (times: model/README.md).
     Kernels read their thread count when they run (``cpp.dynamic_threads``), so one package serves
     passes of any thread share."""
     from torch._inductor import aot_compile, cpu_vec_isa

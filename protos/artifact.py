@@ -223,13 +223,14 @@ def _check_optional(metadata: dict, where: str) -> None:
     output = metadata.get("output", {})
     if "kind" in output and not isinstance(output["kind"], str):
         raise ArtifactFormatError(f"{where}: 'output.kind' is {_json_type(output['kind'])}, expected a string")
-    compiled = metadata.get("compiled") or {}
-    for name, kind in COMPILED_FIELDS.items() if compiled else ():
-        if not _is(compiled.get(name), (kind,)):
-            raise ArtifactFormatError(f"{where}: 'compiled.{name}' is {_json_type(compiled.get(name))}, expected "
-                                      f"{_json_type(kind())}")
-    if compiled and compiled["max_batch"] < 1:
-        raise ArtifactFormatError(f"{where}: 'compiled.max_batch' is {compiled['max_batch']}, expected at least 1")
+    compiled = metadata.get("compiled")
+    if compiled:
+        for name, kind in COMPILED_FIELDS.items():
+            if not _is(compiled.get(name), (kind,)):
+                raise ArtifactFormatError(f"{where}: 'compiled.{name}' is {_json_type(compiled.get(name))}, "
+                                          f"expected {_json_type(kind())}")
+        if compiled["max_batch"] < 1:
+            raise ArtifactFormatError(f"{where}: 'compiled.max_batch' is {compiled['max_batch']}, expected at least 1")
     source = (metadata.get("dataset") or {}).get("source")
     if source is not None and not isinstance(source, str):
         raise ArtifactFormatError(f"{where}: 'dataset.source' is {_json_type(source)}, expected a string")

@@ -31,7 +31,7 @@ from cifar10_serving.protos import artifact
 # few GiB of activations, as much as one process should hold; CIFAR models take 32, ImageNet ones 224-512.
 MAX_INPUT_SIDE = 1024
 CHANNELS = 3  # the decoder always produces RGB
-log = logging.getLogger("server.models")
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -41,7 +41,7 @@ class ModelLoadError(RuntimeError):
 class _CompiledRunner:
     """One AOTInductor model of a package, run through its shared object's C interface with ctypes,
     which lets go of the GIL for the pass: torch's own runner (``torch._inductor.aoti_load_package``)
-    holds it, and a 40 ms pass then stopped the event loop for 40 ms. The interface's calls take the
+    holds it for the whole pass, and the event loop stops as long (docs/compiled.md). The interface's calls take the
     input handles and give the output handles (``torch/csrc/inductor/aoti_runtime/interface.h``)."""
 
     def __init__(self, library: Path, models: int) -> None:
@@ -257,9 +257,10 @@ def check_compiled(compiled: CompiledModel, model: LoadedModel) -> None:
                                  f"compile it again from that file")
 
 
-# The /proc/cpuinfo flags each of inductor's vector instruction sets needs (torch._inductor.cpu_vec_isa).
+# The /proc/cpuinfo flags each of inductor's x86 vector instruction sets needs (torch._inductor.cpu_vec_isa);
+# other sets (and none) are not checked.
 ISA_FLAGS = {"avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
-             "amx_tile": ("amx_tile", "avx512f"), "zvector": (), "neon": (), "asimd": (), "sve": (), "": ()}
+             "amx_tile": ("amx_tile", "avx512f")}
 
 
 def cpu_flags() -> set[str]:
