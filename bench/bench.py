@@ -3,8 +3,8 @@
     python -m bench.bench                      # full sweep on the default model, CPU
     python -m bench.bench --quick              # a short run to see that it works
     python -m bench.bench --device cuda        # the GPU path (needs a CUDA machine)
-    python -m bench.bench --api own,v2         # the same sweep through the Open Inference Protocol too
-    python -m bench.bench --api own,v2,http    # and over HTTP: JSON and binary tensors (server.http_api)
+    python -m bench.bench --api v1,v2          # the same sweep through the Open Inference Protocol too
+    python -m bench.bench --api v1,v2,http     # and over HTTP: JSON and binary tensors (server.http_api)
 
 In the manner of Triton's perf_analyzer: a closed loop of N concurrent callers per level (1, 2, 4, ...,
 64), a warm-up window, then a fixed measurement window. For each level it reports throughput (req/s
@@ -21,12 +21,13 @@ batch the server's batcher formed (read from its /metrics). In the same run it m
 - beside it, when Debian's ``h2load`` (nghttp2-client) is installed, the same rpc driven by that
   native client (``h2floor``; ``bench/h2floor.py``), so the floor is not only a Python client's limit.
 
-With ``--api own,v2`` each level runs through both APIs in turn, the own API's Classify and the
+With ``--api v1,v2`` each level runs through both APIs in turn, cifar10.v1's Classify and the
 Open Inference Protocol's ModelInfer (raw UINT8 ``image`` or BYTES ``encoded_image``, top-1 through
 the classification extension, as ``top_k=1`` is for Classify), against the same server and bounds.
 With ``http`` too, the same ModelInfer over HTTP/1.1 (aiohttp's client, one keep-alive connection per
 caller): raw UINT8 images as JSON data (``json``) and as Triton's binary tensor extension (``binary``),
-so the table shows the cost of HTTP, and of JSON, beside gRPC at each level.
+so the table shows the cost of HTTP, and of JSON, beside gRPC at each level. The older records in
+bench/RESULTS.md call cifar10.v1 ``own`` (in ``--api`` and in the ``api`` column); ``--api`` still takes it.
 
 The bound for single-image requests is 1 / (1/raw + 1/floor), the floor from the same Python client
 as the requests (the h2load floor is shown beside it, not used in the bound). The server runs as a
@@ -89,7 +90,7 @@ class Level:
     h2_floor_req_per_s: float = 0.0  # the same rpc driven by h2load (0: h2load absent)
     bound_img_per_s: float = 0.0
     ratio: float = 0.0  # img/s over the bound (single) or over raw batch-64 (batch64)
-    api: str = "own"  # own (cifar10.v1.Classifier), v2 (inference.GRPCInferenceService), http (its REST form); "-": the floor
+    api: str = "v1"  # v1 (cifar10.v1.Classifier), v2 (inference.GRPCInferenceService), http (its REST form); "-": the floor
 
 
 # ----------------------------------------------------------------------------- the server
@@ -168,12 +169,12 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
     try:
         stubs = [pb_grpc.ClassifierStub(channel) for channel in channels]
         v2_stubs = [v2_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
-        own, other = "own" in args.api, "v2" in args.api
+        v1, other = "v1" in args.api, "v2" in args.api
         plans = [("-", "floor", "health", spread([health_calls(channel) for channel in channels]))]
         for kind in args.inputs:  # each level through one API, then the other: both see the same machine
-            if own:
+            if v1:
                 requests = make_requests(kind, 1, model)
-                plans.append(("own", "single", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+                plans.append(("v1", "single", kind, spread([unary_calls(stub, requests) for stub in stubs])))
             if other:
                 requests = make_v2_requests(kind, 1, model)
                 plans.append(("v2", "single", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
@@ -181,9 +182,9 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
             for kind, binary in (("json", False), ("binary", True)):
                 plans.append(("http", "single", kind, http_calls(server.http_url, model, http_requests(1, binary))))
         for kind in args.inputs[:1]:
-            if own:
+            if v1:
                 requests, singles = make_requests(kind, 64, model), make_requests(kind, 1, model)
-                plans.append(("own", "batch64", kind, spread([unary_calls(stub, requests) for stub in stubs])))
+                plans.append(("v1", "batch64", kind, spread([unary_calls(stub, requests) for stub in stubs])))
             if other:
                 requests = make_v2_requests(kind, 64, model)
                 plans.append(("v2", "batch64", kind, spread([v2_calls(stub, requests) for stub in v2_stubs])))
@@ -191,8 +192,8 @@ async def sweep(args, server: ServerProcess, model: str) -> list[Level]:
             for kind, binary in (("json", False), ("binary", True)):
                 plans.append(("http", "batch64", kind, http_calls(server.http_url, model, http_requests(64, binary))))
         for kind in args.inputs[:1]:
-            if own:  # the v2 API has no streams
-                plans.append(("own", "stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
+            if v1:  # the v2 API has no streams
+                plans.append(("v1", "stream", kind, spread([stream_calls(stub, singles) for stub in stubs])))
         for api, mode, kind, make in plans:
             concurrencies = args.batch_concurrency if mode == "batch64" else args.concurrency
             for c in concurrencies:
@@ -320,8 +321,9 @@ def parse_args(argv):
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--batch-concurrency", default="1,2,4", help="concurrency levels for 64-image requests")
     p.add_argument("--inputs", default="png,jpeg,raw", help="image encodings for single-image requests")
-    p.add_argument("--api", default="own", help="own, v2 (the Open Inference Protocol over gRPC), http (the same "
-                   "over HTTP, JSON and binary), or several, comma-separated, in one run")
+    p.add_argument("--api", default="v1", help="v1 (cifar10.v1), v2 (the Open Inference Protocol over gRPC), http "
+                   "(the same over HTTP, JSON and binary), or several, comma-separated, in one run; own: v1's "
+                   "former name, so older commands in bench/RESULTS.md still run")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per level before measuring")
     p.add_argument("--duration", type=float, default=5.0, help="measurement window per level, seconds")
     p.add_argument("--quick", action="store_true", help="1 s windows, fewer levels")
@@ -336,13 +338,13 @@ def parse_args(argv):
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.batch_concurrency = [int(c) for c in args.batch_concurrency.split(",")]
     args.inputs = args.inputs.split(",")
-    args.api = args.api.split(",")
+    args.api = ["v1" if api == "own" else api for api in args.api.split(",")]
     args.raw_threads = ([int(t) for t in args.raw_threads.split(",")] if args.raw_threads
                         else list(range(1, usable_cores() + 1)))
     if args.quick:
         args.raw_seconds = min(args.raw_seconds, 0.5)
-    if not args.api or set(args.api) - {"own", "v2", "http"}:
-        p.error(f"--api takes own, v2, http or several of them, not {','.join(args.api)}")
+    if not args.api or set(args.api) - {"v1", "v2", "http"}:
+        p.error(f"--api takes v1, v2, http or several of them, not {','.join(args.api)}")
     return args
 
 

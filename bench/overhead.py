@@ -54,7 +54,7 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 @dataclass
 class Row:
     client: str  # python (bench.load's grpc.aio loop) or h2load
-    api: str  # own, v2, or "-" for the health floor
+    api: str  # v1, v2, or "-" for the health floor
     mode: str  # floor, single, batch64
     input: str  # health, raw, jpeg
     concurrency: int
@@ -118,7 +118,7 @@ async def python_rows(args, server: ServerProcess) -> list[Row]:
     plans = [("-", "floor", "health", spread([health_calls(c) for c in channels]))]
     for api in args.api:
         for mode, kind, per_request in [*(("single", k, 1) for k in args.inputs), ("batch64", "raw", 64)]:
-            if api == "own":
+            if api == "v1":
                 requests = make_requests(kind, per_request, NAME)
                 plans.append((api, mode, kind, spread([unary_calls(s, requests) for s in stubs])))
             else:
@@ -152,7 +152,7 @@ def h2load_rows(args, server: ServerProcess, directory: Path) -> list[Row]:
     bodies = [("-", "floor", "health", 1, h2floor.HEALTH_CHECK, health_pb2.HealthCheckRequest())]
     for api in args.api:
         for mode, n in (("single", 1), ("batch64", 64)):
-            if api == "own":
+            if api == "v1":
                 bodies.append((api, mode, "raw", n, h2floor.CLASSIFY, make_requests("raw", n, NAME)[0]))
             else:
                 bodies.append((api, mode, "raw", n, MODEL_INFER, make_v2_requests("raw", n, NAME)[0]))
@@ -217,7 +217,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
     p.add_argument("--server-arg", action="append", default=[],
                    help="a server flag, passed through; repeat it; write --server-arg=--workers=2")
-    p.add_argument("--api", default="own,v2", help="own, v2 (the Open Inference Protocol), or own,v2")
+    p.add_argument("--api", default="v1,v2", help="v1 (cifar10.v1), v2 (the Open Inference Protocol), or v1,v2; "
+                   "own: v1's former name, so older commands in bench/RESULTS.md still run")
     p.add_argument("--inputs", default="raw,jpeg", help="image encodings for single-image requests")
     p.add_argument("--concurrency", default="1,8,32", help="callers, for single images and the floor")
     p.add_argument("--batch-concurrency", default="1,4", help="callers for 64-image raw requests")
@@ -230,9 +231,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.duration, args.concurrency, args.batch_concurrency = 0.5, 1.5, "1,8", "1"
-    args.api, args.inputs = args.api.split(","), args.inputs.split(",")
-    if not args.api or set(args.api) - {"own", "v2"}:
-        p.error(f"--api takes own, v2 or own,v2, not {','.join(args.api)}")
+    args.api, args.inputs = ["v1" if api == "own" else api for api in args.api.split(",")], args.inputs.split(",")
+    if not args.api or set(args.api) - {"v1", "v2"}:
+        p.error(f"--api takes v1, v2 or v1,v2, not {','.join(args.api)}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.batch_concurrency = [int(c) for c in args.batch_concurrency.split(",")]
     return args

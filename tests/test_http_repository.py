@@ -73,6 +73,7 @@ def test_each_refusal_has_its_status(tiny_server, method, path, body, status, wo
 
 
 # ----------------------------------------------------------------------------- explicit mode, with tokens
+# These start a server child process, so they are marked system; those above run in process.
 @pytest.fixture(scope="module")
 def explicit(tiny_models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokens")
@@ -83,6 +84,7 @@ def explicit(tiny_models_dir, tmp_path_factory):
         yield server
 
 
+@pytest.mark.system
 def test_load_and_unload_need_an_admin_token(explicit):
     port = explicit.http_port
     assert call(port, "POST", "/v2/repository/models/tiny-avg/unload")[0] == 401
@@ -101,6 +103,7 @@ def test_load_and_unload_need_an_admin_token(explicit):
     assert call(port, "GET", "/v2/models/tiny-avg/ready", token=TOKEN)[0] == 200
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("path, body, status, words", [
     ("/v2/repository/models/no-such-model/load", None, 404, "not in the repository"),
     ("/v2/repository/models/bad%20name/load", None, 400, "use letters, digits"),

@@ -1,9 +1,11 @@
 """The project's import graph, read from the source (every import, at module level or inside a
 function): no cycles, and the layering the install relies on: the server never imports the trainer
 (``model``) nor the trainer the server, and the client (the torch-free base install) reaches neither
-them nor torch. Inside the server, the serving core speaks no protocol and each API's front-end
-stands alone over it. No module imports another's underscore names. Each rule is a function that
-lists its violations, and is also run on a planted violation, so that a rule that cannot fail fails."""
+them nor torch; bench/ never imports tests/. Inside the server, the serving core speaks no protocol
+(no generated code, no grpc, no aiohttp), each API's front-end stands alone over it, and the Open
+Inference Protocol's front-ends (gRPC and HTTP) reach no cifar10.v1 code. No module imports another's
+underscore names. Each rule is a function that lists its violations, and is also run on a planted
+violation that it alone would catch, so that a rule that cannot fail fails."""
 
 from __future__ import annotations
 
@@ -18,8 +20,14 @@ PACKAGES = {"protos": "cifar10_serving.protos", "server": "cifar10_serving.serve
             "client": "cifar10_serving.client", "model": "cifar10_serving.model", "bench": "bench", "tests": "tests"}
 V1 = "cifar10_serving.server.cifar10_v1"
 OPEN_INFERENCE = "cifar10_serving.server.open_inference"
-FRONT_ENDS = (V1, OPEN_INFERENCE, "cifar10_serving.server.http_api")  # one per API, each over the core alone
+HTTP_API = "cifar10_serving.server.http_api"
+FRONT_ENDS = (V1, OPEN_INFERENCE, HTTP_API)  # one per API, each over the core alone
+# The Open Inference Protocol's side: its two front-ends, the HTTP one's framing and listener, and the
+# protocol's rules that both share.
+OPEN_INFERENCE_SIDE = (OPEN_INFERENCE, HTTP_API, "cifar10_serving.server.http_tensors",
+                       "cifar10_serving.server.http_server", "cifar10_serving.server.v2_tensors")
 CORE = "cifar10_serving.server.core"
+PROTOCOL_LIBRARIES = ("grpc", "grpc_health", "aiohttp")  # the transports are the front-ends' to know
 V1_MESSAGES = "cifar10_serving.protos.cifar10"  # the generated code of the cifar10.v1 API
 V2_MESSAGES = "cifar10_serving.protos.inference"  # the Open Inference Protocol's
 
@@ -161,14 +169,21 @@ def front_end_crossings(graph: dict[str, set[str]]) -> list[str]:
 
 
 def protocol_leaks(graph: dict[str, set[str]]) -> list[str]:
-    """The core reaching a front-end or either API's generated code, and the Open Inference
-    Protocol's front-end reaching cifar10.v1's generated code."""
-    rules = [(CORE, (*FRONT_ENDS, V1_MESSAGES, V2_MESSAGES)), (OPEN_INFERENCE, (V1, V1_MESSAGES))]
+    """The core reaching a front-end, either API's generated code, gRPC or aiohttp, and the Open
+    Inference Protocol's modules (over gRPC and over HTTP) reaching cifar10.v1's front-end or code."""
+    rules = [(CORE, (*FRONT_ENDS, V1_MESSAGES, V2_MESSAGES, *PROTOCOL_LIBRARIES)),
+             *((start, (V1, V1_MESSAGES)) for start in OPEN_INFERENCE_SIDE)]
     bad = []
     for start, forbidden in rules:
         via = reach(graph, start)
         bad += [chain(via, start, target) for target in sorted(via) if any(_in(target, f) for f in forbidden)]
     return bad
+
+
+def layering_violations(graph: dict[str, set[str]], importer: str, forbidden: str) -> list[str]:
+    """A module in package ``importer`` that imports one in package ``forbidden`` directly."""
+    return sorted(f"{m} imports {d}" for m in graph if _in(m, importer)
+                  for d in graph[m] if _in(d, forbidden))
 
 
 def chain(via: dict[str, str], start: str, target: str) -> str:
@@ -202,15 +217,20 @@ def test_no_import_cycles_in_bench(graph):
     assert not found, "import cycles through bench/: " + "; ".join(" -> ".join(c) for c in found)
 
 
-@pytest.mark.parametrize("importer,forbidden", [
+# (importer, forbidden): no module of the first package imports one of the second
+LAYERS = [
     ("cifar10_serving.server", "cifar10_serving.model"),
     ("cifar10_serving.model", "cifar10_serving.server"),
     ("cifar10_serving.protos", "cifar10_serving.server"),
     ("cifar10_serving.protos", "cifar10_serving.model"),
     ("cifar10_serving.protos", "cifar10_serving.client"),
-])
+    ("bench", "tests"),  # tests may use bench's tools, not the other way: bench runs without the suite
+]
+
+
+@pytest.mark.parametrize("importer,forbidden", LAYERS)
 def test_layering(graph, importer, forbidden):
-    bad = sorted(f"{m} imports {d}" for m in graph if _in(m, importer) for d in graph[m] if _in(d, forbidden))
+    bad = layering_violations(graph, importer, forbidden)
     assert not bad, "\n".join(bad)
 
 
@@ -242,7 +262,8 @@ def test_no_front_end_reaches_another(graph):
 
 
 def test_the_core_speaks_no_protocol_and_open_inference_no_cifar10_v1(graph):
-    assert CORE in graph and CORE in graph[V1] and CORE in graph[OPEN_INFERENCE]  # both stand on the core
+    assert all(m in graph for m in OPEN_INFERENCE_SIDE), "a module moved: update OPEN_INFERENCE_SIDE"
+    assert all(CORE in graph[f] for f in FRONT_ENDS)  # each stands on the core
     assert not protocol_leaks(graph), "\n".join(protocol_leaks(graph))
 
 
@@ -259,11 +280,23 @@ def planted(graph: dict[str, set[str]], importer: str, imported: str) -> dict[st
     return copy
 
 
-@pytest.mark.parametrize("importer,imported", [(OPEN_INFERENCE, V1), (V1, OPEN_INFERENCE),
-                                               (OPEN_INFERENCE, "cifar10_serving.server.explain")])
-def test_a_planted_front_end_crossing_is_caught(graph, importer, imported):
-    # the third goes through another module: explain -> cifar10_v1 planted below
-    graph = planted(planted(graph, importer, imported), "cifar10_serving.server.explain", V1)
+HEALTH = "cifar10_serving.server.health"  # a module no front-end reaches, and that reaches none
+
+
+@pytest.mark.parametrize("edges", [
+    [(OPEN_INFERENCE, V1)],
+    [(V1, OPEN_INFERENCE)],
+    [(HTTP_API, OPEN_INFERENCE)],
+    [(OPEN_INFERENCE, HEALTH), (HEALTH, V1)],  # through another module, caught only with both edges
+], ids=lambda edges: ",".join(f"{a.rpartition('.')[2]}->{b.rpartition('.')[2]}" for a, b in edges))
+def test_a_planted_front_end_crossing_is_caught(graph, edges):
+    # Each plant must be what is caught: the graph has no crossing without it, nor with any one
+    # edge of a two-edge plant alone.
+    assert not front_end_crossings(graph)
+    if len(edges) > 1:
+        assert not any(front_end_crossings(planted(graph, *edge)) for edge in edges), "plant an edge that is new"
+    for edge in edges:
+        graph = planted(graph, *edge)
     assert front_end_crossings(graph)
 
 
@@ -271,11 +304,29 @@ def test_a_planted_front_end_crossing_is_caught(graph, importer, imported):
     (CORE, "cifar10_serving.protos.cifar10.v1.classifier_pb2"),
     (CORE, "cifar10_serving.protos.inference.open_inference_grpc_pb2"),
     (CORE, V1),
+    (CORE, "grpc"),
+    (CORE, "grpc_health.v1"),
+    (CORE, "aiohttp"),
     ("cifar10_serving.server.images", "cifar10_serving.protos.cifar10.v1.classifier_pb2"),  # through the core
+    ("cifar10_serving.server.batching", "grpc.aio"),  # through the core
     (OPEN_INFERENCE, "cifar10_serving.protos.cifar10.v1.classifier_pb2"),
+    (HTTP_API, "cifar10_serving.protos.cifar10.v1.classifier_pb2"),
+    ("cifar10_serving.server.http_tensors", V1),
+    ("cifar10_serving.server.v2_tensors", "cifar10_serving.protos.cifar10.v1.classifier_pb2"),
 ])
 def test_a_planted_protocol_leak_is_caught(graph, importer, imported):
+    assert not protocol_leaks(graph)  # so what is caught is the plant
     assert protocol_leaks(planted(graph, importer, imported))
+
+
+@pytest.mark.parametrize("importer,imported", [("bench.load", "tests.helpers.servers"),
+                                               ("bench", "tests")])
+def test_a_planted_bench_import_of_tests_is_caught(graph, importer, imported):
+    def violations(g):
+        return [line for pair in LAYERS for line in layering_violations(g, *pair)]
+
+    assert not violations(graph)
+    assert violations(planted(graph, importer, imported))
 
 
 @pytest.mark.parametrize("source,caught", [
