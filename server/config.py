@@ -69,8 +69,9 @@ class ServerConfig:
     http_max_body_bytes: int = setting(64 * MiB, "Largest HTTP request body; a larger Content-Length is answered "
                                                  "413 before the body is read. 64 MiB: as "
                                                  "--max-receive-message-bytes.", NETWORK)
-    models_dir: str = setting(str(DEFAULT_MODELS_DIR), "Folder whose *.pt model artifacts are served (not its "
-                                                       "subfolders); the bundled models by default.", MODELS)
+    models_dir: str = setting(str(DEFAULT_MODELS_DIR), "The model repository: NAME.pt files and Triton's "
+                                                       "NAME/VERSION/model.pt folders; docs/model-repository.md. "
+                                                       "The bundled models by default.", MODELS)
     default_model: str = setting("base-max", "Model that answers requests naming none.", MODELS)
     device: str = setting("auto", "Where forward passes run: auto (cuda when available, else cpu), cpu, cuda or "
                                   "cuda:N.", MODELS)
@@ -286,8 +287,9 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     environ = os.environ if environ is None else environ
     result = argparse.ArgumentParser(
         prog="cifar10-server",
-        description="Serve CIFAR-10 TorchScript models over gRPC: the cifar10.v1 API and the Open Inference "
-        "Protocol on one port. Each flag can also be set as the environment variable "
+        description="Serve CIFAR-10 TorchScript models: the cifar10.v1 API and the Open Inference Protocol on one "
+        "gRPC port (--port), the Open Inference Protocol over HTTP/REST on another (--http-port). Each flag can "
+        "also be set as the environment variable "
         f"{ENV_PREFIX}<FLAG_NAME>, e.g. {ENV_PREFIX}PORT=50051; a flag wins over the variable.",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -304,8 +306,12 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
     """Builds the config from ``argv`` (flags) over ``environ`` (CIFAR10_* variables) over defaults."""
-    args = parser(environ).parse_args(argv)
-    return ServerConfig(**vars(args))
+    argument_parser = parser(environ)
+    args = argument_parser.parse_args(argv)
+    try:
+        return ServerConfig(**vars(args))
+    except ValueError as exc:  # settings that disagree: a usage error, said in one line (exit status 2)
+        argument_parser.error(str(exc))
 
 
 def markdown() -> str:
