@@ -73,5 +73,5 @@ EOF
 
 # ----------------------------------------------------------------------------- the run
 ARGS=("$@")
-[[ ${#ARGS[@]} -gt 0 ]] || ARGS=(--concurrency-range 1:8:7 --measurement-interval 3000)
+[[ ${#ARGS[@]} -gt 0 ]] || ARGS=(--concurrency-range 1:4:3 --measurement-interval 3000)  # above 5: the explanation path's limit
 in_chroot "$PA" -m "$MODEL" -i grpc -u "127.0.0.1:$PORT" --input-data /share/input.json "${ARGS[@]}"
