@@ -48,6 +48,7 @@ log = logging.getLogger("server")
 
 SERVICE_NAME = cifar10_v1.SERVICE_NAME  # "cifar10.v1.Classifier"
 SERVICES = ("", SERVICE_NAME, open_inference.SERVICE_NAME)  # the names the health service answers for
+WRITE_FLUSH_SECONDS = 0.1  # after the last call in flight ends, before its connection is shut (App.stop)
 # oneDNN's kernel cache, unless the environment sets it: its default, 1,024, is less than the bundled
 # models' architectures need with every rung of the batch ladder warmed at both thread counts, and a
 # thrashing cache fragments the heap (docs/reliability.md, "Memory"; the counts in bench/RESULTS.md,
@@ -95,6 +96,11 @@ class App:
             if not await self.gate.idle(grace):
                 log.warning("%d calls still in flight after the %.1fs grace period: closing their connections",
                             self.gate.in_flight, grace)
+            # A call is done for grpc.aio once its last frames are queued in the transport, before
+            # gRPC's own thread writes them to the socket (chttp2 completes the send-status step
+            # when it queues the frame). Shutting the connection in that gap loses an answer that
+            # was computed: the client sees UNAVAILABLE. One short pause lets the write happen.
+            await asyncio.sleep(min(WRITE_FLUSH_SECONDS, max(0.0, deadline - time.monotonic())))
             # A call gRPC has but no handler yet would be CANCELLED by server.stop (grpc/grpc#41785):
             # close the connections first, so that a client sees UNAVAILABLE instead (server/connections.py).
             listeners, connections = close_port(self.port)
