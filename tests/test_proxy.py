@@ -5,9 +5,10 @@ Callers drive bounded load (CALLERS threads, each sending its calls one after an
 apart) while the tests check that calls spread over every replica (each replica's own /metrics says
 how many it answered), that a rolling restart (SIGTERM, drain, exit, start again on the same port,
 SERVING) loses nothing, through Envoy and through client-side round robin alike, and that a replica
-killed with SIGKILL costs at most the calls in flight on it while the rest keeps serving. Envoy is
-not installed by the test extras: `bash .ci/proxy` installs it and runs this file; without it the
-module is skipped.
+killed with SIGKILL costs at most the calls in flight on it while the rest keeps serving. The same
+replicas' HTTP ports behind deploy/envoy/envoy-http.yaml: health-checked on /v2/health/ready, and
+requests spread over both. Envoy is not installed by the test extras: `bash .ci/proxy` installs it
+and runs this file; without it the module is skipped.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tests.helpers.servers import server_args
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
+ENVOY_HTTP_CONFIG = ROOT / "deploy" / "envoy" / "envoy-http.yaml"  # the Open Inference Protocol over HTTP
 REPLICAS = 2
 CALLERS = 8  # threads, each with one call in flight at a time
 BATCH = 4  # images per call
@@ -128,8 +130,8 @@ class Envoy:
         self.log.close()
 
 
-def envoy_config(ports: list[int]) -> dict:
-    config = yaml.safe_load(ENVOY_CONFIG.read_text())
+def envoy_config(ports: list[int], path: Path = ENVOY_CONFIG) -> dict:
+    config = yaml.safe_load(path.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = 0
     (listener,) = config["static_resources"]["listeners"]
     listener["address"]["socket_address"]["port_value"] = 0
@@ -373,6 +375,40 @@ def test_calls_spread_over_every_replica(cluster, images_and_expected):
     assert tally.failed == {} and tally.wrong == 0
     assert sum(served) == tally.codes["OK"]  # each call answered by exactly one replica, and counted there
     assert min(served) >= 0.5 * sum(served) / REPLICAS  # round robin: none gets less than half its share
+
+
+def test_the_http_config_balances_the_replicas_http_ports(cluster):
+    """deploy/envoy/envoy-http.yaml with only its addresses replaced, in front of the replicas' HTTP
+    ports (before the restarts below, which move them): each healthy by /v2/health/ready, and JSON
+    inference through it answered by both."""
+    replicas, _ = cluster
+    config = envoy_config([p.http_port for p in replicas.procs], ENVOY_HTTP_CONFIG)
+    (cluster_config,) = config["static_resources"]["clusters"]
+    assert [c["http_health_check"]["path"] for c in cluster_config["health_checks"]] == ["/v2/health/ready"]
+    workdir = Path(tempfile.mkdtemp(prefix="cifar10-proxy-http-"))
+    envoy = Envoy(config, workdir)
+    try:
+        for proc in replicas.procs:
+            envoy.wait_health(proc.http_port, True)
+        def answered() -> list[int]:
+            return [int(p.metric_sum("cifar10_requests_total", method="HTTPModelInfer", code="OK"))
+                    for p in replicas.procs]
+
+        before = answered()
+        body = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "UINT8",
+                                       "data": [128] * 3072}]}).encode()
+        model = BUNDLED_MODEL if BUNDLED else "tiny-max"
+        for _ in range(20):
+            request = urllib.request.Request(f"http://{envoy.target}/v2/models/{model}/infer", data=body,
+                                             headers={"Content-Type": "application/json"})
+            answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+            assert answer["outputs"][0]["shape"] == [1, 10]
+        served = [after - b for after, b in zip(answered(), before)]
+        report("HTTP spread", per_replica=served)
+        assert sum(served) == 20 and min(served) >= 0.5 * 20 / REPLICAS  # round robin, as the gRPC listener's
+    finally:
+        envoy.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_rolling_restart_under_load_loses_nothing(cluster, images_and_expected):

@@ -1,10 +1,11 @@
 """The compose stack: docker-compose.yml plus deploy/podman/compose.override.yml, run by podman-compose.
 
 The classifier and Prometheus each in their own container on the project's network (Grafana has no
-image here; tests/test_dashboard.py checks its dashboard offline). Prometheus, in its container,
-scrapes the classifier in its container by its service name; after traffic from the host through the
-published port, the latency histogram counts exactly the requests sent, and every dashboard query
-runs without error.
+image here; tests/test_dashboard.py checks its dashboard offline). The override publishes the base
+file's ports, on loopback; the classifier answers on both of its own (gRPC and HTTP). Prometheus, in
+its container, scrapes the classifier in its container by its service name; after traffic from the
+host through the published port, the latency histogram counts exactly the requests sent, and every
+dashboard query runs without error.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ JOB = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_c
 SCRAPE_SECONDS = 60  # the repository's 5 s scrape interval, many times over
 # Read as plain YAML: "!override" (replace the base file's list) is a compose tag, not a value.
 OVERRIDE = yaml.safe_load((PODMAN_DIR / "compose.override.yml").read_text().replace("!override", ""))
+GRPC_PORT, HTTP_PORT, PROMETHEUS_PORT = 50051, 8000, 9090  # in the containers: the server's and Prometheus's defaults
 
 
-def published(service: str) -> str:
-    """The loopback address the override publishes the service's one port on."""
-    (port,) = OVERRIDE["services"][service]["ports"]
-    host, host_port, _ = port.split(":")
-    return f"{host}:{host_port}"
+def published(service: str) -> dict[int, str]:
+    """{container port: the loopback address the override publishes it on}."""
+    addresses = {}
+    for port in OVERRIDE["services"][service]["ports"]:
+        host, host_port, container_port = port.split(":")
+        addresses[int(container_port)] = f"{host}:{host_port}"
+    return addresses
 
 
 def assert_free(address: str) -> None:
@@ -65,6 +69,7 @@ class Stack:
     project: str
     env: dict
     target: str  # the classifier's published gRPC port
+    http: str  # the classifier's published HTTP port (the Open Inference Protocol), as a URL
     prometheus: str  # Prometheus's published HTTP port
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True):
@@ -94,9 +99,12 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(built):
     for service in ("classifier", "prometheus"):
-        assert_free(published(service))
+        for address in published(service).values():
+            assert_free(address)
     env = {**os.environ, "PODMAN_COMPOSE": podman_compose()}
-    up = Stack(f"{OWNER}-stack", env, published("classifier"), f"http://{published('prometheus')}")
+    classifier = published("classifier")
+    up = Stack(f"{OWNER}-stack", env, classifier[GRPC_PORT], f"http://{classifier[HTTP_PORT]}",
+               f"http://{published('prometheus')[PROMETHEUS_PORT]}")
     try:
         up.compose("up", "-d", "classifier", "prometheus")
         yield up
@@ -104,11 +112,21 @@ def stack(built):
         up.compose("down", "-t", "20", check=False)
 
 
+def test_the_override_publishes_the_base_files_ports_on_loopback():
+    # "!override" replaces the base file's list, so a port added there and not here is not published.
+    for service in ("classifier", "prometheus"):
+        base = {int(port.split(":")[-1]) for port in COMPOSE["services"][service]["ports"]}
+        assert set(published(service)) == base, service
+        assert all(address == f"127.0.0.1:{port}" for port, address in published(service).items()), service
+
+
 def test_the_stack_comes_up(stack):
     wait_healthy(stack.container("classifier"))
     wait_healthy(stack.container("prometheus"), seconds=60)  # compose's check: wget on /-/ready, in the container
     with ClassifierClient(stack.target, timeout=10) as client:
         assert client.health() == "SERVING"
+    with urllib.request.urlopen(f"{stack.http}/v2/health/ready", timeout=10) as answer:  # HTTP, published too
+        assert answer.status == 200 and json.loads(answer.read()) == {"ready": True}
 
 
 def test_prometheus_in_its_container_scrapes_the_classifier_in_its_container(stack):
