@@ -83,7 +83,9 @@ class ServerConfig:
                                               "or explicit (the repository calls of the Open Inference Protocol "
                                               "load and unload; docs/model-repository.md).", MODELS)
     load_models: str = setting("*", "Models loaded at start, comma-separated, or * for every model in the "
-                                    "repository; explicit mode loads the rest when asked.", MODELS)
+                                    "repository; poll mode follows only these (new versions load, removed ones "
+                                    "unload, other folders are left alone), explicit mode loads the rest when "
+                                    "asked.", MODELS)
     version_policy: str = setting("latest:1", "Which versions of each model serve: latest:N (the N highest), "
                                               "all, or specific:V1,V2; a request naming no version gets the "
                                               "highest that serves.", MODELS)

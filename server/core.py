@@ -21,6 +21,7 @@ refusal is a ``server.errors.Rejection``. Used from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import math
@@ -48,6 +49,8 @@ from cifar10_serving.server.models import LoadedModel, ModelLoadError, load_arti
 from cifar10_serving.server.priority import lower_priority
 from cifar10_serving.server.repository import (TRITON_FILE, FileVersion, Lease, Repository,
                                                Version)
+from cifar10_serving.server.statistics import VersionStatistics
+from cifar10_serving.server.worker_statistics import WorkerStatistics
 
 T = TypeVar("T")
 
@@ -78,6 +81,8 @@ class ServingCore:
         self.validators: list[Callable[[LoadedModel], object]] = []  # front-ends' checks of a model they will serve
         self.repository = Repository(config.models_dir, config.model_control_mode,
                                      config.policy, self._load, self._warm, self._changed)
+        # With --workers, statistics are every worker's: this one's are served to its siblings from now on.
+        self.worker_statistics = WorkerStatistics.of(config, self.repository.serving)
         self._warm_queue: asyncio.Queue[Batcher] | None = None  # the rest of each model's warm-up, in the background
         self._serving = False
         self.budget = AnswerBudget(config.answer_budget_bytes or default_budget_bytes(), metrics)
@@ -113,7 +118,18 @@ class ServingCore:
         """Each model's batcher (its latest ready version's), by name: for tests and tools."""
         return {entry.name: entry.batcher for entry in self.repository.serving()}
 
-    def statistics(self, name: str = "", version: str = "") -> list[Version]:
+    async def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
+        """The statistics a request asks for: every ready version's, one model's, or one version's; with
+        ``--workers``, the whole server's (``server.worker_statistics``: UNAVAILABLE while a worker cannot say)."""
+        return await self.worker_statistics.total(self._asked(name, version))
+
+    @property
+    def server_instances(self) -> int:
+        """ModelConfig's instance count: ``instances`` in every process of the server (each worker of
+        ``--workers`` runs its own)."""
+        return self.instances * self.worker_statistics.workers
+
+    def _asked(self, name: str, version: str) -> list[Version]:
         """The versions whose statistics a request asks for: every ready one, one model's, or one."""
         if not name:
             return self.repository.serving()
@@ -276,12 +292,21 @@ class ServingCore:
         """The repository's loader: checks, loads and warms one version beside what serves."""
         loop = asyncio.get_running_loop()
         runners = self.instances + 1 if self.config.compiled_min_batch else 0  # + the background warmer
-        model = await loop.run_in_executor(None, load_artifact, file.path, self.device, True, runners)
-        if file.path.name == TRITON_FILE and (model.name, model.version) != (file.name, file.version):
-            raise ModelLoadError(f"{file.path}: its metadata names model {model.name!r} version {model.version!r}, "
-                                 f"the folders {file.name!r} version {file.version!r}")
-        if file.path.name != TRITON_FILE and (model.name, model.version) != (file.name, file.version):
+
+        def agrees(metadata: dict) -> None:
+            """The file names the model and version the scan found, checked before any of its code
+            runs: a file under the wrong folders is refused without loading its TorchScript."""
+            named = (metadata["name"], metadata["version"])
+            if named == (file.name, file.version):
+                return
+            if file.path.name == TRITON_FILE:
+                raise ModelLoadError(f"{file.path}: its metadata names model {named[0]!r} version {named[1]!r}, "
+                                     f"the folders {file.name!r} version {file.version!r}")
+            # A NAME.pt is named by the metadata the scan read: it was replaced since.
             raise ModelLoadError(f"{file.path}: the file changed while it was read; it is read again next time")
+
+        model = await loop.run_in_executor(None, functools.partial(
+            load_artifact, file.path, self.device, True, runners, check_metadata=agrees))
         for validate in self.validators:
             validate(model)
         entry.model = model

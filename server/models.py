@@ -18,7 +18,7 @@ import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch._C._aoti as _aoti
@@ -164,19 +164,22 @@ def optimize_for_serving(module: torch.jit.ScriptModule) -> torch.jit.ScriptModu
         return torch.jit.load(buffer)
 
 
-def load_artifact(path: str | Path, device: torch.device, optimize: bool = True, compiled_runners: int = 0
-                  ) -> LoadedModel:
+def load_artifact(path: str | Path, device: torch.device, optimize: bool = True, compiled_runners: int = 0,
+                  check_metadata: Callable[[dict], None] | None = None) -> LoadedModel:
     """Loads one artifact onto ``device`` in eval mode, with its embedded metadata. The metadata is
     checked first, so a file of a format this server does not read is refused before its code loads;
-    every refusal is a ``ModelLoadError`` that names the file and the problem. ``compiled_runners``
-    > 0 on the CPU: the compiled package beside the file, if there is one, is checked and loaded
-    too (``load_compiled``), for that many passes at once."""
+    every refusal is a ``ModelLoadError`` that names the file and the problem. ``check_metadata``:
+    the caller's own check of the metadata (the repository's: the name and version it expects), run
+    there too, before any code. ``compiled_runners`` > 0 on the CPU: the compiled package beside the
+    file, if there is one, is checked and loaded too (``load_compiled``), for that many passes at once."""
     path = Path(path)
     try:
         metadata = artifact.read_metadata(path)
     except artifact.ArtifactFormatError as exc:
         raise ModelLoadError(str(exc)) from exc
     check_servable(metadata, path)
+    if check_metadata is not None:
+        check_metadata(metadata)
     try:
         with warnings.catch_warnings():
             # PyTorch 2.14 marks torch.jit.load deprecated; TorchScript is still this service's format.

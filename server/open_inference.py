@@ -38,7 +38,7 @@ from cifar10_serving.server.errors import LIST_ITEMS, Rejection, invalid, quote
 from cifar10_serving.server.grpc_handlers import NO_RESERVATION, lookup, unary
 from cifar10_serving.server.images import Encoded, Raw, Resize, Source
 from cifar10_serving.server.models import LoadedModel
-from cifar10_serving.server.repository import Version
+from cifar10_serving.server.statistics import VersionStatistics
 from cifar10_serving.server.v2_tensors import ENCODED_IMAGE, IMAGE, IMAGE_DTYPES, SERVER_NAME
 
 RAW_OUTPUT_FIELD = v2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
@@ -109,9 +109,12 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                                 self.core.model(request.name, request.version))))
 
     async def ModelStatistics(self, request: v2.ModelStatisticsRequest, context) -> v2.ModelStatisticsResponse:
-        return await lookup(context, self.metrics, "ModelStatistics", self.core.label(request.name),
-                            lambda: v2.ModelStatisticsResponse(model_stats=[
-                                model_statistics(v) for v in self.core.statistics(request.name, request.version)]))
+        async def work(call: Call, deadline: float | None):  # with --workers, the siblings are asked
+            versions = await self.core.statistics(request.name, request.version)
+            return v2.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions]), NO_RESERVATION
+
+        return await unary(context, self.metrics, "ModelStatistics", self.core.label(request.name), work,
+                           in_flight=False)
 
     async def RepositoryIndex(self, request: v2.RepositoryIndexRequest, context) -> v2.RepositoryIndexResponse:
         def index() -> v2.RepositoryIndexResponse:
@@ -143,7 +146,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         return await unary(context, self.metrics, method, self.core.label(request.model_name), work, in_flight=False)
 
     def _config(self, model: LoadedModel) -> v2.ModelConfig:
-        return model_config(model, self.config, self.core.instances, self.core.device.type)
+        return model_config(model, self.config, self.core.server_instances, self.core.device.type)
 
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse | bytes:
@@ -362,6 +365,6 @@ def model_config(model: LoadedModel, config, instances: int, device_type: str) -
     return json_format.ParseDict(rules.model_config(model, config, instances, device_type), v2.ModelConfig())
 
 
-def model_statistics(version: Version) -> v2.ModelStatistics:
+def model_statistics(version: VersionStatistics) -> v2.ModelStatistics:
     """One version's statistics (``server.v2_tensors.model_statistics``) as Triton's message."""
     return json_format.ParseDict(rules.model_statistics(version), v2.ModelStatistics())

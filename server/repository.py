@@ -9,9 +9,10 @@ Two layouts, side by side in one directory:
 
 Control modes (``--model-control-mode``), as Triton's: ``none`` loads everything at start and never
 changes; ``poll`` rescans every ``--repository-poll-seconds``, loading new versions (and files that
-changed) and unloading what went away; ``explicit`` loads ``--load-models`` at start, then only what
-the repository calls ask for. ``--version-policy`` picks the versions of a model that are served:
-``latest:N``, ``all`` or ``specific:V1,V2``.
+changed) and unloading what went away, of the models ``--load-models`` names only (every model by
+default), as TensorFlow Serving follows the models of its ``model_config_list``; ``explicit`` loads
+``--load-models`` at start, then only what the repository calls ask for. ``--version-policy`` picks
+the versions of a model that are served: ``latest:N``, ``all`` or ``specific:V1,V2``.
 
 A version is loaded beside what is serving: its file is checked by the artifact format before any
 of its code runs, loaded, warmed at every batch size, and only then takes over, atomically (one
@@ -175,6 +176,7 @@ class Repository:
         self._loader = loader
         self._warmer = warmer
         self.starting: asyncio.Task | None = None  # the models after the first, warming at start
+        self.watched: frozenset[str] | None = None  # the models poll mode follows (None: every one); set by start
         self._on_change = on_change
         self._versions: dict[str, dict[str, Version]] = {}  # every version known, by name
         self._serving: dict[str, dict[str, Version]] = {}  # what requests see: READY versions only
@@ -239,6 +241,7 @@ class Repository:
         if not found:
             raise ModelLoadError(f"no *{artifact.ARTIFACT_SUFFIX} model artifacts in {self.models_dir}")
         wanted = sorted(found) if names is None else names
+        self.watched = None if names is None else frozenset(names)
         unknown = [n for n in wanted if n not in found]
         if unknown:
             raise ModelLoadError(f"models {unknown} are not in the repository {self.models_dir}: {sorted(found)}")
@@ -296,9 +299,13 @@ class Repository:
                 self._retire(entry, "unloaded")
 
     async def poll(self) -> None:
-        """One rescan (``poll`` mode): new and changed versions load, versions gone unload."""
+        """One rescan (``poll`` mode): new and changed versions load, versions gone unload. Only the
+        models started with (``watched``): a folder ``--load-models`` left out stays unloaded, as
+        the operator asked, however often the folder is scanned."""
         async with self._lock:
             found = scan(self.models_dir) if self.models_dir.is_dir() else {}
+            if self.watched is not None:
+                found = {name: versions for name, versions in found.items() if name in self.watched}
             for name in sorted(set(found) | set(self._serving)):
                 await self._converge(name, found.get(name, {}), strict=False)
 

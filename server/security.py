@@ -25,6 +25,7 @@ from typing import Sequence
 
 import grpc
 
+from cifar10_serving.protos import artifact
 from cifar10_serving.server.config import ServerConfig
 from cifar10_serving.server.drain import refusing
 
@@ -162,10 +163,17 @@ def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
 
 # ----------------------------------------------------------------------------- models directory
 def check_models_dir(models_dir: str) -> None:
-    """Warns when others than the owner may write the models directory or an artifact in it:
-    TorchScript files carry code, so write access there is the power to run code in the server."""
+    """Warns when others than the owner may write the models directory or what it serves from: its
+    ``NAME.pt`` files, the ``NAME/`` and ``NAME/VERSION/`` folders of Triton's layout and their
+    ``model.pt``, and the compiled ``.pt2`` package beside any of them. TorchScript files and packages
+    carry code, so write access there is the power to run code in the server; a folder too, as
+    writing a version folder into it publishes a version (poll mode loads it unasked)."""
     directory = Path(models_dir)
-    for path in (directory, *sorted(directory.glob("*.pt")), *sorted(directory.glob("*/*/model.pt"))):
+    folders = [p for p in directory.glob("*/") if p.is_dir() and not p.name.startswith(".")]
+    folders += [p for f in folders for p in f.glob("*/") if p.is_dir() and not p.name.startswith(".")]
+    files = [p for pattern in ("*", "*/*/model") for suffix in (artifact.ARTIFACT_SUFFIX, artifact.COMPILED_SUFFIX)
+             for p in directory.glob(pattern + suffix)]
+    for path in (directory, *sorted(folders), *sorted(files)):
         try:
             mode = path.stat().st_mode
         except OSError:

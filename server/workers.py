@@ -8,6 +8,10 @@ own ready file, and waits:
   across them, so a client needs several connections to use several workers (one gRPC channel is
   one connection; a load balancer in front spreads calls); the HTTP port (``--http-port``) likewise,
   reserved the same way when it is 0, so every worker serves HTTP on one port too;
+- what each worker answers of the server's statistics (ModelStatistics, ``/v2/models/stats``) is the
+  whole server's: before starting any, the supervisor names each worker's statistics socket in its
+  private directory, and a worker asks its siblings there (``server.worker_statistics``); ModelConfig's
+  instance count is every worker's instances together;
 - worker i serves its own Prometheus endpoint on ``metrics_port + i`` (each its own scrape target,
   the histograms aggregate with ``sum by``); with ``--metrics-port 0`` each picks a free port;
 - once every worker is SERVING, the supervisor logs one "serving" line and writes ``--ready-file``
@@ -40,6 +44,7 @@ from typing import Any, Sequence
 
 from cifar10_serving.server.config import ServerConfig, default_torch_threads
 from cifar10_serving.server.ready_file import read_ready_file, remove_ready_file, write_ready_file
+from cifar10_serving.server.worker_statistics import write_worker_set
 
 log = logging.getLogger("server.workers")
 
@@ -122,6 +127,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     ready_files = [ready_dir / f"worker-{i}.json" for i in range(config.workers)]
     serving = False
     try:
+        write_worker_set(ready_dir, config.workers)  # read by each worker as it starts
         for i in range(config.workers):
             if not stopping:
                 # The death signal fires when the thread that forked exits: this one, the main thread.

@@ -3,7 +3,9 @@ folder (poll) or loaded by call (explicit) takes over under load with no call fa
 caller's answers flipping version once; unload under load fails no call in flight; a corrupt
 version leaves the old one serving and says why; load/unload cycles give their memory back; every
 bad repository call gets its code; and NVIDIA's tritonclient reads the index, the statistics and the
-configuration unchanged."""
+configuration unchanged. In process, quicker: the version policies, poll mode following only the
+models --load-models names and unloading a removed version, a corrupt version loaded by call, and
+the load metrics."""
 
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ import shutil
 import subprocess
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.client.cli import main as cli_main
+from cifar10_serving.protos import artifact
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.protos.inference import open_inference_grpc_pb2 as v2
@@ -27,7 +32,7 @@ from cifar10_serving.server.launcher import ServerProcess
 from tests.helpers.images import random_images
 from tests.helpers.memory import rss
 from tests.helpers.models import export_tiny
-from tests.helpers.servers import server_args
+from tests.helpers.servers import RunningServer, make_config, server_args
 
 pytestmark = pytest.mark.system  # server processes whose repository changes under load
 
@@ -306,14 +311,140 @@ def test_a_request_can_name_a_version_and_the_api_lists_every_version(tmp_path, 
 
 def test_a_file_whose_folders_disagree_with_its_metadata_is_refused_at_start(tmp_path):
     path = publish(tmp_path, "tiny-max", "1")
+    metadata_only(path)  # were its code loaded, the refusal would say it is not loadable
     (tmp_path / "tiny-max" / "1").rename(tmp_path / "tiny-max" / "7")
     server = ServerProcess(server_args(tmp_path), wait=False)
     try:
         assert server.wait(120) != 0
         assert "cannot start" in server.log and "version '1'" in server.log and "Traceback" not in server.log
+        assert "the folders 'tiny-max' version '7'" in server.log and "not a loadable" not in server.log
     finally:
         server.kill()
-    del path
+
+
+def metadata_only(path: Path) -> None:
+    """Rewrites the artifact at ``path`` as its metadata alone: the format reads it, torch cannot load it."""
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()
+                   if info.filename.split("/")[1:] == [artifact.EXTRA_DIR, artifact.METADATA_FILE]]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in members:
+            archive.writestr(info, data)
+
+
+# ----------------------------------------------------------------------------- in process: policies, poll, metrics
+# No child process to start, importing torch again: these servers run on an event loop of this process.
+POLL_SECONDS = 0.2
+
+
+def publish_corrupt(models_dir: Path, name: str, version: str) -> Path:
+    """``name/version/model.pt`` that is not a model, published as ``publish`` does."""
+    staging = models_dir / f".staging-{name}-{version}"
+    staging.mkdir()
+    (staging / "model.pt").write_bytes(b"not a model")
+    staging.rename(models_dir / name / version)
+    return models_dir / name / version / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """tiny-max versions 1, 2 and 3 and tiny-avg version 1, exported once: the tests copy them in."""
+    models = tmp_path_factory.mktemp("exported")
+    for version in ("1", "2", "3"):
+        publish(models, "tiny-max", version, seed=int(version))
+    publish(models, "tiny-avg", "1", pool="avg")
+    return models
+
+
+def copy_in(exported: Path, models_dir: Path, name: str, version: str) -> Path:
+    """Publishes ``exported``'s ``name/version`` into ``models_dir`` as ``publish`` does: copied beside, renamed in."""
+    staging = models_dir / f".staging-{name}-{version}"
+    shutil.copytree(exported / name / version, staging)
+    (models_dir / name).mkdir(exist_ok=True)
+    staging.rename(models_dir / name / version)
+    return models_dir / name / version / "model.pt"
+
+
+@pytest.mark.parametrize("policy, ready", [("latest:2", {"2", "3"}), ("specific:1,3", {"1", "3"})])
+def test_the_version_policy_chooses_the_versions_that_serve(exported, policy, ready):
+    server = RunningServer(make_config(exported, version_policy=policy))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            index = _index(channel)
+            assert {v for (name, v), (state, _) in index.items() if name == "tiny-max" and state == "READY"} == ready
+            assert pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[IMAGE]), timeout=30) \
+                .model_version == "3"  # a request naming none gets the highest that serves
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_poll_follows_only_the_models_load_models_names_and_unloads_a_removed_version(exported, tmp_path):
+    copy_in(exported, tmp_path, "tiny-max", "1")
+    copy_in(exported, tmp_path, "tiny-avg", "1")
+    server = RunningServer(make_config(tmp_path, model_control_mode="poll", repository_poll_seconds=POLL_SECONDS,
+                                       load_models="tiny-max", version_policy="all"))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            classify = pb_grpc.ClassifierStub(channel).Classify
+            copy_in(exported, tmp_path, "tiny-max", "2")  # a model --load-models names follows the folder
+            _wait(lambda: _index(channel).get(("tiny-max", "2"), ("",))[0] == "READY")
+            time.sleep(2 * POLL_SECONDS)  # two rescans more: the model left out stays out
+            assert _index(channel)[("tiny-avg", "")] == ("", "")
+            assert _code(lambda: classify(pb.ClassifyRequest(model="tiny-avg", images=[IMAGE]), timeout=30)) == \
+                grpc.StatusCode.NOT_FOUND
+
+            shutil.rmtree(tmp_path / "tiny-max" / "1")
+            _wait(lambda: _index(channel)[("tiny-max", "1")] == ("UNAVAILABLE", "removed from the repository"))
+            assert _code(lambda: classify(pb.ClassifyRequest(images=[IMAGE], model_version="1"), timeout=30)) == \
+                grpc.StatusCode.NOT_FOUND
+            assert classify(pb.ClassifyRequest(images=[IMAGE]), timeout=30).model_version == "2"
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_explicit_mode_with_workers_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="explicit with workers > 1: a load or unload call reaches one worker"):
+        make_config(tmp_path, model_control_mode="explicit", workers=2)
+
+
+def test_explicit_a_corrupt_version_loaded_by_call_is_refused_and_loads_and_unloads_are_counted(exported, tmp_path):
+    copy_in(exported, tmp_path, "tiny-max", "1")
+    registry = CollectorRegistry()
+    server = RunningServer(make_config(tmp_path, model_control_mode="explicit"), registry)
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"model": "tiny-max", **labels}) or 0.0
+
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = v2_grpc.GRPCInferenceServiceStub(channel)
+            classify = pb_grpc.ClassifierStub(channel).Classify
+            load = v2.RepositoryModelLoadRequest(model_name="tiny-max")
+            assert sample("cifar10_model_load_duration_seconds_count") == 1  # the start's load
+
+            bad = publish_corrupt(tmp_path, "tiny-max", "2")
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RepositoryModelLoad(load, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "version 2" in refused.value.details() and str(bad) in refused.value.details()
+            assert classify(pb.ClassifyRequest(images=[IMAGE]), timeout=30).model_version == "1"  # serves on
+            state, reason = _index(channel)[("tiny-max", "2")]
+            assert state == "UNAVAILABLE" and str(bad) in reason
+            assert sample("cifar10_model_loads_total", outcome="failed") == 1
+
+            # The call reloaded version 1 too (a load call reloads what the policy picks): count from here.
+            shutil.rmtree(bad.parent)
+            unloaded, loaded = (sample("cifar10_model_loads_total", outcome=o) for o in ("unloaded", "loaded"))
+            timed, seconds = (sample(f"cifar10_model_load_duration_seconds_{s}") for s in ("count", "sum"))
+            stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name="tiny-max"), timeout=60)
+            _wait(lambda: _index(channel)[("tiny-max", "1")] == ("UNAVAILABLE", "unloaded"))
+            assert sample("cifar10_model_loads_total", outcome="unloaded") == unloaded + 1
+            stub.RepositoryModelLoad(load, timeout=60)
+            assert sample("cifar10_model_loads_total", outcome="loaded") == loaded + 1
+            assert sample("cifar10_model_load_duration_seconds_count") == timed + 1
+            assert sample("cifar10_model_load_duration_seconds_sum") > seconds
+    finally:
+        server.stop(grace=1.0)
 
 
 # ----------------------------------------------------------------------------- tritonclient

@@ -300,6 +300,25 @@ def test_a_models_directory_others_may_write_is_warned_about(tiny_models_dir, tm
     assert len(warned) == 1 and str(shared) in warned[0] and "run code" in warned[0]
     assert not stat.S_IMODE(tiny_models_dir.stat().st_mode) & stat.S_IWOTH
 
+    # Triton's layout: a NAME/ or NAME/VERSION/ folder others may write lets them publish a version
+    # (loaded unasked in poll mode), and a compiled package beside a file is code as much as the file.
+    repository = tmp_path / "repository"
+    version = repository / "tiny-max" / "1"
+    version.mkdir(parents=True)
+    for path in (version / "model.pt", version / "model.pt2", repository / "flat.pt", repository / "flat.pt2"):
+        path.write_bytes(b"")
+    owner_only = [repository, version / "model.pt", repository / "flat.pt"]
+    open_to_others = [repository / "tiny-max", version, version / "model.pt2", repository / "flat.pt2"]
+    for path in owner_only:
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+    for path in open_to_others:
+        os.chmod(path, 0o775 if path.is_dir() else 0o664)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server.security"):
+        check_models_dir(str(repository))
+    warned = sorted(r.getMessage().split(" is writable")[0] for r in caplog.records)
+    assert warned == sorted(str(p) for p in open_to_others)
+
 
 # ----------------------------------------------------------------------------- nothing is evaluated
 class _Planted:
