@@ -2,8 +2,9 @@
 
 A thin front-end over the serving core (``server.core``), on its own port and the same event loop as
 gRPC: the same models, answer budget, decode lanes, batchers, drain, TLS, tokens and metrics. Its
-requests are counted under their own method label (``HTTPModelInfer``, ``HTTPModelMetadata``) in the
-same histograms as gRPC's. The request path reads as gRPC's does: the model from the URL (404), the
+requests are counted under method labels of their own (``HTTPModelInfer``, ``HTTPModelMetadata``,
+``HTTPModelStatistics`` ...) in the same histograms as gRPC's, refusals of the drain and the tokens
+included. The request path reads as gRPC's does: the model from the URL (404), the
 body's size from ``Content-Length`` (413, before reading it), a reservation for the body (429),
 the body read within ``--http-body-timeout-ms``, the plan (``server.http_tensors``, 400), a
 reservation for the images and the answer (429), decode, infer, and the answer written while the
@@ -23,22 +24,27 @@ Endpoints (``/v2/models/{model}`` may add ``/versions/{version}``):
 The protocol's rules are ``server.v2_tensors``', shared with the gRPC front-end; the JSON and binary
 framing is ``server.http_tensors``'.
 
-Why aiohttp: the asyncio HTTP server that runs on an event loop it does not own, alongside grpc.aio,
-without a second framework (ASGI) or server process between; a request body is read only when the
-handler asks for it, so a body is refused from its ``Content-Length`` before it is read; one small
-dependency with a long record of maintenance (aio-libs).
+Why aiohttp (docs/open-inference.md says it too): the asyncio HTTP server that runs on an event loop
+it does not own, alongside grpc.aio, without a second framework (ASGI) or server process between; a
+request body is read only when the handler asks for it, so a body is refused from its
+``Content-Length`` before it is read; one small dependency with a long record of maintenance (aio-libs).
+
+``Expect: 100-continue`` is answered "100 Continue" only when a handler reads the body (``_continue``),
+not by aiohttp before the middleware runs, so the refusals that need no body (503 draining, 401/403,
+404 for a model, 411, 413, 429) come before the client is invited to send it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from importlib import metadata as package_metadata
 from typing import Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from grpc_health.v1 import health_pb2
 
 from cifar10_serving.server import http_tensors
@@ -56,10 +62,11 @@ log = logging.getLogger(__name__)
 
 # Triton's: top-k strings, binary tensors, and the REST forms of ModelConfig, ModelStatistics and the repository.
 EXTENSIONS = ("classification", "binary_tensor_data", "model_configuration", "statistics", "model_repository")
-# The method label of each call but inference and metadata: the protocol's method, as gRPC counts it
-# (server.metrics.METHODS holds the label values; HTTP's own would go there first).
+# The protocol's method of each call but inference and metadata (its messages name it); its metrics
+# label is the same name after "HTTP" (server.metrics.METHODS), apart from gRPC's.
 METHODS = {"stats": "ModelStatistics", "config": "ModelConfig", "index": "RepositoryIndex",
            "load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}
+HTTP = "HTTP"  # the prefix of this front-end's method labels
 SMALL_BODY_BYTES = 64 * 1024  # the repository calls' JSON: a few parameters at most
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OPEN_PATHS = ("/v2/health/",)  # no token, and answered while draining: probes must see not-ready
@@ -76,6 +83,7 @@ JSON_FACTOR = 2
 JSON_VALUE_BYTES = 32  # an output value held as a Python float in a list, then as text
 OFF_LOOP_BYTES = 64 * 1024  # JSON larger than this is parsed and written on the core's thread
 DRAINING_MESSAGE = "the server is shutting down and took no new requests: send it again (to another replica)"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def error(status: int, message: str, *, close: bool = False) -> web.Response:
@@ -104,6 +112,7 @@ class HttpApi:
         self.limits = Limits.of(config)
         self.listener = Listener(self.limits)
         self._tokens: list[bytes] | None = None  # None: tokens are off
+        self._labels: dict[Callable, str] = {}  # each route's handler -> its method label (app())
         self._admin: list[bytes] = []  # who may load and unload (docs/model-repository.md)
         if config.auth_token_file:
             if config.admin_token_file:
@@ -122,19 +131,31 @@ class HttpApi:
     # ------------------------------------------------------------------ life
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=self.config.http_max_body_bytes)
-        app.router.add_get("/v2/health/live", self.live)
-        app.router.add_get("/v2/health/ready", self.ready)
-        app.router.add_get("/v2", self.server_metadata)
-        app.router.add_get("/v2/models/stats", self.statistics)  # before /v2/models/{model}: every model's
+        app.on_response_prepare.append(_server_header)
+
+        def get(path: str, handler) -> None:
+            app.router.add_get(path, handler, expect_handler=_expect)
+
+        def post(path: str, handler) -> None:
+            app.router.add_post(path, handler, expect_handler=_expect)
+
+        get("/v2/health/live", self.live)
+        get("/v2/health/ready", self.ready)
+        get("/v2", self.server_metadata)
+        get("/v2/models/stats", self.statistics)  # before /v2/models/{model}: every model's
         for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            app.router.add_get(model, self.model_metadata)
-            app.router.add_get(model + "/ready", self.model_ready)
-            app.router.add_post(model + "/infer", self.infer)
-            app.router.add_get(model + "/config", self.model_config)
-            app.router.add_get(model + "/stats", self.statistics)
-        app.router.add_post("/v2/repository/index", self.repository_index)
-        app.router.add_post("/v2/repository/models/{model}/load", self.repository_load)
-        app.router.add_post("/v2/repository/models/{model}/unload", self.repository_unload)
+            get(model, self.model_metadata)
+            get(model + "/ready", self.model_ready)
+            post(model + "/infer", self.infer)
+            get(model + "/config", self.model_config)
+            get(model + "/stats", self.statistics)
+        post("/v2/repository/index", self.repository_index)
+        post("/v2/repository/models/{model}/load", self.repository_load)
+        post("/v2/repository/models/{model}/unload", self.repository_unload)
+        self._labels = {self.infer: "HTTPModelInfer", self.model_metadata: "HTTPModelMetadata",
+                        self.model_config: "HTTPModelConfig", self.statistics: "HTTPModelStatistics",
+                        self.repository_index: "HTTPRepositoryIndex", self.repository_load: "HTTPRepositoryModelLoad",
+                        self.repository_unload: "HTTPRepositoryModelUnload"}  # health and metadata: probes, not counted
         return app
 
     async def start(self) -> int:
@@ -174,11 +195,13 @@ class HttpApi:
         try:
             open_path = request.path.startswith(OPEN_PATHS)
             if self._draining and not open_path:
+                self._count_refusal(request, Code.UNAVAILABLE)
                 return error(503, DRAINING_MESSAGE, close=True)
             if self._tokens is not None and not open_path:
                 problem = check_bearer(self._tokens, request.headers.get("Authorization"))
                 status = 403 if problem == NOT_ACCEPTED else 401
                 if problem is not None:
+                    self._count_refusal(request, Code.PERMISSION_DENIED if status == 403 else Code.UNAUTHENTICATED)
                     response = error(status, problem, close=True)
                     if status == 401:
                         response.headers["WWW-Authenticate"] = "Bearer"
@@ -201,6 +224,15 @@ class HttpApi:
                 self._idle.set()
             if connection is not None:
                 connection.request_finished()
+
+    def _count_refusal(self, request: web.Request, code: Code) -> None:
+        """A request the drain or the tokens refused, counted as gRPC's metrics interceptor counts its
+        refused calls: under the method it was for, with the code it got (no route: not counted)."""
+        method = self._labels.get(request.match_info.handler)
+        if method is not None:
+            name = request.match_info.get("model", "")
+            with contextlib.suppress(Rejection), Call(self.metrics, method, self.core.label(name) if name else ""):
+                raise Rejection(code, "refused before the handler")
 
     # ------------------------------------------------------------------ health and metadata
     async def live(self, request: web.Request) -> web.Response:
@@ -319,6 +351,7 @@ class HttpApi:
         held.append(self.core.reserve(model, images=0, request_bytes=JSON_FACTOR * json_bytes + (length - json_bytes),
                                       advice="send fewer images per request"))
         timeout = self.config.http_body_timeout_ms / 1000 if self.config.http_body_timeout_ms > 0 else None
+        await _continue(request)
         try:
             return await asyncio.wait_for(request.read(), timeout)
         except asyncio.TimeoutError:
@@ -354,13 +387,14 @@ class HttpApi:
     async def model_config(self, request: web.Request) -> web.Response:
         def config() -> dict:
             model = self.core.model(request.match_info["model"], request.match_info.get("version", ""))
-            return rules.model_config(model, self.config, self.core.instances, self.core.device.type)
+            return rules.model_config(model, self.config, self.core.server_instances, self.core.device.type)
 
         return await self._lookup(request, "config", config)
 
     async def statistics(self, request: web.Request) -> web.Response:
-        def statistics() -> dict:
-            versions = self.core.statistics(request.match_info.get("model", ""), request.match_info.get("version", ""))
+        async def statistics() -> dict:  # with --workers, the siblings are asked
+            versions = await self.core.statistics(request.match_info.get("model", ""),
+                                                  request.match_info.get("version", ""))
             return {"model_stats": [rules.model_statistics(v) for v in versions]}
 
         return await self._lookup(request, "stats", statistics)
@@ -402,7 +436,7 @@ class HttpApi:
         """A call that is not inference: counted under the protocol's method, refused like any other."""
         name = request.match_info.get("model", "") if model is None else model
         try:
-            with Call(self.metrics, METHODS[kind], self.core.label(name) if name else ""):
+            with Call(self.metrics, HTTP + METHODS[kind], self.core.label(name) if name else ""):
                 result = answer()
                 if asyncio.iscoroutine(result):
                     result = await result
@@ -420,6 +454,7 @@ class HttpApi:
         if not length:
             return {}
         timeout = self.config.http_body_timeout_ms / 1000 if self.config.http_body_timeout_ms > 0 else None
+        await _continue(request)
         try:
             body = await asyncio.wait_for(request.read(), timeout)
         except asyncio.TimeoutError:
@@ -430,6 +465,31 @@ class HttpApi:
         document = http_tensors.parse_json(body, "the body", "")
         http_tensors.known_keys(document, keys, "the body")
         return document
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """Every route's ``Expect`` handler, called by aiohttp before the middleware. aiohttp's default
+    writes "100 Continue" here, before the drain, token and size checks; this one leaves it to
+    ``_continue``, and answers an expectation other than 100-continue 417 in JSON (aiohttp's is text)."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+        return error(417, f"Expect: {expect[:100]!r} is not supported; send 100-continue or no Expect", close=True)
+    return None
+
+
+async def _continue(request: web.Request) -> None:
+    """The "100 Continue" that a client sending ``Expect: 100-continue`` waits for before its body,
+    written when the body is about to be read, every refusal before it passed. Left out once some of
+    the body has arrived (the client stopped waiting; RFC 9110 section 10.1.1 lets a server omit it)."""
+    if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.content.total_bytes == 0):
+        await request.writer.write(CONTINUE)
+        request.writer.output_size = 0  # as aiohttp's own expect handler: the answer itself has not begun
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """The ``Server`` header names the service, not aiohttp's and Python's versions (aiohttp's default)."""
+    response.headers["Server"] = SERVER_NAME
 
 
 def _framed(body: bytes, header_length: int | None) -> tuple[bytes, dict]:

@@ -22,7 +22,9 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 METHODS = ("Classify", "ClassifyStream", "ListModels", "GetModelInfo", "Explain", "GetFilters",
            "ModelInfer", "ModelMetadata", "ModelConfig", "ModelStatistics",
            "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",  # the Open Inference Protocol's (server.open_inference); its probes are not counted
-           "HTTPModelInfer", "HTTPModelMetadata")  # the same protocol over HTTP (server.http_api), its own label
+           # the same protocol over HTTP (server.http_api), under labels of its own
+           "HTTPModelInfer", "HTTPModelMetadata", "HTTPModelConfig", "HTTPModelStatistics",
+           "HTTPRepositoryIndex", "HTTPRepositoryModelLoad", "HTTPRepositoryModelUnload")
 MODEL_STATES = ("READY", "LOADING", "UNLOADING", "UNAVAILABLE")  # server.repository's
 LOAD_OUTCOMES = ("loaded", "failed", "unloaded")  # cifar10_model_loads_total{outcome}
 # Loading, checking and warming a model version: a tiny test model in 0.1 s, the bundled ones in seconds.

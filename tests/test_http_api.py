@@ -1,22 +1,26 @@
 """The Open Inference Protocol over HTTP against a real server process, with the standard library's
 HTTP client as curl would speak it: health, metadata, JSON and binary inference equal to the gRPC
 answer, the classification extension, every refusal with its status (the server serving on), drain,
-the body limit refused before the body is read, slow and idle clients, the connection cap, and a
-client that never reads its answers held by the answer budget."""
+the body limit refused before the body is read, ``Expect: 100-continue`` answered only once every
+refusal has passed, slow, idle and chunked clients, the connection cap, a client that never reads
+its answers held by the answer budget, and ``--http-port -1``."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cifar10_serving.client import ClassifierClient
 from cifar10_serving.server.launcher import ServerProcess
+from cifar10_serving.server.v2_tensors import SERVER_NAME
 from tests.helpers.servers import server_args
 
 pytestmark = pytest.mark.system  # server processes
@@ -28,6 +32,9 @@ BUDGET = 128 << 20  # three answers of 16 images with every feature map as JSON 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGES = np.random.default_rng(32).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 CHW = np.ascontiguousarray(IMAGES.transpose(0, 3, 1, 2))
+# Short enough for a test to wait out; the body timeout leaves the 5 MB bodies of the budget test
+# time to arrive on 2 shared cores.
+IDLE_TIMEOUT_MS, BODY_TIMEOUT_MS = 1500, 2000
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +43,7 @@ def running(tiny_models_dir, tmp_path_factory):
     tokens.write_text(f"{TOKEN}\n")
     with ServerProcess(server_args(tiny_models_dir, auth_token_file=tokens, http_max_body_bytes=BODY_LIMIT,
                                    http_header_timeout_ms=1000, http_max_connections=24,
+                                   http_idle_timeout_ms=IDLE_TIMEOUT_MS, http_body_timeout_ms=BODY_TIMEOUT_MS,
                                    answer_budget_bytes=BUDGET)) as server:
         yield server
 
@@ -49,6 +57,25 @@ def call(server, method: str, path: str, body: bytes | str | None = None, header
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         connection.close()
+
+
+def head(method: str, path: str, headers: dict, auth: bool = True) -> bytes:
+    """A request's head as a raw socket sends it, for what http.client will not send (Expect, a
+    half-sent body, a chunked one)."""
+    fields = {**(AUTH if auth else {}), **headers}
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in fields.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """Bytes up to the end of the first answer's head (the status line and headers)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def infer_json(images: np.ndarray, **extra) -> str:
@@ -77,6 +104,7 @@ def assert_serving(server) -> None:
 # ----------------------------------------------------------------------------- the protocol
 def test_health_and_metadata(running):
     assert call(running, "GET", "/v2/health/live", auth=False)[:3:2] == (200, b'{"live": true}')
+    assert call(running, "GET", "/v2/health/live", auth=False)[1]["server"] == SERVER_NAME  # no aiohttp version
     assert call(running, "GET", "/v2/health/ready", auth=False)[:3:2] == (200, b'{"ready": true}')
     status, _, body = call(running, "GET", "/v2")
     assert status == 200 and json.loads(body)["extensions"] == [
@@ -145,9 +173,11 @@ BAD = {  # name: (path, body, headers, status, words)
 @pytest.mark.parametrize("name", list(BAD))
 def test_each_refusal_has_its_status_and_the_server_keeps_serving(running, name):
     path, body, headers, status, words = BAD[name]
-    got, _, answer = call(running, "POST", path, body, headers, auth=headers is not None)
+    got, got_headers, answer = call(running, "POST", path, body, headers, auth=headers is not None)
     assert got == status, answer
     assert words in json.loads(answer)["error"]
+    if status == 401:
+        assert got_headers["www-authenticate"] == "Bearer"
     assert_serving(running)
 
 
@@ -157,12 +187,61 @@ def test_an_oversized_body_is_refused_before_it_is_sent(running):
                      + TOKEN.encode() + b"\r\nContent-Length: 10000000000\r\n\r\n")
         answer = sock.recv(4096)  # no byte of the body sent: the answer comes anyway
     assert answer.startswith(b"HTTP/1.1 413 ")
+    assert_serving(running)
+
+
+EXPECT = {"Expect": "100-continue"}
+REFUSED_UNSENT = {  # name: (headers, auth, status): refused with the body unsent, and no 100 Continue first
+    "oversized": ({"Content-Length": "10000000000"}, True, 413),
+    "no token": ({"Content-Length": "100"}, False, 401),
+    "bad token": ({"Content-Length": "100", "Authorization": "Bearer nope"}, True, 403),
+    "no Content-Length": ({"Transfer-Encoding": "chunked"}, True, 411),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_UNSENT))
+def test_expect_100_continue_is_not_answered_before_a_refusal(running, name):
+    headers, auth, status = REFUSED_UNSENT[name]
+    with socket.create_connection(("127.0.0.1", running.http_port), timeout=10) as sock:
+        sock.sendall(head("POST", "/v2/models/tiny-max/infer", {**headers, **EXPECT}, auth))
+        answer = read_head(sock)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]  # the refusal first, not 100 Continue
+    assert b"Connection: close" in answer  # the body was never read: the connection cannot carry another request
+    if status == 401:
+        assert b"WWW-Authenticate: Bearer" in answer
+
+
+def test_expect_100_continue_then_the_body_is_answered(running):
+    body = infer_json(CHW[:1]).encode()
+    with socket.create_connection(("127.0.0.1", running.http_port), timeout=10) as sock:
+        sock.sendall(head("POST", "/v2/models/tiny-max/infer", {"Content-Length": len(body), **EXPECT}))
+        assert read_head(sock) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert read_head(sock).startswith(b"HTTP/1.1 200 ")
+    with socket.create_connection(("127.0.0.1", running.http_port), timeout=10) as sock:
+        sock.sendall(head("POST", "/v2/models/tiny-max/infer", {"Content-Length": len(body), "Expect": "gold"}))
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 417 ") and b'"error"' in answer  # JSON, as every refusal
 
 
 def test_refusals_are_counted_under_the_http_method(running):
+    """Every HTTP call under a label of its own, refusals of the tokens included, as gRPC's are."""
+    def count(method: str, code: str) -> float:
+        return running.metric_sum("cifar10_requests_total", method=method, code=code)
+
+    before = {key: count(*key) for key in (("HTTPModelInfer", "UNAUTHENTICATED"), ("HTTPModelInfer", "PERMISSION_DENIED"),
+                                           ("HTTPModelStatistics", "OK"), ("ModelStatistics", "OK"))}
     call(running, "POST", "/v2/models/tiny-max/infer", infer_json(CHW[:, :, :31]))
-    assert running.metric_sum("cifar10_requests_total", method="HTTPModelInfer", code="INVALID_ARGUMENT") >= 1
-    assert running.metric_sum("cifar10_requests_total", method="HTTPModelInfer", code="OK") >= 1
+    assert count("HTTPModelInfer", "INVALID_ARGUMENT") >= 1
+    assert count("HTTPModelInfer", "OK") >= 1
+    assert call(running, "POST", "/v2/models/tiny-max/infer", infer_json(CHW), auth=False)[0] == 401
+    assert call(running, "POST", "/v2/models/tiny-max/infer", infer_json(CHW), {"Authorization": "Bearer nope"},
+                auth=False)[0] == 403
+    assert call(running, "GET", "/v2/models/tiny-max/stats")[0] == 200
+    assert count("HTTPModelInfer", "UNAUTHENTICATED") == before["HTTPModelInfer", "UNAUTHENTICATED"] + 1
+    assert count("HTTPModelInfer", "PERMISSION_DENIED") == before["HTTPModelInfer", "PERMISSION_DENIED"] + 1
+    assert count("HTTPModelStatistics", "OK") == before["HTTPModelStatistics", "OK"] + 1
+    assert count("ModelStatistics", "OK") == before["ModelStatistics", "OK"]  # gRPC's label is gRPC's alone
 
 
 # ----------------------------------------------------------------------------- slow, idle and many clients
@@ -172,6 +251,41 @@ def test_a_client_that_never_finishes_its_headers_is_closed(running):
         start = time.monotonic()
         assert sock.recv(100) == b""  # closed by the server
     assert time.monotonic() - start < 5
+
+
+def test_an_idle_keep_alive_connection_is_closed(running):
+    connection = http.client.HTTPConnection("127.0.0.1", running.http_port, timeout=10)
+    try:
+        for _ in range(2):  # kept alive between requests
+            connection.request("GET", "/v2/health/live")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read() == b'{"live": true}'
+        start = time.monotonic()
+        assert connection.sock.recv(100) == b""  # closed by the server
+    finally:
+        connection.close()
+    idle = time.monotonic() - start
+    assert IDLE_TIMEOUT_MS / 1000 - 0.2 < idle < IDLE_TIMEOUT_MS / 1000 + 3, idle
+
+
+def test_a_half_sent_body_is_answered_408(running):
+    body = infer_json(CHW[:1]).encode()
+    with socket.create_connection(("127.0.0.1", running.http_port), timeout=10) as sock:
+        sock.sendall(head("POST", "/v2/models/tiny-max/infer", {"Content-Length": len(body)}) + body[:100])
+        start = time.monotonic()
+        answer = read_head(sock)
+    waited = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert BODY_TIMEOUT_MS / 1000 - 0.2 < waited < BODY_TIMEOUT_MS / 1000 + 3, waited
+    assert_serving(running)
+
+
+def test_a_chunked_body_is_answered_411(running):
+    with socket.create_connection(("127.0.0.1", running.http_port), timeout=10) as sock:
+        sock.sendall(head("POST", "/v2/models/tiny-max/infer", {"Transfer-Encoding": "chunked"}) + b"5\r\n{\"a\":\r\n")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in answer
+    assert_serving(running)
 
 
 def test_connections_over_the_cap_are_answered_503(running):
@@ -225,7 +339,32 @@ def test_a_client_that_never_reads_its_answers_is_held_by_the_budget(running):
         assert time.monotonic() < deadline
 
 
-# ----------------------------------------------------------------------------- drain
+# ----------------------------------------------------------------------------- off, and drain
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on: its sockets' inodes matched in /proc/net/tcp{,6}."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_http_port_minus_one_turns_http_off(tiny_models_dir):
+    with ServerProcess(server_args(tiny_models_dir, http_port=-1)) as server:
+        assert server.ready["http_port"] is None
+        assert listening_ports(server.pid) == {server.port, *server.metrics_ports}  # gRPC and /metrics only
+
+
 def test_drain_refuses_new_requests_503_and_finishes_those_in_flight(tiny_models_dir):
     with ServerProcess(server_args(tiny_models_dir, grace_period_seconds=10)) as server:
         body = infer_json(CHW[:1]).encode()
@@ -239,6 +378,10 @@ def test_drain_refuses_new_requests_503_and_finishes_those_in_flight(tiny_models
         status, headers, answer = call(server, "POST", "/v2/models/tiny-max/infer", body)
         assert status == 503 and "shutting down" in json.loads(answer)["error"]
         assert headers["retry-after"] == "1" and headers["connection"] == "close"
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+            sock.sendall(head("POST", "/v2/models/tiny-max/infer",
+                              {"Content-Length": len(body), "Expect": "100-continue"}, auth=False))
+            assert read_head(sock).startswith(b"HTTP/1.1 503 ")  # not 100 Continue
         slow.sendall(body[100:])
         answer = slow.recv(1 << 16)
         assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
