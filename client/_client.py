@@ -105,6 +105,8 @@ class Classification:
     probabilities: np.ndarray  # float32, one score per class
     top_k: list[Prediction]
     feature_maps: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (C, H, W) or (N,)
+    model: str = ""  # the model and version that answered
+    version: str = ""
 
     @property
     def label(self) -> str:
@@ -144,7 +146,7 @@ def to_image(image: ImageLike) -> pb.Image:
     raise TypeError(f"cannot send {type(image).__name__} as an image; use a path, bytes, numpy array or PIL image")
 
 
-def _classification(result: pb.Result) -> Classification:
+def _classification(result: pb.Result, response: pb.ClassifyResponse) -> Classification:
     maps = {}
     for fm in result.feature_maps:
         maps[fm.layer] = np.frombuffer(fm.data, dtype=_NUMPY_DTYPES[fm.dtype]).reshape(tuple(fm.shape))
@@ -152,6 +154,8 @@ def _classification(result: pb.Result) -> Classification:
         probabilities=np.asarray(result.probabilities, dtype=np.float32),
         top_k=[Prediction(p.label, p.index, p.probability) for p in result.top_k],
         feature_maps=maps,
+        model=response.model,
+        version=response.model_version,
     )
 
 
@@ -235,7 +239,7 @@ class ClassifierClient:
                                resize=resize)
         request.model_version = version
         response = self._call(self._stub().Classify, request, timeout)
-        return [_classification(r) for r in response.results]
+        return [_classification(r, response) for r in response.results]
 
     def classify_stream(self, batches: Iterable[Sequence[ImageLike]], *, timeout: float | None = None,
                         **options: Any) -> Iterator[StreamResult]:
@@ -246,7 +250,7 @@ class ClassifierClient:
                                                       metadata=self._metadata):
                 error = ClassifierError(_status(response.error.code), response.error.message) \
                     if response.HasField("error") else None
-                yield StreamResult(response.request_id, [_classification(r) for r in response.results], error)
+                yield StreamResult(response.request_id, [_classification(r, response) for r in response.results], error)
         except grpc.RpcError as exc:
             raise ClassifierError.from_rpc_error(exc) from None
 

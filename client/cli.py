@@ -2,6 +2,7 @@
 
     cifar10-client classify examples/cat.jpg             # top-5 table
     cifar10-client classify examples/*.jpg --json        # for machines
+    cifar10-client classify examples/cat.jpg --model small-max --version 2
     cifar10-client classify examples/cat.jpg --features '*' --save-features maps/
     cifar10-client inspect examples/cat.jpg --models base-max,base-avg --out inspect/   # one HTML page
     cifar10-client layers                                # what each layer does to the volume
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify image files (PNG or JPEG)")
     c.add_argument("images", nargs="+", type=Path)
     c.add_argument("--model", default="", help="model name (default: the server's default)")
+    c.add_argument("--version", default="", help="one ready version of the model (default: its latest; "
+                                                 "'models' lists them)")
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--features", nargs="+", default=[], metavar="LAYER",
                    help="layers whose feature maps to fetch; '*' for all")
@@ -117,11 +120,11 @@ def _classify(client: ClassifierClient, args) -> int:
     layers = args.features
     if args.save_features and not layers:
         layers = ["*"]
-    results = client.classify(args.images, model=args.model, top_k=args.top_k, layers=layers,
+    results = client.classify(args.images, model=args.model, version=args.version, top_k=args.top_k, layers=layers,
                               resize=not args.no_resize)
     saved: dict[str, list[str]] = {}
     if args.save_features:
-        kinds = {layer.name: layer.kind for layer in client.model_info(args.model).layers}
+        kinds = {layer.name: layer.kind for layer in client.model_info(args.model, version=args.version).layers}
         for path, result in zip(args.images, results):
             out = inside(args.save_features, args.save_features / path.stem)
             saved[str(path)] = [str(p) for p in save_feature_maps(result.feature_maps, out, kinds)]
@@ -130,7 +133,7 @@ def _classify(client: ClassifierClient, args) -> int:
                          indent=1))
         return 0
     for path, result in zip(args.images, results):
-        _say(path)
+        _say(f"{path}  ({result.model} version {result.version})")
         for p in result.top_k:
             bar = "#" * round(p.probability * 30)
             _say(f"  {p.label:<11} {100 * p.probability:6.2f}%  {bar}")
@@ -144,6 +147,8 @@ def _classify(client: ClassifierClient, args) -> int:
 def _result_json(path: Path, result: Classification, saved: list[str]) -> dict:
     return {
         "image": str(path),
+        "model": result.model,
+        "version": result.version,
         "label": result.label,
         "top_k": [{"label": p.label, "index": p.index, "probability": p.probability} for p in result.top_k],
         "probabilities": [float(x) for x in result.probabilities],

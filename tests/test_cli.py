@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_classify_prints_a_table(tiny_server, capsys):
     assert main(["--target", tiny_server.target, "classify", str(EXAMPLES / "cat.jpg"), "--top-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].endswith("cat.jpg") and len(out) == 4
+    assert out[0].endswith("cat.jpg  (tiny-max version test)") and len(out) == 4
     assert all(line.strip().split()[1].endswith("%") for line in out[1:])
 
 
@@ -45,6 +45,16 @@ def test_save_features_writes_one_png_grid_per_layer(tiny_server, tmp_path, caps
     pool = Image.open(out / "ship" / "stage1.pool.png")
     c, h, w = answer["feature_maps"]["stage1.pool"]
     assert pool.mode == "L" and pool.width >= math.ceil(math.sqrt(c)) * w
+
+
+def test_classify_asks_for_the_version_given(tiny_server, capsys):
+    cat = str(EXAMPLES / "cat.jpg")
+    assert main(["--target", tiny_server.target, "classify", cat, "--version", "test", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)[0]
+    assert answer["label"] and (answer["model"], answer["version"]) == ("tiny-max", "test")
+    assert main(["--target", tiny_server.target, "classify", cat, "--model", "tiny-avg", "--version", "9"]) == 2
+    err = capsys.readouterr().err  # the server was asked for version 9, and names the one it has
+    assert "NOT_FOUND" in err and "no ready version '9'" in err and "test" in err
 
 
 def test_layers_table_shows_pooling_halving_width_and_height(tiny_server, capsys):
