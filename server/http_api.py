@@ -55,7 +55,7 @@ from cifar10_serving.server.core import ServingCore
 from cifar10_serving.server.errors import Code, Rejection, invalid
 from cifar10_serving.server.http_server import Limits, Listener, ssl_context
 from cifar10_serving.server.images import Encoded, Raw, Resize, Source
-from cifar10_serving.server.security import NOT_ACCEPTED, NOT_ADMIN, check_bearer, load_tokens
+from cifar10_serving.server.security import NOT_ACCEPTED, NOT_ADMIN, check_bearer, load_tokens, warn_plaintext_http
 from cifar10_serving.server.v2_tensors import ENCODED_IMAGE, IMAGE, SERVER_NAME
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class HttpApi:
 
     async def start(self) -> int:
         """Opens the port; returns it."""
+        warn_plaintext_http(self.config)
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None,
                                      keepalive_timeout=self.limits.idle_timeout, lingering_time=0)
         await self._runner.setup()

@@ -64,14 +64,15 @@ def add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
     """Binds the gRPC port, with TLS when configured; returns the bound port (0: failed)."""
     credentials = server_credentials(config)
     if credentials is None:
-        if not _is_loopback(config.host):
+        if not is_loopback(config.host):
             log.warning("serving plaintext gRPC on %s: anyone on the network can read and send calls; "
                         "set --tls-cert-file and --tls-key-file", config.host)
         return server.add_insecure_port(config.address)
     return server.add_secure_port(config.address, credentials)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine (no warning about plaintext there)."""
     if host == "localhost":
         return True
     try:
@@ -151,11 +152,23 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return check_bearer(accepted_tokens, values[0] if values else None)
 
 
+def warn_plaintext_http(config: ServerConfig) -> None:
+    """The HTTP port's counterpart of ``add_port``'s and ``interceptors``' warnings: its own host
+    (``--http-host``) may be reachable where the gRPC host is not."""
+    host = config.http_host or config.host
+    if config.tls_cert_file or is_loopback(host):
+        return
+    log.warning("serving plaintext HTTP on %s: anyone on the network can read and send requests; "
+                "set --tls-cert-file and --tls-key-file", host)
+    if config.auth_token_file:
+        log.warning("bearer tokens without TLS on %s (HTTP): tokens cross the network in the clear", host)
+
+
 def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
     """The security interceptors ``config`` asks for, outermost first."""
     if not config.auth_token_file:
         return []
-    if not config.tls_cert_file and not _is_loopback(config.host):
+    if not config.tls_cert_file and not is_loopback(config.host):
         log.warning("bearer tokens without TLS on %s: tokens cross the network in the clear", config.host)
     admin = load_tokens(config.admin_token_file, "admin_token_file") if config.admin_token_file else []
     return [TokenAuth(load_tokens(config.auth_token_file), admin_tokens=admin, admin_methods=ADMIN_METHODS)]

@@ -25,7 +25,8 @@ from cifar10_serving.client import cli
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2 as pb
 from cifar10_serving.protos.cifar10.v1 import classifier_pb2_grpc as pb_grpc
 from cifar10_serving.server.config import ServerConfig, parse_config
-from cifar10_serving.server.security import SecurityConfigError, check_models_dir, load_tokens, server_credentials
+from cifar10_serving.server.security import (SecurityConfigError, check_models_dir, load_tokens, server_credentials,
+                                             warn_plaintext_http)
 from tests.helpers.images import random_images
 from tests.helpers.servers import RunningServer, make_config
 
@@ -368,3 +369,18 @@ def test_the_server_never_unpickles_or_evaluates():
                 if dotted == "torch.jit.load":
                     jit_loads.append(path.name)
     assert set(jit_loads) == {"models.py"}
+
+
+def test_plaintext_http_off_loopback_is_warned_about(tmp_path, caplog):
+    """--http-host may face the network while --host does not: the HTTP port warns for itself."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t\n")
+    cases = {("127.0.0.1", ""): 0, ("127.0.0.1", "0.0.0.0"): 1, ("0.0.0.0", "127.0.0.1"): 0, ("0.0.0.0", ""): 1}
+    for (host, http_host), warnings in cases.items():
+        for token_file, per_case in (("", warnings), (str(tokens), 2 * warnings)):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="cifar10_serving.server.security"):
+                warn_plaintext_http(ServerConfig(host=host, http_host=http_host, auth_token_file=token_file))
+            said = [r.getMessage() for r in caplog.records]
+            assert len(said) == per_case, (host, http_host, token_file, said)
+            assert all("HTTP" in line for line in said)
