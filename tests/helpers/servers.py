@@ -14,6 +14,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from bench.servers import server_args as bench_server_args
 from cifar10_serving.server.config import ServerConfig
 
 # The flags of a child-process test server, as keyword arguments of ``server_args``.
@@ -29,11 +30,7 @@ def server_args(models_dir: str | Path, **flags) -> list[str]:
     """``--models-dir MODELS_DIR`` and ``SERVER_FLAGS`` with ``flags`` over them, as command-line flags:
     ``max_batch_size=16`` gives ``--max-batch-size 16``; a value of None leaves the flag out, so the
     server's own default holds (``torch_threads=None`` with ``--workers``, which share out the cores)."""
-    args = ["--models-dir", str(models_dir)]
-    for name, value in {**SERVER_FLAGS, **flags}.items():
-        if value is not None:
-            args += [f"--{name.replace('_', '-')}", str(value)]
-    return args
+    return bench_server_args(models_dir, **{**SERVER_FLAGS, **flags})  # one way to spell the flags, bench's
 
 
 def make_config(models_dir: Path, **overrides) -> ServerConfig:
