@@ -10,6 +10,7 @@ InferenceService's container as written, under a read-only root with only its wr
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shlex
@@ -47,6 +48,7 @@ KNATIVE_RESERVED_PATHS = {"/", "/dev", "/dev/log", "/tmp", "/var", "/var/log"}
 DEFAULTS = ServerConfig()
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["classifier"]
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
+KSERVE_FILES = {"kserve": "inferenceservice.yaml", "kserve-http": "inferenceservice-http.yaml"}  # one per protocol
 
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: the manifests cannot be rendered")
 
@@ -57,12 +59,21 @@ def kustomize(directory: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def with_queue_autoscaling(tmp_path: Path, overlay: str) -> list[dict]:
-    """``overlay`` with components/queue-autoscaling added, as the README tells users to."""
+def with_component(tmp_path: Path, overlay: str, component: str) -> list[dict]:
+    """``overlay`` with ``components/<component>`` added, as the README and docs tell users to."""
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
         "resources": [os.path.relpath(K8S / overlay, tmp_path)],  # kustomize refuses absolute paths
-        "components": [os.path.relpath(K8S / "components" / "queue-autoscaling", tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / component, tmp_path)],
     }))
+    return kustomize(tmp_path)
+
+
+def kserve_with(tmp_path: Path, files: list[str]) -> list[dict]:
+    """deploy/kserve with ``files`` as its resources, the edit its kustomization.yaml tells REST users to make."""
+    shutil.copytree(KSERVE, tmp_path, dirs_exist_ok=True)
+    kustomization = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [KSERVE_FILES["kserve"]]  # gRPC unless told otherwise
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({**kustomization, "resources": files}))
     return kustomize(tmp_path)
 
 
@@ -95,22 +106,28 @@ def cpu_cores(quantity: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {name: kustomize(K8S / name) for name in ("base", *OVERLAYS)} | {"kserve": kustomize(KSERVE)}
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    return ({name: kustomize(K8S / name) for name in ("base", *OVERLAYS)} | {"kserve": kustomize(KSERVE)}
+            | {"kserve-http": kserve_with(tmp_path_factory.mktemp("kserve-http"), [KSERVE_FILES["kserve-http"]])})
 
 
 # ----------------------------------------------------------------------------- rendering and schemas
 def test_every_kustomization_in_the_repository_is_rendered_here():
     found = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "deploy").rglob("kustomization.yaml")}
     assert found == {"deploy/k8s/base", "deploy/k8s/overlays/cpu", "deploy/k8s/overlays/gpu",
-                     "deploy/k8s/components/queue-autoscaling", "deploy/kserve"}
+                     "deploy/k8s/components/queue-autoscaling", "deploy/k8s/components/http-probes",
+                     "deploy/kserve"}
+    manifests = {p.name for p in KSERVE.glob("inferenceservice*.yaml")}
+    assert manifests == set(KSERVE_FILES.values())  # each is rendered: "kserve" and "kserve-http"
 
 
-@pytest.mark.parametrize("name", ["base", *OVERLAYS, "kserve", "cpu+queue-autoscaling"])
+@pytest.mark.parametrize("name", ["base", *OVERLAYS, "kserve", "kserve-http", "cpu+queue-autoscaling",
+                                  "cpu+http-probes"])
 def test_renders_and_every_built_in_kind_validates(name, rendered, tmp_path):
     import kubernetes_validate
 
-    docs = with_queue_autoscaling(tmp_path, "overlays/cpu") if name == "cpu+queue-autoscaling" else rendered[name]
+    overlay, _, component = name.partition("+")
+    docs = with_component(tmp_path, f"overlays/{overlay}", component) if component else rendered[name]
     assert docs
     unchecked, errors = set(), []
     for doc in docs:
@@ -132,11 +149,11 @@ def test_the_base_has_each_piece_the_overlays_share(rendered):
 
 
 # ----------------------------------------------------------------------------- image and command
-@pytest.mark.parametrize("name", [*OVERLAYS, "kserve"])
+@pytest.mark.parametrize("name", [*OVERLAYS, *KSERVE_FILES])
 def test_the_image_is_the_one_compose_builds(name, rendered):
     images = [c["image"] for d in rendered[name] for c in _pod_spec(d).get("containers", [])]
     assert images and all(image.rsplit(":", 1)[0].rsplit("/", 1)[-1] == COMPOSE["image"] for image in images)
-    kustomization = yaml.safe_load(((KSERVE if name == "kserve" else K8S / name) / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load(((KSERVE if name in KSERVE_FILES else K8S / name) / "kustomization.yaml").read_text())
     assert [i["name"] for i in kustomization["images"]] == [COMPOSE["image"]]
 
 
@@ -150,7 +167,7 @@ def _pod_spec(doc: dict) -> dict:
 
 def test_the_command_is_the_servers_installed_script(rendered):
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    for name in (*OVERLAYS, "kserve"):
+    for name in (*OVERLAYS, *KSERVE_FILES):
         for doc in rendered[name]:
             for c in _pod_spec(doc).get("containers", []):
                 (script,) = c["command"]
@@ -223,6 +240,27 @@ def test_services_for_an_l7_proxy_and_for_client_side_round_robin(rendered):
     assert headless["spec"]["ports"][0]["port"] == DEFAULTS.port  # clients dial the pods' own port
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_http_probes_component_probes_the_http_port_the_service_routes(overlay, rendered, tmp_path, tiny_server):
+    docs = with_component(tmp_path, overlay, "http-probes")
+    c, before = container(docs), copy.deepcopy(container(rendered[overlay]))  # the fixture is shared
+    paths = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
+             "livenessProbe": "/v2/health/live"}
+    for probe, path in paths.items():
+        assert c[probe].pop("httpGet") == {"path": path, "port": "http"}, probe
+        assert "grpc" not in c[probe], probe  # a probe with two handlers is refused by the API server
+        before[probe].pop("grpc")
+        assert c[probe] == before[probe], probe  # the base's timings kept
+    assert ports(c)["http"] == server_config(c).http_port == DEFAULTS.http_port
+    proxied = one(docs, "Service", "cifar10-classifier")
+    assert {"name": "http", "port": DEFAULTS.http_port, "targetPort": "http", "protocol": "TCP",
+            "appProtocol": "http"} in proxied["spec"]["ports"]
+    # the paths are the server's: a real one, warmed up, answers each with 200
+    for path in set(paths.values()):
+        with urllib.request.urlopen(f"http://127.0.0.1:{tiny_server.app.http_port}{path}", timeout=10) as answer:
+            assert answer.status == 200 and answer.read() in (b'{"ready": true}', b'{"live": true}'), path
+
+
 # ----------------------------------------------------------------------------- resources and security
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_resources_and_forward_threads_fit_the_request(overlay, rendered):
@@ -277,7 +315,7 @@ def test_no_service_can_inject_a_setting(rendered):
 
 # ----------------------------------------------------------------------------- queue autoscaling
 def test_the_queue_metric_the_autoscaler_asks_for_is_one_the_server_exports(tmp_path, rendered):
-    docs = with_queue_autoscaling(tmp_path, "overlays/cpu")
+    docs = with_component(tmp_path, "overlays/cpu", "queue-autoscaling")
     hpa = one(docs, "HorizontalPodAutoscaler")
     cpu, pods = hpa["spec"]["metrics"]
     assert cpu == one(rendered["overlays/cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"][0]  # kept, not replaced
@@ -321,12 +359,36 @@ def test_the_inference_service_is_a_grpc_v2_custom_predictor(rendered):
     assert int(annotations["prometheus.kserve.io/port"]) == config.metrics_port
 
 
-def test_the_inference_service_avoids_what_knative_reserves(rendered):
-    predictor = one(rendered["kserve"], "InferenceService")["spec"]["predictor"]
+def test_the_rest_inference_service_is_the_grpc_one_with_rest_routed(rendered, tmp_path):
+    grpc_isvc, isvc = (copy.deepcopy(one(rendered[name], "InferenceService")) for name in KSERVE_FILES)  # shared
+    (c,) = isvc["spec"]["predictor"]["containers"]
+    (port,) = c["ports"]  # Knative routes one port; `http1` is HTTP/1.1
+    assert port == {"name": "http1", "containerPort": 8080, "protocol": "TCP"}
+    config = server_config(c)
+    assert config.http_port == port["containerPort"] and config.port != config.http_port
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port["containerPort"]}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port["containerPort"]}
+    assert c["livenessProbe"]["initialDelaySeconds"] >= 120  # no startupProbe: loading must not look like a hang
+    # everything else is the gRPC manifest's, so the two cannot drift apart
+    (grpc_c,) = grpc_isvc["spec"]["predictor"]["containers"]
+    for key in ("ports", "readinessProbe", "livenessProbe"):
+        c.pop(key), grpc_c.pop(key)
+    assert c == grpc_c
+    assert {k: v for k, v in isvc["spec"]["predictor"].items() if k != "containers"} == \
+           {k: v for k, v in grpc_isvc["spec"]["predictor"].items() if k != "containers"}
+    assert isvc["metadata"]["annotations"] == grpc_isvc["metadata"]["annotations"]
+    # both can be applied side by side, one service per protocol
+    both = kserve_with(tmp_path, list(KSERVE_FILES.values()))
+    assert sorted(d["metadata"]["name"] for d in both) == ["cifar10-classifier", "cifar10-classifier-http"]
+
+
+@pytest.mark.parametrize("name", KSERVE_FILES)
+def test_the_inference_service_avoids_what_knative_reserves(name, rendered):
+    predictor = one(rendered[name], "InferenceService")["spec"]["predictor"]
     (c,) = predictor["containers"]
     config = server_config(c)
-    assert not {config.port, config.metrics_port} & KNATIVE_RESERVED_PORTS
-    assert config.metrics_port != config.port
+    assert not {config.port, config.http_port, config.metrics_port} & KNATIVE_RESERVED_PORTS
+    assert len({config.port, config.http_port, config.metrics_port}) == 3
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert not mounts & KNATIVE_RESERVED_PATHS
     assert env(c)["TMPDIR"] in mounts  # torch's temporary directory is the writable mount
