@@ -30,8 +30,8 @@ IMAGE_OVERHEAD_BYTES = 1024
 MAP_OVERHEAD_BYTES = 128
 # A caller's id echoed in its answer: the request's gRPC bytes and parsed message (counted with the
 # request), the answer's message, its serialisation and gRPC's copy, and the Python string between.
-# Six in all: an unread Classify or Explain answer was measured holding its id 5.4-6.4 times
-# (bench/RESULTS.md, "Copies of an echoed id").
+# Six in all, which is what an unread Classify or Explain answer was measured holding (the dated
+# figures: bench/RESULTS.md, "Copies of an echoed id").
 ECHO_COPIES = 4  # beside the request's two
 # A refusal inside a stream: the answer message around its text, in HELD_COPIES copies.
 REFUSAL_OVERHEAD_BYTES = 256

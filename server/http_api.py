@@ -152,10 +152,10 @@ class HttpApi:
         post("/v2/repository/index", self.repository_index)
         post("/v2/repository/models/{model}/load", self.repository_load)
         post("/v2/repository/models/{model}/unload", self.repository_unload)
+        calls = {"config": self.model_config, "stats": self.statistics, "index": self.repository_index,
+                 "load": self.repository_load, "unload": self.repository_unload}  # those _lookup counts
         self._labels = {self.infer: "HTTPModelInfer", self.model_metadata: "HTTPModelMetadata",
-                        self.model_config: "HTTPModelConfig", self.statistics: "HTTPModelStatistics",
-                        self.repository_index: "HTTPRepositoryIndex", self.repository_load: "HTTPRepositoryModelLoad",
-                        self.repository_unload: "HTTPRepositoryModelUnload"}  # health and metadata: probes, not counted
+                        **{handler: HTTP + METHODS[kind] for kind, handler in calls.items()}}  # probes: not counted
         return app
 
     async def start(self) -> int:

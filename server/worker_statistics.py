@@ -37,9 +37,9 @@ from cifar10_serving.server.statistics import Statistics, VersionStatistics
 log = logging.getLogger(__name__)
 
 WORKER_SET_FILE = "workers.json"  # in the supervisor's directory, beside each worker's ready file
-# For a sibling to connect, take its figures and send them: a millisecond on a loaded loop. 2 s is
-# far beyond that, and still short of the deadline a statistics reader gives (tritonclient: none;
-# perf_analyzer's calls wait for minutes).
+# For a sibling to connect, take its figures and send them: one turn of its event loop, far less than
+# a forward pass. 2 s is far beyond that, and still short of the deadline a statistics reader gives
+# (tritonclient: none; perf_analyzer's calls wait for minutes).
 TIMEOUT_SECONDS = 2.0
 # One answer's bound: a version's figures take ~150 bytes per batch size it has run, so 64 MiB holds
 # hundreds of versions at --max-batch-size 1024; the bound only stops a runaway.
